@@ -1,0 +1,103 @@
+"""Benchmark `evomerge merge` against `mergekit-yaml` on a ~300M-parameter random Llama in bf16.
+
+Builds the base and three perturbed "fine-tunes" once (cached in /tmp/evomerge-bench-merge), then runs
+ties and task_arithmetic merges of the three with both tools, each in a fresh process, and prints wall
+time, peak RSS and the ratios (mergekit / evomerge: above 1 means evomerge is faster or smaller).
+
+    python scripts/bench_merge.py [--repeat 2] [--cache DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from evomerge.spec import Recipe
+
+CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=20,
+              num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
+           "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode; "
+           "dt = time.perf_counter() - t; "
+           "print(rc, dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
+
+
+def build_models(cache: Path) -> dict[str, Path]:
+    """The base (random init) and three fine-tunes (base + small noise), bf16 safetensors."""
+    names = ["base", "ft1", "ft2", "ft3"]
+    paths = {n: cache / n for n in names}
+    if all((p / "model.safetensors").exists() for p in paths.values()):
+        return paths
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).to(torch.bfloat16)
+    print(f"building a {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M-parameter Llama in {cache}")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    for i, name in enumerate(names):
+        out = paths[name]
+        out.mkdir(parents=True, exist_ok=True)
+        model.config.save_pretrained(out)
+        gen = torch.Generator().manual_seed(i)
+        tensors = state if name == "base" else {
+            k: (v.float() + 0.01 * torch.randn(v.shape, generator=gen)).to(torch.bfloat16) for k, v in state.items()}
+        save_file(tensors, out / "model.safetensors", metadata={"format": "pt"})
+    return paths
+
+
+def recipe(method: str, paths: dict[str, Path]) -> Recipe:
+    params = {"weight": 1.0, **({"density": 0.5} if method == "ties" else {})}
+    return Recipe(merge_method=method, base_model=str(paths["base"]), dtype="bfloat16",
+                  models=[{"model": str(paths[f"ft{i}"]), "parameters": params} for i in (1, 2, 3)])
+
+
+def measure(cmd: list[str]) -> tuple[float, float]:
+    out = subprocess.run([sys.executable, "-c", MEASURE, *cmd], capture_output=True, text=True, check=True)
+    rc, seconds, rss_mb = out.stdout.split()
+    if rc != "0":
+        raise RuntimeError(f"{cmd[0]} failed: {out.stderr[-2000:]}")
+    return float(seconds), float(rss_mb)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeat", type=int, default=1, help="runs per tool and method (best time kept)")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench-merge")
+    args = parser.parse_args()
+    paths = build_models(args.cache)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=args.cache) as work:
+        work = Path(work)
+        for method in ("ties", "task_arithmetic"):
+            rec = recipe(method, paths)
+            (work / "ours.yaml").write_text(rec.to_yaml())
+            (work / "theirs.yaml").write_text(rec.to_mergekit_yaml())
+            tools = {
+                "evomerge": ["evomerge", "merge", str(work / "ours.yaml"), "--out", str(work / "o"), "--force"],
+                "mergekit": ["mergekit-yaml", str(work / "theirs.yaml"), str(work / "t"), "--allow-crimes"],
+            }
+            result = {}
+            for tool, cmd in tools.items():
+                runs = [measure(cmd) for _ in range(args.repeat)]
+                result[tool] = (min(r[0] for r in runs), max(r[1] for r in runs))
+                os.system(f"rm -rf {work / 'o'} {work / 't'}")
+            rows.append((method, result))
+    print("\n| method | evomerge s | mergekit s | speed-up | evomerge peak RSS MB | mergekit peak RSS MB | RSS ratio |")
+    print("|---|---|---|---|---|---|---|")
+    for method, r in rows:
+        (es, em), (ms, mm) = r["evomerge"], r["mergekit"]
+        print(f"| {method} | {es:.1f} | {ms:.1f} | {ms / es:.2f}x | {em:.0f} | {mm:.0f} | {mm / em:.2f}x |")
+    print(json.dumps({"torch_threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d")}))
+
+
+if __name__ == "__main__":
+    main()

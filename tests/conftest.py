@@ -1,0 +1,50 @@
+"""Shared fixtures: tiny random models built in the test session, offline."""
+
+import os
+import shutil
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from evomerge.demo import model_path  # noqa: E402
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def _family(root: Path, base: torch.nn.Module, names: list[str], scale: float, seed: int) -> dict[str, Path]:
+    """Save ``base`` and noisy variants of it (its 'fine-tunes') as HF folders with a tokenizer."""
+    torch.manual_seed(seed)
+    paths = {}
+    base_state = {k: v.clone() for k, v in base.state_dict().items()}
+    for name in ["base", *names]:
+        if name != "base":
+            base.load_state_dict({k: v + scale * torch.randn_like(v) for k, v in base_state.items()})
+        out = root / name
+        base.save_pretrained(out, safe_serialization=True)
+        for f in TOKENIZER_FILES:
+            shutil.copy(model_path("base") / f, out / f)
+        paths[name] = out
+    base.load_state_dict(base_state)
+    return paths
+
+
+@pytest.fixture(scope="session")
+def llama_zoo(tmp_path_factory) -> dict[str, Path]:
+    """A 3-layer random Llama (vocab of the demo tokenizer) and three perturbed copies, fp32."""
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=46, hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    return _family(tmp_path_factory.mktemp("llama"), LlamaForCausalLM(config), ["a", "b", "c"], 0.02, 1)
+
+
+@pytest.fixture(scope="session")
+def gpt2_zoo(tmp_path_factory) -> dict[str, Path]:
+    """A 2-layer random GPT-2 (tied embeddings, Conv1D layout) and two perturbed copies."""
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=46, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    return _family(tmp_path_factory.mktemp("gpt2"), GPT2LMHeadModel(config), ["a", "b"], 0.02, 2)

@@ -1,0 +1,72 @@
+"""Our `evomerge merge` against `mergekit-yaml` on the mergekit YAML we write for the same recipe."""
+
+import shutil
+import subprocess
+
+import pytest
+import torch
+
+from evomerge.merge import merge_to_folder
+from evomerge.spec import Recipe
+from tests.test_merge import weights
+
+pytestmark = pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit is not installed")
+
+GRADIENT = [0.2, 0.9, 0.5]
+ATTN_FILTER = [{"filter": "self_attn", "value": 0.8}, {"value": [0.1, 0.6]}]
+
+
+def per_model(names, **params):
+    return [{"model": n, "parameters": params} for n in names]
+
+
+def cases(zoo):
+    base, a, b, c = (str(zoo[k]) for k in ("base", "a", "b", "c"))
+    return {
+        "linear": dict(models=per_model([a, b, c], weight=GRADIENT)),
+        "task_arithmetic": dict(base_model=base, models=per_model([a, b], weight=ATTN_FILTER),
+                                parameters={"lambda": 0.8}),
+        "ties": dict(base_model=base, models=per_model([a, b, c], weight=GRADIENT, density=ATTN_FILTER)),
+        "breadcrumbs": dict(base_model=base, models=per_model([a, b], weight=1.0, density=0.6, gamma=0.05)),
+        "breadcrumbs_ties": dict(base_model=base, models=per_model([a, b, c], weight=0.5, density=[0.3, 0.9])),
+        "slerp": dict(base_model=base, models=[{"model": base}, {"model": a}],
+                      parameters={"t": [{"filter": "mlp", "value": [0.1, 0.9]}, {"value": 0.35}]}),
+        "nuslerp": dict(base_model=base, models=per_model([a, b], weight=[1.0, 0.3])),
+        "model_stock": dict(base_model=base, models=[{"model": m} for m in (a, b, c)]),
+    }
+
+
+def run_both(recipe: Recipe, tmp_path):
+    ours = merge_to_folder(recipe, tmp_path / "ours")
+    config = tmp_path / "mergekit.yml"
+    config.write_text(recipe.to_mergekit_yaml())
+    done = subprocess.run(["mergekit-yaml", str(config), str(tmp_path / "theirs")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return weights(ours), weights(tmp_path / "theirs")
+
+
+@pytest.mark.parametrize("method", list(cases({k: k for k in ("base", "a", "b", "c")})))
+def test_deterministic_methods_match_mergekit(method, llama_zoo, tmp_path):
+    recipe = Recipe(merge_method=method, **cases(llama_zoo)[method])
+    ours, theirs = run_both(recipe, tmp_path)
+    assert set(ours) == set(theirs)
+    worst = max((ours[n] - theirs[n]).abs().max().item() for n in ours)
+    assert worst <= 1e-5, f"{method}: max abs difference {worst}"
+
+
+@pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
+def test_random_methods_agree_statistically(method, llama_zoo, tmp_path):
+    base, a = str(llama_zoo["base"]), str(llama_zoo["a"])
+    params = {"weight": 1.0, "density": 0.4, **({"epsilon": 0.2} if method.startswith("della") else {})}
+    recipe = Recipe(merge_method=method, base_model=base, models=per_model([a], **params))
+    ours, theirs = run_both(recipe, tmp_path)
+    b, x = weights(llama_zoo["base"]), weights(llama_zoo["a"])
+    for name in ("model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight"):
+        delta = x[name] - b[name]
+        for merged in (ours[name], theirs[name]):
+            kept = merged - b[name]
+            assert (kept != 0).float().mean().item() == pytest.approx(0.4, abs=0.03)
+            assert kept.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-3)
+            # a kept entry is the original entry times one common L1 rescale factor
+            ratio = kept[kept != 0] / delta[kept != 0]
+            torch.testing.assert_close(ratio, torch.full_like(ratio, ratio.median().item()), rtol=1e-3, atol=0)

@@ -1,0 +1,116 @@
+"""Every merge method on small tensors, against values computed by hand."""
+
+import math
+
+import pytest
+import torch
+
+from evomerge.errors import SpecError
+from evomerge.methods import METHODS, get_method, magnitude_mask, top_k_mask
+from evomerge.merge import TensorParams, merge_tensor
+
+
+def run(method: str, base, inputs, shared=None, per_model=None, seed=0):
+    m = get_method(method)
+    shared = {**{k: p.default for k, p in m.shared.items()}, **(shared or {})}
+    per_model = {**{k: [p.default] * len(inputs) for k, p in m.per_model.items()}, **(per_model or {})}
+    gen = torch.Generator().manual_seed(seed) if m.seeded else None
+    t = (lambda v: None if v is None else torch.tensor(v, dtype=torch.float32))
+    return merge_tensor(m, TensorParams(shared, per_model), t(base), [t(x) for x in inputs], generator=gen)
+
+
+def test_linear_weighted_average():
+    out = run("linear", None, [[1.0, 2.0], [3.0, 4.0]], per_model={"weight": [1.0, 3.0]})
+    assert out.tolist() == pytest.approx([2.5, 3.5])
+    out = run("linear", None, [[1.0, 2.0], [3.0, 4.0]], {"normalize": False}, {"weight": [1.0, 3.0]})
+    assert out.tolist() == pytest.approx([10.0, 14.0])
+
+
+def test_task_arithmetic_scales_sum_of_deltas():
+    out = run("task_arithmetic", [1.0, 1.0], [[2.0, 0.0], [3.0, 3.0]], {"lambda": 0.5}, {"weight": [1.0, 1.0]})
+    # deltas (1,-1) and (2,2): 1 + 0.5 * (3, 1)
+    assert out.tolist() == pytest.approx([2.5, 1.5])
+
+
+def test_ties_trim_elect_and_disjoint_mean():
+    base = [0.0, 0.0, 0.0, 0.0]
+    a = [3.0, -1.0, 0.5, -2.0]   # density 0.5 keeps 3 and -2
+    b = [-1.0, 2.0, 0.25, -4.0]  # density 0.5 keeps 2 and -4
+    out = run("ties", base, [a, b], per_model={"weight": [1.0, 2.0], "density": [0.5, 0.5]})
+    # weighted kept: a -> (3, 0, 0, -2); b -> (0, 4, 0, -8). signs: + + (0 -> +) -
+    # entry 0: only a (w 1) -> 3/1; entry 1: only b -> 4/2; entry 2: nothing kept -> 0; entry 3: (-2-8)/3
+    assert out.tolist() == pytest.approx([3.0, 2.0, 0.0, -10.0 / 3.0])
+
+
+def test_ties_sign_election_drops_minority():
+    out = run("ties", [0.0], [[1.0], [-3.0]], per_model={"weight": [1.0, 1.0], "density": [1.0, 1.0]})
+    assert out.tolist() == pytest.approx([-3.0])  # sum -2 elects minus; only b kept, divided by its weight
+
+
+def test_breadcrumbs_drops_top_and_bottom():
+    delta = [float(i) for i in range(1, 11)]  # magnitudes 1..10
+    out = run("breadcrumbs", [0.0] * 10, [delta], per_model={"weight": [1.0], "density": [0.5], "gamma": [0.2]})
+    # keep 5, drop the 2 largest (9, 10) and the 3 smallest -> 4..8 survive
+    assert out.tolist() == pytest.approx([0, 0, 0, 4, 5, 6, 7, 8, 0, 0])
+
+
+def test_dare_keeps_fraction_and_l1_norm():
+    torch.manual_seed(0)
+    delta = torch.randn(200_000)
+    out = run("dare_linear", [0.0] * delta.numel(), [delta.tolist()], per_model={"weight": [1.0], "density": [0.3]})
+    kept = (out != 0).float().mean().item()
+    assert kept == pytest.approx(0.3, abs=0.005)
+    assert out.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-4)
+    again = run("dare_linear", [0.0] * delta.numel(), [delta.tolist()], per_model={"weight": [1.0], "density": [0.3]})
+    assert torch.equal(out, again)  # seeded
+
+
+def test_della_keep_probability_rises_with_rank():
+    torch.manual_seed(0)
+    rows = torch.randn(400, 1000)
+    m = get_method("della_linear")
+    params = TensorParams({"lambda": 1.0, "normalize": False, "rescale": False},
+                          {"weight": [1.0], "density": [0.5], "epsilon": [0.3]})
+    out = merge_tensor(m, params, torch.zeros_like(rows), [rows], generator=torch.Generator().manual_seed(1))
+    order = rows.abs().argsort(dim=1)
+    kept_by_rank = (torch.gather(out, 1, order) != 0).float().mean(dim=0)
+    assert kept_by_rank[:100].mean().item() == pytest.approx(0.2 + 0.6 * 0.05, abs=0.03)  # ~p - eps at the bottom
+    assert kept_by_rank[-100:].mean().item() == pytest.approx(0.8 - 0.6 * 0.05, abs=0.03)  # ~p + eps at the top
+    assert (out != 0).float().mean().item() == pytest.approx(0.5, abs=0.01)
+
+
+def test_slerp_orthogonal_and_parallel():
+    out = run("slerp", [1.0, 0.0], [[0.0, 1.0]], {"t": 0.5})
+    assert out.tolist() == pytest.approx([math.sqrt(0.5), math.sqrt(0.5)])
+    out = run("slerp", [1.0, 0.0], [[0.0, 1.0]], {"t": 1 / 3})
+    assert out.tolist() == pytest.approx([math.cos(math.pi / 6), math.sin(math.pi / 6)])
+    out = run("slerp", [1.0, 2.0], [[2.0, 4.0]], {"t": 0.25})  # parallel -> lerp
+    assert out.tolist() == pytest.approx([1.25, 2.5])
+
+
+def test_nuslerp_on_task_vectors():
+    out = run("nuslerp", [1.0, 1.0], [[2.0, 1.0], [1.0, 2.0]], per_model={"weight": [1.0, 1.0]})
+    # deltas (1,0) and (0,1) at t=0.5 -> base + (sqrt(.5), sqrt(.5))
+    assert out.tolist() == pytest.approx([1 + math.sqrt(0.5), 1 + math.sqrt(0.5)])
+    out = run("nuslerp", None, [[1.0, 0.0], [0.0, 1.0]], per_model={"weight": [2.0, 1.0]})
+    assert out.tolist() == pytest.approx([math.cos(math.pi / 6), math.sin(math.pi / 6)])
+
+
+def test_model_stock_interpolation_ratio():
+    # deltas (1,0) and (0.6,0.8): cos = 0.6; t = 2*0.6 / (1 + 0.6) = 0.75; mean delta (0.8, 0.4)
+    out = run("model_stock", [0.0, 0.0], [[1.0, 0.0], [0.6, 0.8]])
+    assert out.tolist() == pytest.approx([0.6, 0.3])
+
+
+def test_top_k_mask_handles_ties_exactly():
+    mags = torch.tensor([1.0, 2.0, 2.0, 2.0, 0.5])
+    assert int(top_k_mask(mags, 2).sum()) == 2
+    assert magnitude_mask(torch.tensor([0.1, -5.0, 3.0]), 0.34).tolist() == [False, True, False]
+
+
+def test_registry_lists_every_required_method():
+    required = {"linear", "task_arithmetic", "ties", "dare_ties", "dare_linear", "breadcrumbs", "breadcrumbs_ties",
+                "della", "della_linear", "slerp", "nuslerp", "model_stock"}
+    assert required <= set(METHODS)
+    with pytest.raises(SpecError, match="unknown merge method 'tiez'"):
+        get_method("tiez")
