@@ -136,7 +136,8 @@ def output_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
 
 
 def merge_to_folder(recipe: Recipe, out: Path, *, force: bool = False, max_shard_bytes: int = 2 * 1024**3,
-                    on_progress: Callable[[int, int], None] | None = None) -> Path:
+                    on_progress: Callable[[int, int], None] | None = None,
+                    extra_files: dict[str, str] | None = None) -> Path:
     """Stream a merge from checkpoint files to a Hugging Face folder, a few tensors in memory at a time.
 
     Everything is validated before the first tensor is read; the folder appears only when complete.
@@ -166,6 +167,8 @@ def merge_to_folder(recipe: Recipe, out: Path, *, force: bool = False, max_shard
         copy_side_files(ref.path, tmp, float_dtypes[0] if float_dtypes else torch.float32)
         atomic_write_text(tmp / "evomerge_recipe.yaml", recipe.to_yaml())
         atomic_write_text(tmp / "mergekit_config.yml", recipe.to_mergekit_yaml())
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(tmp / name, text)
     return out
 
 

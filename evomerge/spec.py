@@ -179,3 +179,127 @@ def load_yaml_model(cls: type[M], path: str | Path) -> M:
         raise SpecError(f"{path}: {loc + ': ' if loc else ''}{msg}") from None
     except SpecError as err:
         raise SpecError(f"{path}: {err}") from None
+
+
+# ----------------------------------------------------------------------------- search specs
+
+
+class Range(BaseModel):
+    """Closed interval a searched parameter is drawn from (``log`` for scale-free ones)."""
+
+    model_config = ConfigDict(extra="forbid")
+    low: float
+    high: float
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _ordered(self) -> Range:
+        if not self.low < self.high:
+            raise ValueError(f"range low {self.low} must be below high {self.high}")
+        return self
+
+
+GRANULARITY_PATTERN = r"^(global|layer|layer_module|groups:[1-9]\d*|gradient:([2-9]|[1-9]\d+))$"
+
+
+class SpaceSpec(BaseModel):
+    """What the sampler chooses: method(s), how finely coefficients vary over layers, and their ranges."""
+
+    model_config = ConfigDict(extra="forbid")
+    methods: list[str] = ["linear"]
+    granularity: str = "layer"
+    modules: list[str] = ["self_attn", "mlp"]
+    parameters: dict[str, Range] = {"weight": Range(low=0.0, high=1.0)}
+    fixed: dict[str, Scalar] = {}
+    shared: list[str] = []  # searched once for the whole model instead of per layer slot
+
+    @model_validator(mode="after")
+    def _check(self) -> SpaceSpec:
+        import re
+
+        if not self.methods:
+            raise ValueError("space.methods must name at least one merge method")
+        if not re.match(GRANULARITY_PATTERN, self.granularity):
+            raise ValueError(f"space.granularity {self.granularity!r} is not global, layer, layer_module, "
+                             "groups:N or gradient:K (K >= 2)")
+        for name in self.methods:
+            method = get_method(name)
+            known = set(method.shared) | set(method.per_model)
+            for param, rng in self.parameters.items():
+                if param not in known:
+                    continue
+                spec = method.shared.get(param) or method.per_model[param]
+                for value in (rng.low, rng.high):
+                    try:
+                        spec.check(param, value, f"space.parameters.{param}")
+                    except SpecError as err:
+                        raise ValueError(str(err)) from None
+        every = set().union(*[set(get_method(m).shared) | set(get_method(m).per_model) for m in self.methods])
+        unknown = [p for p in [*self.parameters, *self.fixed] if p not in every]
+        if unknown:
+            raise ValueError(f"space: no chosen method takes parameter {unknown[0]!r}")
+        missing = [s for s in self.shared if s not in self.parameters]
+        if missing:
+            raise ValueError(f"space.shared names {missing[0]!r}, which is not in space.parameters")
+        return self
+
+
+class TaskSpec(BaseModel):
+    """A benchmark task: lm-eval name, metric, weight, and the split (or doc range) of each role."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    metric: str = "acc"
+    weight: float = 1.0
+    splits: dict[Literal["search", "validation", "test"], str] = {
+        "search": "search", "validation": "validation", "test": "test"}
+
+
+class EvaluationSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    tasks: list[TaskSpec]
+    include_paths: list[str] = []  # task folders; "demo" is the built-in demo tasks
+    search_examples: int | None = 500  # per task and candidate (None: the whole search split)
+    screen_examples: int | None = 100  # first-fidelity subset; None disables multi-fidelity
+    objective: Literal["weighted", "pareto"] = "weighted"
+    batch_size: int | Literal["auto"] = 64
+    top_k: int = 5  # re-scored on validation at the end
+
+    @model_validator(mode="after")
+    def _check(self) -> EvaluationSpec:
+        if not self.tasks:
+            raise ValueError("evaluation.tasks must list at least one task")
+        if self.screen_examples is not None and self.search_examples is not None \
+                and self.screen_examples >= self.search_examples:
+            raise ValueError("evaluation.screen_examples must be below search_examples")
+        return self
+
+
+class SearchSpec(BaseModel):
+    """A whole search: the models, the space, the evaluation and the sampler."""
+
+    model_config = ConfigDict(extra="forbid")
+    base_model: str
+    models: list[str]
+    space: SpaceSpec = SpaceSpec()
+    evaluation: EvaluationSpec
+    sampler: Literal["cmaes", "tpe", "nsga2", "random"] | None = None  # None: chosen from the space
+    seed: int = 0
+    dtype: DType = "float32"
+    device: str = "auto"
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchSpec:
+        if len(self.models) < 1:
+            raise ValueError("models must list at least one model besides the base")
+        for name in self.space.methods:
+            get_method(name).check_model_count(len(self.models))
+        if self.sampler == "cmaes" and len(self.space.methods) > 1:
+            raise ValueError("sampler cmaes cannot choose among methods (categorical); use tpe or random")
+        if self.evaluation.objective == "pareto" and self.sampler in ("cmaes",):
+            raise ValueError("a pareto objective needs sampler nsga2, tpe or random")
+        return self
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> SearchSpec:
+        return load_yaml_model(cls, path)

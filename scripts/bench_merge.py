@@ -19,7 +19,6 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 

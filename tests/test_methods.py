@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from evomerge.errors import SpecError
-from evomerge.methods import METHODS, get_method, magnitude_mask, top_k_mask
 from evomerge.merge import TensorParams, merge_tensor
+from evomerge.methods import METHODS, get_method, magnitude_mask, top_k_mask
 
 
 def run(method: str, base, inputs, shared=None, per_model=None, seed=0):
@@ -15,8 +15,9 @@ def run(method: str, base, inputs, shared=None, per_model=None, seed=0):
     shared = {**{k: p.default for k, p in m.shared.items()}, **(shared or {})}
     per_model = {**{k: [p.default] * len(inputs) for k, p in m.per_model.items()}, **(per_model or {})}
     gen = torch.Generator().manual_seed(seed) if m.seeded else None
-    t = (lambda v: None if v is None else torch.tensor(v, dtype=torch.float32))
-    return merge_tensor(m, TensorParams(shared, per_model), t(base), [t(x) for x in inputs], generator=gen)
+    base_t = None if base is None else torch.tensor(base, dtype=torch.float32)
+    inputs_t = [torch.tensor(x, dtype=torch.float32) for x in inputs]
+    return merge_tensor(m, TensorParams(shared, per_model), base_t, inputs_t, generator=gen)
 
 
 def test_linear_weighted_average():

@@ -22,3 +22,4 @@ def model_path(name: str) -> Path:
 def task_name(skill: str) -> str:
     """lm-eval task name of one demo skill."""
     return f"demo_{skill}"
+DEMO_SPEC = DEMO_DIR / "search.yaml"

@@ -1,0 +1,111 @@
+"""Benchmark the per-candidate cost of evaluation on the demo zoo: evomerge's live path vs the naive one.
+
+Live path: one worker merges each recipe into the loaded model in place, then runs lm-eval's
+``evaluate`` on tasks built once. Naive path: write the merged model to disk, then
+``lm_eval.simple_evaluate`` on that folder, per candidate. For the three demo tasks (test split) at
+subset sizes 50, 200 and all (500) per task, prints per-candidate wall time, the part spent in the
+model's forward passes, the rest (overhead) and its share, and the speed-up over the naive path.
+
+    python scripts/bench_eval.py [--candidates 5] [--naive-candidates 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+
+from evomerge.cli import _quiet_libraries  # noqa: E402
+from evomerge.demo import SKILLS, TASKS_DIR, task_name  # noqa: E402
+from evomerge.executors import Worker  # noqa: E402
+from evomerge.merge import merge_to_folder  # noqa: E402
+from evomerge.spec import Recipe, SearchSpec  # noqa: E402
+
+MODELS = ["demo:add", "demo:reverse", "demo:sort"]
+TASKS = [task_name(s) for s in SKILLS]
+
+
+class ForwardTimer:
+    """Accumulates wall time spent inside the model's forward calls."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.seconds = 0.0
+        self._start = 0.0
+        model.register_forward_pre_hook(lambda *_: self._begin())
+        model.register_forward_hook(lambda *_: self._end())
+
+    def _begin(self) -> None:
+        self._start = time.perf_counter()
+
+    def _end(self) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+
+def random_recipe(rng: random.Random) -> Recipe:
+    return Recipe(merge_method="linear", dtype="float32",
+                  models=[{"model": m, "parameters": {"weight": [rng.random() for _ in range(4)]}} for m in MODELS])
+
+
+def live_path(n_docs: int | None, candidates: int, rng: random.Random) -> tuple[float, float]:
+    spec = SearchSpec.model_validate({
+        "base_model": "demo:base", "models": MODELS,
+        "evaluation": {"include_paths": ["demo"], "tasks": [{"name": t} for t in TASKS], "batch_size": 64}})
+    worker = Worker(spec)
+    timer = ForwardTimer(worker.model)
+    ids = {t: worker.doc_ids(t, "test")[:n_docs] for t in TASKS}
+    worker.score(random_recipe(rng), "test", ids)  # warm-up
+    timer.seconds, start = 0.0, time.perf_counter()
+    for _ in range(candidates):
+        worker.score(random_recipe(rng), "test", ids)
+    return (time.perf_counter() - start) / candidates, timer.seconds / candidates
+
+
+def naive_path(n_docs: int | None, candidates: int, rng: random.Random) -> float:
+    import lm_eval
+
+    start = time.perf_counter()
+    cwd = os.getcwd()
+    os.chdir(TASKS_DIR)  # the task YAMLs' data_files are relative to their folder
+    try:
+        for _ in range(candidates):
+            with tempfile.TemporaryDirectory() as tmp:
+                out = merge_to_folder(random_recipe(rng), Path(tmp) / "model")
+                lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", tasks=TASKS,
+                                        task_manager=lm_eval.tasks.TaskManager(include_path=str(TASKS_DIR)),
+                                        limit=n_docs, batch_size=64, bootstrap_iters=0, device="cpu")
+    finally:
+        os.chdir(cwd)
+    return (time.perf_counter() - start) / candidates
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--candidates", type=int, default=5)
+    parser.add_argument("--naive-candidates", type=int, default=2)
+    args = parser.parse_args()
+    _quiet_libraries()
+    rng = random.Random(0)
+    rows = []
+    for n_docs in (50, 200, None):
+        total, model_s = live_path(n_docs, args.candidates, rng)
+        naive = naive_path(n_docs, args.naive_candidates, rng)
+        rows.append((n_docs or 500, total, model_s, naive))
+    print(f"\nper candidate, 3 demo tasks, CPU threads {torch.get_num_threads()}")
+    print("| docs per task | live s | model s | overhead s | overhead share | naive s | speed-up |")
+    print("|---|---|---|---|---|---|---|")
+    for n, total, model_s, naive in rows:
+        over = total - model_s
+        print(f"| {n} | {total:.3f} | {model_s:.3f} | {over:.3f} | {over / total:.0%} | {naive:.2f} | "
+              f"{naive / total:.1f}x |")
+
+
+if __name__ == "__main__":
+    main()

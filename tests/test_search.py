@@ -1,0 +1,160 @@
+"""The search end to end on the demo zoo: budget, resume after SIGKILL, export, bad specs."""
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import optuna
+import pytest
+import torch
+import yaml
+from optuna.trial import TrialState
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from evomerge.cli import main
+from evomerge.demo import TASKS_DIR
+from evomerge.evaluate import Evaluator, TaskRef
+from evomerge.search import STUDY_NAME, RunFolder, Search, counted, prepare_run
+from evomerge.spec import SearchSpec
+
+SPEC = {
+    "base_model": "demo:base",
+    "models": ["demo:add", "demo:reverse"],
+    "space": {"methods": ["linear"], "granularity": "groups:2", "parameters": {"weight": {"low": 0.0, "high": 1.0}}},
+    "evaluation": {"include_paths": ["demo"], "tasks": [{"name": "demo_add"}, {"name": "demo_reverse", "weight": 2}],
+                   "search_examples": 40, "screen_examples": 15, "top_k": 2},
+    "sampler": "cmaes",
+    "seed": 3,
+}
+
+
+@pytest.fixture
+def spec_file(tmp_path):
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(SPEC))
+    return path
+
+
+def study_of(run_dir):
+    return optuna.load_study(study_name=STUDY_NAME, storage=RunFolder(run_dir).storage_url())
+
+
+def test_search_resume_and_export(spec_file, tmp_path, capsys):
+    run = tmp_path / "runs" / "demo"
+    assert main(["search", str(spec_file), "--budget", "7", "--run", str(run)]) == 0
+    trials = study_of(run).get_trials()
+    assert sum(counted(t) for t in trials) == 7
+    assert [t.user_attrs.get("baseline") for t in trials[:3]] == ["uniform average", "demo:add alone",
+                                                                  "demo:reverse alone"]
+    log = [json.loads(line) for line in (run / "trials.jsonl").read_text().splitlines()]
+    assert len(log) == 7 and all(row["worker"].startswith("in-process") for row in log)
+    summary = json.loads((run / "summary.json").read_text())
+    assert set(summary["table"]) >= {"uniform average", "parent demo:add", "parent demo:reverse"}
+    assert "winner: trial" in capsys.readouterr().out
+
+    assert main(["search", "--resume", str(run), "--budget", "9"]) == 0
+    assert sum(counted(t) for t in study_of(run).get_trials()) == 9
+
+    out = tmp_path / "merged"
+    assert main(["export", str(run), "--out", str(out)]) == 0
+    assert {"README.md", "mergekit_config.yml", "evomerge_recipe.yaml", "config.json"} <= {p.name for p in
+                                                                                          out.iterdir()}
+    winner = json.loads((run / "summary.json").read_text())["winner_trial"]
+    recorded = study_of(run).trials[winner].user_attrs["scores"]
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    evaluator = Evaluator(model, AutoTokenizer.from_pretrained(out), [TaskRef("demo_add"), TaskRef("demo_reverse")],
+                          [TASKS_DIR])
+    fresh = evaluator.evaluate("search", {"demo_add": range(40), "demo_reverse": range(40)}).scores
+    assert fresh == pytest.approx(recorded, abs=1e-9)
+
+
+def test_duplicate_recipes_are_not_counted(tmp_path):
+    spec = SearchSpec.model_validate({**SPEC, "space": {**SPEC["space"], "granularity": "global"}})
+    run = RunFolder(tmp_path / "run")
+    prepare_run(spec, run, 4, force=False)
+    search = Search(spec, run)
+    search.seed_baselines()
+    search.study.enqueue_trial({"weight[m0][all]": 0.25, "weight[m1][all]": 0.75})
+    search.study.enqueue_trial({"weight[m0][all]": 0.25, "weight[m1][all]": 0.75})
+    search.run_budget(5)
+    trials = search.study.get_trials()
+    assert len(trials) == 6 and sum(counted(t) for t in trials) == 5
+    assert trials[4].user_attrs["duplicate_of"] == 3 and trials[4].values == trials[3].values
+
+
+def test_sigkill_at_random_moments_then_resume(spec_file, tmp_path):
+    run = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(spec_file), "--budget", "10", "--run", str(run)]
+    rng = random.Random(0)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    kills = 0
+    for attempt in range(4):
+        proc = subprocess.Popen(cmd if attempt == 0 else [*cmd[:4], "--resume", str(run)],
+                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+        time.sleep(rng.uniform(6, 14))
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+    final = subprocess.run([*cmd[:4], "--resume", str(run)], capture_output=True, text=True, env=env)
+    assert final.returncode == 0, final.stderr[-3000:]
+    trials = study_of(run).get_trials()
+    assert kills >= 2
+    assert sum(counted(t) for t in trials) == 10
+    assert not [t for t in trials if t.state == TrialState.RUNNING]
+    assert (run / "summary.json").exists()
+
+
+def bad(tmp_path, **changes):
+    doc = json.loads(json.dumps(SPEC))
+    for key, value in changes.items():
+        target = doc
+        *path, last = key.split("__")
+        for p in path:
+            target = target[p]
+        target[last] = value
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return path
+
+
+BAD_SPECS = {
+    "missing model": ({"models": ["demo:add", "/no/such/model"]}, "model folder not found: /no/such/model"),
+    "unknown demo model": ({"base_model": "demo:nope"}, "no demo model 'nope'"),
+    "unknown method": ({"space__methods": ["linear", "tiez"]}, "unknown merge method 'tiez'"),
+    "granularity": ({"space__granularity": "layers:3"}, "space.granularity 'layers:3' is not"),
+    "range order": ({"space__parameters": {"weight": {"low": 1.0, "high": 0.5}}}, "range low 1.0 must be below"),
+    "range limits": ({"space__methods": ["ties"], "space__parameters": {"density": {"low": 0.2, "high": 1.5}}},
+                     "density=1.5 is outside [0.0, 1.0]"),
+    "foreign parameter": ({"space__parameters": {"t": {"low": 0, "high": 1}}}, "no chosen method takes parameter 't'"),
+    "cmaes categorical": ({"space__methods": ["linear", "ties"]}, "sampler cmaes cannot choose among methods"),
+    "unknown task": ({"evaluation__tasks": [{"name": "demo_multiply"}]}, "task 'demo_multiply' not found"),
+    "task folder": ({"evaluation__include_paths": ["/no/tasks"]}, "task folder not found: /no/tasks"),
+    "unknown key": ({"evaluation__subset": 3}, "evaluation.subset: Extra inputs are not permitted"),
+    "fidelity order": ({"evaluation__screen_examples": 50}, "screen_examples must be below search_examples"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_SPECS))
+def test_bad_spec_fails_before_compute(case, tmp_path, capsys):
+    changes, expected = BAD_SPECS[case]
+    spec = bad(tmp_path, **changes)
+    run = tmp_path / "run"
+    assert main(["search", str(spec), "--budget", "3", "--run", str(run)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert expected in err and len(err.splitlines()) == 1, err
+    assert not run.exists()
+
+
+def test_other_spec_on_existing_run_is_refused(spec_file, tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["search", str(spec_file), "--budget", "3", "--run", str(run)]) == 0
+    before = (run / "spec.yaml").read_text()
+    other = bad(tmp_path, seed=4)
+    assert main(["search", str(other), "--budget", "3", "--run", str(run)]) == 2
+    assert "made with a different spec" in capsys.readouterr().err
+    assert (run / "spec.yaml").read_text() == before
