@@ -67,11 +67,86 @@ def _quiet_lm_eval() -> None:
     lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
 
 
-def _quiet_hflm():
-    """lm-eval's HFLM with its per-call progress bars turned off."""
+class DocIds(list):
+    """Sorted doc ids with O(1) membership: lm-eval tests ``i in samples`` for every document of the split
+    and maps results back by position, which is only right for ascending ids."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        super().__init__(sorted(set(ids)))
+        self._members = frozenset(self)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._members
+
+
+def _materialize_docs(task) -> None:
+    """Hold the evaluated split as a list of dicts (processed once): iterating an Arrow dataset row by row
+    on every call costs more than the tiny models' forward passes."""
+    split = task.config.test_split
+    docs = task.test_docs()
+    task.dataset = {**task.dataset, split: list(docs)}
+    task.config.process_docs = None
+
+
+def score_continuations(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]], max_length: int,
+                        batch_size: int, pad_id: int) -> list[tuple[float, bool]]:
+    """(sum of continuation log-probs, every continuation token is the argmax) per (context, continuation)
+    token pair: right-padded batches, longest first, one gather per batch instead of a loop per request."""
+    rows = []
+    for context, continuation in requests:
+        whole = (context + continuation)[-(max_length + 1):]
+        rows.append((whole[:-1], whole[-len(continuation):]))
+    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+    device = next(model.parameters()).device
+    for start in range(0, len(order), batch_size):
+        batch = order[start : start + batch_size]
+        width = len(rows[batch[0]][0])
+        n_cont = max(len(rows[i][1]) for i in batch)
+        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+        positions = torch.zeros((len(batch), n_cont), dtype=torch.long)
+        targets = torch.zeros((len(batch), n_cont), dtype=torch.long)
+        valid = torch.zeros((len(batch), n_cont), dtype=torch.bool)
+        for j, i in enumerate(batch):
+            inp, cont = rows[i]
+            ids[j, : len(inp)] = torch.tensor(inp)
+            positions[j, : len(cont)] = torch.arange(len(inp) - len(cont), len(inp))
+            targets[j, : len(cont)] = torch.tensor(cont)
+            valid[j, : len(cont)] = True
+        logits = model(ids.to(device)).logits.float().cpu()
+        picked = logits[torch.arange(len(batch)).unsqueeze(1), positions]  # (batch, n_cont, vocab)
+        logprob = torch.log_softmax(picked, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        greedy = (picked.argmax(-1) == targets) | ~valid
+        sums = (logprob * valid).sum(dim=1)
+        for j, i in enumerate(batch):
+            out[i] = (float(sums[j]), bool(greedy[j].all()))
+    return out
+
+
+def _fast_hflm():
+    """lm-eval's HFLM made cheap per call: no progress bars, tokenization cached (prompts and answers are the
+    same text every candidate; weights change, strings do not) and causal scoring vectorized per batch."""
     from lm_eval.models.huggingface import HFLM
 
-    class QuietHFLM(HFLM):
+    class FastHFLM(HFLM):
+        def __init__(self, *args, **kwargs) -> None:
+            super().__init__(*args, **kwargs)
+            self._token_cache: dict[tuple, tuple[int, ...]] = {}
+
+        def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+            key = (string, add_special_tokens, tuple(sorted(kwargs.items())))
+            cached = self._token_cache.get(key)
+            if cached is None:
+                cached = self._token_cache[key] = tuple(super().tok_encode(string, add_special_tokens, **kwargs))
+            return list(cached)
+
+        def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, override_bs: int | None = None):
+            if self.backend != "causal":
+                return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
+            size = override_bs or self.batch_size
+            return score_continuations(self.model, [(ctx, cont) for _, ctx, cont in requests], self.max_length,
+                                       size if isinstance(size, int) else 64, self.tokenizer.pad_token_id or 0)
+
         def loglikelihood(self, requests, disable_tqdm: bool = True):
             return super().loglikelihood(requests, disable_tqdm=True)
 
@@ -81,7 +156,7 @@ def _quiet_hflm():
         def generate_until(self, requests, disable_tqdm: bool = True):
             return super().generate_until(requests, disable_tqdm=True)
 
-    return QuietHFLM
+    return FastHFLM
 
 
 def _task_config(manager, name: str) -> dict:
@@ -127,7 +202,8 @@ class Evaluator:
                  include_paths: Sequence[str | Path] = (), batch_size: int | str = 64) -> None:
         self.tasks = {t.name: t for t in tasks}
         manager = find_tasks(list(self.tasks), include_paths)
-        self.lm = _quiet_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+        max_length = getattr(model.config, "max_position_embeddings", None)
+        self.lm = _fast_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         self._loaded: dict[str, dict] = {}
         self._doc_ids: dict[tuple[str, str], list[int]] = {}
         configs = {t.name: _task_config(manager, t.name) for t in tasks}
@@ -139,6 +215,7 @@ class Evaluator:
             self._loaded[role] = manager.load(specs)
             for name, (_, id_range) in parsed.items():
                 built = self._loaded[role]["tasks"][self.task_key(name, role)]
+                _materialize_docs(built)
                 self._doc_ids[(name, role)] = list(range(len(built.test_docs())))[id_range]
 
     @staticmethod
@@ -154,7 +231,7 @@ class Evaluator:
         """Score the model as it is now on ``role``'s documents (all of them, or ``doc_ids`` per task)."""
         from lm_eval.evaluator import evaluate
 
-        ids = {self.task_key(t, role): list(doc_ids[t]) if doc_ids and t in doc_ids else self.doc_ids(t, role)
+        ids = {self.task_key(t, role): DocIds(doc_ids[t] if doc_ids and t in doc_ids else self.doc_ids(t, role))
                for t in self.tasks}
         out = evaluate(self.lm, self._loaded[role], samples=ids, log_samples=True, bootstrap_iters=0)
         scores, examples = {}, {}

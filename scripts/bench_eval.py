@@ -54,10 +54,10 @@ def random_recipe(rng: random.Random) -> Recipe:
                   models=[{"model": m, "parameters": {"weight": [rng.random() for _ in range(4)]}} for m in MODELS])
 
 
-def live_path(n_docs: int | None, candidates: int, rng: random.Random) -> tuple[float, float]:
+def live_path(n_docs: int | None, candidates: int, rng: random.Random, batch_size: int) -> tuple[float, float]:
     spec = SearchSpec.model_validate({
         "base_model": "demo:base", "models": MODELS,
-        "evaluation": {"include_paths": ["demo"], "tasks": [{"name": t} for t in TASKS], "batch_size": 64}})
+        "evaluation": {"include_paths": ["demo"], "tasks": [{"name": t} for t in TASKS], "batch_size": batch_size}})
     worker = Worker(spec)
     timer = ForwardTimer(worker.model)
     ids = {t: worker.doc_ids(t, "test")[:n_docs] for t in TASKS}
@@ -68,7 +68,7 @@ def live_path(n_docs: int | None, candidates: int, rng: random.Random) -> tuple[
     return (time.perf_counter() - start) / candidates, timer.seconds / candidates
 
 
-def naive_path(n_docs: int | None, candidates: int, rng: random.Random) -> float:
+def naive_path(n_docs: int | None, candidates: int, rng: random.Random, batch_size: int) -> float:
     import lm_eval
 
     start = time.perf_counter()
@@ -80,7 +80,7 @@ def naive_path(n_docs: int | None, candidates: int, rng: random.Random) -> float
                 out = merge_to_folder(random_recipe(rng), Path(tmp) / "model")
                 lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", tasks=TASKS,
                                         task_manager=lm_eval.tasks.TaskManager(include_path=str(TASKS_DIR)),
-                                        limit=n_docs, batch_size=64, bootstrap_iters=0, device="cpu")
+                                        limit=n_docs, batch_size=batch_size, bootstrap_iters=0, device="cpu")
     finally:
         os.chdir(cwd)
     return (time.perf_counter() - start) / candidates
@@ -89,16 +89,18 @@ def naive_path(n_docs: int | None, candidates: int, rng: random.Random) -> float
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--candidates", type=int, default=5)
-    parser.add_argument("--naive-candidates", type=int, default=2)
+    parser.add_argument("--naive-candidates", type=int, default=2, help="0 skips the naive path")
+    parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     _quiet_libraries()
     rng = random.Random(0)
     rows = []
     for n_docs in (50, 200, None):
-        total, model_s = live_path(n_docs, args.candidates, rng)
-        naive = naive_path(n_docs, args.naive_candidates, rng)
+        total, model_s = live_path(n_docs, args.candidates, rng, args.batch_size)
+        naive = naive_path(n_docs, args.naive_candidates, rng, args.batch_size) if args.naive_candidates \
+            else float("nan")
         rows.append((n_docs or 500, total, model_s, naive))
-    print(f"\nper candidate, 3 demo tasks, CPU threads {torch.get_num_threads()}")
+    print(f"\nper candidate, 3 demo tasks, batch size {args.batch_size}, CPU threads {torch.get_num_threads()}")
     print("| docs per task | live s | model s | overhead s | overhead share | naive s | speed-up |")
     print("|---|---|---|---|---|---|---|")
     for n, total, model_s, naive in rows:

@@ -86,3 +86,29 @@ def test_bad_task_and_split():
     tok = AutoTokenizer.from_pretrained(model_path("base"))
     with pytest.raises(SpecError, match="task .no_such_task. not found"):
         Evaluator(model, tok, [TaskRef("no_such_task")], [TASKS_DIR])
+
+
+def test_vectorized_scoring_equals_lm_eval_loop(live):
+    """Our batched continuation scoring returns lm-eval's own (log-prob, is_greedy) for the same requests."""
+    from lm_eval.models.huggingface import HFLM
+
+    model, tok, ev = live
+    reference = HFLM(pretrained=model, tokenizer=tok, batch_size=7)
+    requests = []
+    for skill in SKILLS:
+        for row in rows(skill, "validation")[:30]:
+            ctx, cont = tok.encode(row["prompt"]), tok.encode(row["target"])
+            requests.append(((row["prompt"], row["target"]), ctx, cont))
+    expected = reference._loglikelihood_tokens(requests, disable_tqdm=True)
+    got = ev.lm._loglikelihood_tokens(requests)
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
+    assert any(g for _, g in got) and not all(g for _, g in got)
+
+
+def test_unsorted_doc_ids_map_to_their_documents(live):
+    model, tok, ev = live
+    ids = [30, 3, 17, 4]
+    result = ev.evaluate("search", {task_name("add"): ids, task_name("reverse"): [2], task_name("sort"): [9, 1]})
+    expected = greedy_exact_match(model, tok, [rows("add", "search")[i] for i in ids])
+    assert [result.examples[task_name("add")][i] for i in ids] == expected

@@ -12,13 +12,17 @@ from evomerge.demo import MODEL_NAMES, MODELS_DIR, SKILLS, TASKS_DIR, model_path
 
 @torch.no_grad()
 def accuracy(model, tok, rows) -> float:
-    """Share of examples whose every answer character is the argmax after its prefix (one forward each)."""
-    ok = 0
-    for row in rows:
-        p, t = tok.encode(row["prompt"]), tok.encode(row["target"])
-        logits = model(torch.tensor([p + t])).logits[0, len(p) - 1 : -1]
-        ok += int(torch.equal(logits.argmax(-1), torch.tensor(t)))
-    return ok / len(rows)
+    """Share of examples whose every answer character is the argmax after its prefix (one padded batch)."""
+    pairs = [(tok.encode(r["prompt"]), tok.encode(r["target"])) for r in rows]
+    width = max(len(p) + len(t) for p, t in pairs)
+    ids = torch.full((len(pairs), width), tok.pad_token_id)
+    mask = torch.zeros_like(ids)
+    for i, (p, t) in enumerate(pairs):
+        ids[i, : len(p) + len(t)] = torch.tensor(p + t)
+        mask[i, : len(p) + len(t)] = 1
+    pred = model(input_ids=ids, attention_mask=mask).logits.argmax(-1)
+    ok = [torch.equal(pred[i, len(p) - 1 : len(p) + len(t) - 1], torch.tensor(t)) for i, (p, t) in enumerate(pairs)]
+    return sum(ok) / len(ok)
 
 
 @pytest.fixture(scope="module")
