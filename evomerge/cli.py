@@ -49,6 +49,7 @@ def _search(args: argparse.Namespace) -> None:
             raise SpecError("--budget N is required for a new search")
         budget = args.budget
         run = RunFolder(Path(args.run or Path("runs") / default_run_name(args.spec)))
+    _quiet_libraries()
     check_spec(spec)
     prepare_run(spec, run, budget, force=args.force)
     console.print(f"run folder: {run.root}")
@@ -139,7 +140,6 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    _quiet_libraries()
     from evomerge.search import SearchError
 
     try:

@@ -79,7 +79,8 @@ def rescale_l1(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor:
 
 
 def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
-    """Mask of the ``k`` largest entries of a flat tensor (kthvalue threshold, topk only on ties)."""
+    """Mask of ``k`` largest entries of a flat tensor in O(n): a kthvalue threshold, then entries equal to
+    it (common in bf16 task vectors) taken in index order until exactly ``k`` are kept."""
     n = magnitude.numel()
     if k >= n:
         return torch.ones_like(magnitude, dtype=torch.bool)
@@ -87,10 +88,10 @@ def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
         return torch.zeros_like(magnitude, dtype=torch.bool)
     magnitude = magnitude.float()
     threshold = torch.kthvalue(magnitude, n - k + 1).values
-    mask = magnitude >= threshold
-    if int(mask.sum()) != k:  # equal magnitudes straddle the threshold
-        mask = torch.zeros_like(magnitude, dtype=torch.bool)
-        mask[torch.topk(magnitude, k).indices] = True
+    mask = magnitude > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        mask[(magnitude == threshold).nonzero().squeeze(1)[:missing]] = True
     return mask
 
 
@@ -158,16 +159,15 @@ def elect_sign_mask(weighted: Tensor) -> Tensor:
     return weighted.sign() == majority
 
 
-def combine_deltas(deltas: list[Tensor], weight: list[float], *, consensus: bool, normalize: bool,
-                   lam: float) -> Tensor:
-    """Weighted sum of (already sparsified) deltas, with optional sign election and normalization."""
-    stacked = torch.stack(deltas)
-    w = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device).reshape(-1, *[1] * deltas[0].dim())
-    weighted = stacked * w
+def combine_deltas(stacked: Tensor, weight: list[float], *, consensus: bool, normalize: bool, lam: float) -> Tensor:
+    """Weighted sum of stacked (already sparsified) deltas, with optional sign election and normalization.
+    Works in place on ``stacked`` (the caller's scratch) to keep peak memory near one stack."""
+    w = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device).reshape(-1, *[1] * (stacked.dim() - 1))
+    weighted = stacked.mul_(w)
     if consensus:
         mask = elect_sign_mask(weighted)
-        merged = (weighted * mask).sum(dim=0)
-        divisor = (w * mask).sum(dim=0)
+        divisor = mask.to(weighted.dtype).mul_(w).sum(dim=0)
+        merged = weighted.mul_(mask).sum(dim=0)
         divisor[divisor == 0] = 1
     else:
         merged = weighted.sum(dim=0)
@@ -184,12 +184,11 @@ def _task_vector_method(how: Sparsifier, consensus: bool) -> Callable[..., Tenso
     def merge(base: Tensor, deltas: list[Tensor], *, weight: list[float], density: list[float],
               normalize: bool, rescale: bool, lambda_: float, gamma: list[float] | None = None,
               epsilon: list[float] | None = None, generator: torch.Generator | None = None) -> Tensor:
-        trimmed = [
-            sparsify(d, how, density[i], rescale, gamma=gamma[i] if gamma else 0.0,
-                     epsilon=epsilon[i] if epsilon else 0.0, generator=generator)
-            for i, d in enumerate(deltas)
-        ]
-        return combine_deltas(trimmed, weight, consensus=consensus, normalize=normalize, lam=lambda_)
+        stacked = deltas[0].new_empty((len(deltas), *deltas[0].shape))
+        for i, d in enumerate(deltas):
+            stacked[i] = sparsify(d, how, density[i], rescale, gamma=gamma[i] if gamma else 0.0,
+                                  epsilon=epsilon[i] if epsilon else 0.0, generator=generator)
+        return combine_deltas(stacked, weight, consensus=consensus, normalize=normalize, lam=lambda_)
 
     return merge
 

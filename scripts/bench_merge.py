@@ -45,6 +45,7 @@ def build_models(cache: Path) -> dict[str, Path]:
     for i, name in enumerate(names):
         out = paths[name]
         out.mkdir(parents=True, exist_ok=True)
+        model.config.architectures = ["LlamaForCausalLM"]
         model.config.save_pretrained(out)
         gen = torch.Generator().manual_seed(i)
         tensors = state if name == "base" else {

@@ -65,8 +65,10 @@ def test_random_methods_agree_statistically(method, llama_zoo, tmp_path):
         delta = x[name] - b[name]
         for merged in (ours[name], theirs[name]):
             kept = merged - b[name]
-            assert (kept != 0).float().mean().item() == pytest.approx(0.4, abs=0.03)
+            # mergekit draws its masks from the unseeded global RNG: bounds are ~4.5 standard deviations
+            assert (kept != 0).float().mean().item() == pytest.approx(0.4, abs=0.06)
             assert kept.abs().sum().item() == pytest.approx(delta.abs().sum().item(), rel=1e-3)
             # a kept entry is the original entry times one common L1 rescale factor
-            ratio = kept[kept != 0] / delta[kept != 0]
+            sure = (kept != 0) & (delta.abs() > 1e-3)  # tiny deltas lose digits in (base + d) - base
+            ratio = kept[sure] / delta[sure]
             torch.testing.assert_close(ratio, torch.full_like(ratio, ratio.median().item()), rtol=1e-3, atol=0)

@@ -115,3 +115,11 @@ def test_registry_lists_every_required_method():
     assert required <= set(METHODS)
     with pytest.raises(SpecError, match="unknown merge method 'tiez'"):
         get_method("tiez")
+
+
+def test_top_k_mask_exact_count_with_many_ties():
+    mags = torch.tensor([0.5, 1.0, 1.0, 1.0, 1.0, 2.0, 0.25]).repeat(1000)
+    for k in (1, 1000, 2500, 5999, 6000, 6500):
+        mask = top_k_mask(mags, k)
+        assert int(mask.sum()) == k
+        assert mags[mask].min() >= mags[~mask].max()  # nothing dropped is larger than what is kept
