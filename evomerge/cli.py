@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
@@ -35,6 +36,9 @@ def _load_spec(path: str | None):
 
 
 def _search(args: argparse.Namespace) -> None:
+    if not args.spec and not args.resume:  # the built-in demo needs nothing from a hub: never ask one
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from evomerge.search import RunFolder, Search, check_spec, default_run_name, load_run, prepare_run
 
     if args.resume:

@@ -88,6 +88,7 @@ def _materialize_docs(task) -> None:
     task.config.process_docs = None
 
 
+@torch.no_grad()
 def score_continuations(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]], max_length: int,
                         batch_size: int, pad_id: int) -> list[tuple[float, bool]]:
     """(sum of continuation log-probs, every continuation token is the argmax) per (context, continuation)

@@ -1,0 +1,213 @@
+"""Applying a Recipe: per-tensor parameters, then either a streaming merge from files to a folder or an
+in-place merge into a live model (the search's hot path: nothing reloaded, nothing written)."""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from evomerge.checkpoint import (
+    Checkpoint,
+    ShardedWriter,
+    atomic_folder,
+    atomic_write_text,
+    check_compatible,
+    check_output_folder,
+    copy_side_files,
+    layer_index,
+    open_checkpoint,
+)
+from evomerge.errors import SpecError
+from evomerge.methods import MergeMethod
+from evomerge.spec import Recipe, resolve_setting
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+def layer_position(name: str, num_layers: int) -> float:
+    """Where a tensor sits for gradients: block i of n at i/(n-1); embeddings, norm and head at 0."""
+    index = layer_index(name)
+    if index is None or num_layers < 2:
+        return 0.0
+    return index / (num_layers - 1)
+
+
+@dataclass(frozen=True)
+class TensorParams:
+    """A method's parameters resolved for one tensor: shared values and one list entry per input."""
+
+    shared: dict[str, float | bool]
+    per_model: dict[str, list[float]]
+
+
+def resolve_params(recipe: Recipe, name: str, num_layers: int) -> TensorParams:
+    """Per-model value > global value > method default, with mergekit's gradient/filter rules."""
+    method = recipe.method
+    t = layer_position(name, num_layers)
+
+    def lookup(key: str, scopes: list[dict], default: float | bool | None) -> float | bool | None:
+        for scope in scopes:
+            if key in scope:
+                value = resolve_setting(scope[key], name, t)
+                if value is not None:
+                    return value
+        return default
+
+    shared = {k: lookup(k, [recipe.parameters], p.default) for k, p in method.shared.items()}
+    per_model = {k: [lookup(k, [m.parameters, recipe.parameters], p.default) for m in recipe.inputs]
+                 for k, p in method.per_model.items()}
+    return TensorParams(shared, per_model)
+
+
+def check_resolved(recipe: Recipe, names: list[str], num_layers: int) -> None:
+    """Joint limits that only hold per resolved value (e.g. DELLA's density +/- epsilon)."""
+    method = recipe.method
+    if method.check is None:
+        return
+    for name in names:
+        params = resolve_params(recipe, name, num_layers)
+        for i, entry in enumerate(recipe.inputs):
+            problem = method.check({k: v[i] for k, v in params.per_model.items()})
+            if problem:
+                raise SpecError(f"{entry.model}, tensor {name}: {problem}")
+
+
+def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:
+    """A generator seeded by (recipe seed, tensor name): the same masks in any order, on any path."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed((seed * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+    return gen
+
+
+def merge_tensor(method: MergeMethod, params: TensorParams, base: torch.Tensor | None,
+                 inputs: list[torch.Tensor], *, deltas: list[torch.Tensor] | None = None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """Merge one tensor in float32 (float64 stays float64). ``deltas`` may be passed precomputed."""
+    work = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
+    kwargs: dict = {("lambda_" if k == "lambda" else k): v for k, v in params.shared.items()}
+    kwargs.update(params.per_model)
+    if method.seeded:
+        kwargs["generator"] = generator
+    base_w = base.to(work) if base is not None else None
+    if method.uses_deltas and base_w is not None:
+        if deltas is None:
+            deltas = [x.to(work) - base_w for x in inputs]
+        return base_w + method.fn(base_w, deltas, **kwargs)
+    return method.fn(base_w, [x.to(work) for x in inputs], **kwargs)
+
+
+@dataclass
+class MergeInputs:
+    """The opened, mutually compatible checkpoints of a recipe."""
+
+    recipe: Recipe
+    base: Checkpoint | None
+    inputs: list[Checkpoint]
+
+    @property
+    def reference(self) -> Checkpoint:
+        return self.base or self.inputs[0]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.reference.tensors)
+
+
+def open_inputs(recipe: Recipe) -> MergeInputs:
+    """Open every model of a recipe and check them against each other; reads headers only."""
+    base = open_checkpoint(recipe.base_model) if recipe.base_model and recipe.method.base != "none" else None
+    inputs = [open_checkpoint(m.model) for m in recipe.inputs]
+    check_compatible(([base] if base else []) + inputs)
+    merged = MergeInputs(recipe, base, inputs)
+    check_resolved(recipe, merged.names, merged.reference.num_layers)
+    return merged
+
+
+def output_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
+    """The recipe's dtype for floating tensors; other tensors keep theirs."""
+    if not source.is_floating_point or recipe.output_dtype is None:
+        return source
+    return DTYPES[recipe.output_dtype]
+
+
+def merge_to_folder(recipe: Recipe, out: Path, *, force: bool = False, max_shard_bytes: int = 2 * 1024**3,
+                    on_progress: Callable[[int, int], None] | None = None,
+                    extra_files: dict[str, str] | None = None) -> Path:
+    """Stream a merge from checkpoint files to a Hugging Face folder, a few tensors in memory at a time.
+
+    Everything is validated before the first tensor is read; the folder appears only when complete.
+    """
+    check_output_folder(out, force)
+    opened = open_inputs(recipe)
+    ref = opened.reference
+    method = recipe.method
+    num_layers = ref.num_layers
+    entries = [(n, ref.tensors[n].shape, output_dtype(recipe, ref.tensors[n].dtype)) for n in opened.names]
+    with atomic_folder(out) as tmp:
+        writer = ShardedWriter(tmp, entries, max_shard_bytes)
+        for done, (name, _, dtype) in enumerate(entries, start=1):
+            base = opened.base.read(name) if opened.base else None
+            inputs = [c.read(name) for c in opened.inputs]
+            if inputs[0].is_floating_point():
+                params = resolve_params(recipe, name, num_layers)
+                gen = tensor_generator(recipe.seed, name, inputs[0].device) if method.seeded else None
+                merged = merge_tensor(method, params, base, inputs, generator=gen)
+            else:
+                merged = base if base is not None else inputs[0]
+            writer.write(name, merged.to(dtype))
+            if on_progress:
+                on_progress(done, len(entries))
+        writer.finish()
+        float_dtypes = [d for _, _, d in entries if d.is_floating_point]
+        copy_side_files(ref.path, tmp, float_dtypes[0] if float_dtypes else torch.float32)
+        atomic_write_text(tmp / "evomerge_recipe.yaml", recipe.to_yaml())
+        atomic_write_text(tmp / "mergekit_config.yml", recipe.to_mergekit_yaml())
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(tmp / name, text)
+    return out
+
+
+class LiveMerger:
+    """Holds a base and its task vectors on the model's device and writes each recipe's merge into the
+    live model's parameters in place. Built once per worker; ``apply`` is the per-candidate cost."""
+
+    def __init__(self, model: torch.nn.Module, base: str, models: list[str]) -> None:
+        self.model = model
+        self.base_ref = base
+        self.model_refs = models
+        ckpts = [open_checkpoint(base)] + [open_checkpoint(m) for m in models]
+        check_compatible(ckpts)
+        self.num_layers = ckpts[0].num_layers
+        self.params = dict(model.named_parameters())
+        params = self.params
+        missing = [n for n in ckpts[0].tensors if n not in params]
+        if missing:
+            raise SpecError(f"tensor {missing[0]} of {base} is not a parameter of the live model")
+        device = next(model.parameters()).device
+        self.device = device
+        self.base = {n: ckpts[0].read(n, device).to(torch.float32) for n in ckpts[0].tensors}
+        self.weights = {ref: {n: c.read(n, device).to(torch.float32) for n in c.tensors}
+                        for ref, c in zip(models, ckpts[1:], strict=True)}
+        self.deltas = {ref: {n: w[n] - self.base[n] for n in w} for ref, w in self.weights.items()}
+
+    @torch.no_grad()
+    def apply(self, recipe: Recipe) -> None:
+        """Overwrite the live parameters with ``recipe``'s merge (its models must be among ours)."""
+        method = recipe.method
+        refs = [m.model for m in recipe.inputs]
+        unknown = [r for r in refs if r not in self.weights]
+        if unknown or (recipe.base_model and method.base != "none" and recipe.base_model != self.base_ref):
+            raise SpecError(f"recipe uses models this merger was not built with: {unknown or recipe.base_model}")
+        use_base = method.base != "none" and recipe.base_model is not None
+        for name, base in self.base.items():
+            params = resolve_params(recipe, name, self.num_layers)
+            gen = tensor_generator(recipe.seed, name, self.device) if method.seeded else None
+            inputs = [self.weights[r][name] for r in refs]
+            deltas = [self.deltas[r][name] for r in refs] if method.uses_deltas and use_base else None
+            merged = merge_tensor(method, params, base if use_base else None, inputs, deltas=deltas, generator=gen)
+            self.params[name].copy_(merged)

@@ -1,0 +1,320 @@
+"""Merge methods as pure tensor functions, and the one registry that lists them.
+
+Semantics follow mergekit's, so a recipe means the same in both tools. Every function works on one
+tensor name at a time. A method that works on task vectors (``uses_deltas``) receives ``d_i = x_i - base``
+whenever a base exists and returns a merged delta (the caller adds the base back); otherwise it receives
+and returns raw weights. All arithmetic is float32 (float64 if the inputs are).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from evomerge.errors import SpecError
+
+Tensor = torch.Tensor
+BasePolicy = Literal["none", "optional", "required"]
+
+
+@dataclass(frozen=True)
+class Param:
+    """One tunable parameter: its default and the closed range it must lie in."""
+
+    default: float | bool | None
+    low: float | None = None
+    high: float | None = None
+
+    def check(self, name: str, value: float | bool, where: str) -> None:
+        if isinstance(self.default, bool):
+            if not isinstance(value, bool):
+                raise SpecError(f"{where}: {name} must be true or false, got {value!r}")
+            return
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise SpecError(f"{where}: {name} must be a number, got {value!r}")
+        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+            raise SpecError(f"{where}: {name}={value} is outside [{self.low}, {self.high}]")
+
+
+WEIGHT = Param(1.0)
+DENSITY = Param(1.0, 0.0, 1.0)
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    """A registry entry: the tensor function and the contract the recipe must meet."""
+
+    name: str
+    fn: Callable[..., Tensor]
+    base: BasePolicy
+    uses_deltas: bool
+    min_models: int = 1  # inputs other than the base
+    max_models: int | None = None
+    per_model: dict[str, Param] = field(default_factory=dict)
+    shared: dict[str, Param] = field(default_factory=dict)
+    seeded: bool = False  # draws random masks: needs a generator
+    check: Callable[[dict[str, float]], str | None] | None = None  # joint limits on one model's values
+
+    def check_model_count(self, n: int) -> None:
+        if n < self.min_models or (self.max_models is not None and n > self.max_models):
+            want = str(self.min_models) if self.min_models == self.max_models else (
+                f"at least {self.min_models}" if self.max_models is None
+                else f"{self.min_models} to {self.max_models}")
+            raise SpecError(f"method {self.name} needs {want} model(s) besides the base, got {n}")
+
+
+# ----------------------------------------------------------------------------- sparsification
+
+
+def rescale_l1(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor:
+    """Keep the masked entries and scale them so the L1 norm equals the original's."""
+    kept = delta * mask
+    before, after = delta.abs().sum(), kept.abs().sum()
+    if before < eps or after < eps:
+        return kept
+    return kept * (before / after)
+
+
+def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
+    """Mask of ``k`` largest entries of a flat tensor in O(n): a kthvalue threshold, then entries equal to
+    it (common in bf16 task vectors) taken in index order until exactly ``k`` are kept."""
+    n = magnitude.numel()
+    if k >= n:
+        return torch.ones_like(magnitude, dtype=torch.bool)
+    if k <= 0:
+        return torch.zeros_like(magnitude, dtype=torch.bool)
+    magnitude = magnitude.float()
+    threshold = torch.kthvalue(magnitude, n - k + 1).values
+    mask = magnitude > threshold
+    missing = k - int(mask.sum())
+    if missing > 0:
+        mask[(magnitude == threshold).nonzero().squeeze(1)[:missing]] = True
+    return mask
+
+
+def magnitude_mask(delta: Tensor, density: float) -> Tensor:
+    """TIES trim: keep the top ``int(density * numel)`` entries by magnitude (at least one)."""
+    if density <= 0 or delta.numel() == 0:
+        return torch.zeros_like(delta, dtype=torch.bool)
+    k = max(1, int(density * delta.numel()))
+    return top_k_mask(delta.abs().reshape(-1), k).reshape(delta.shape)
+
+
+def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
+    """Breadcrumbs: drop the largest ``gamma`` fraction and the smallest, keeping ``density`` of them."""
+    n = delta.numel()
+    keep = int(density * n)
+    n_bottom = max(0, n - keep - int(gamma * n))
+    order = torch.sort(delta.abs().reshape(-1).float()).indices
+    mask = torch.zeros(n, dtype=torch.bool, device=delta.device)
+    mask[order[n_bottom : n_bottom + keep]] = True
+    return mask.reshape(delta.shape)
+
+
+def random_mask(delta: Tensor, density: float, generator: torch.Generator) -> Tensor:
+    """DARE: keep each entry with probability ``density``."""
+    return torch.bernoulli(torch.full_like(delta, density), generator=generator)
+
+
+def rank_mask(delta: Tensor, density: float, epsilon: float, generator: torch.Generator) -> Tensor:
+    """DELLA: per row, keep probability rises with magnitude rank from density-eps to density+eps."""
+    if density <= 0:
+        return torch.zeros_like(delta)
+    rows = delta.reshape(1, -1) if delta.dim() < 2 else delta.reshape(delta.shape[0], -1)
+    n = rows.shape[1]
+    ranks = rows.abs().argsort(dim=1).argsort(dim=1).to(rows.dtype)
+    rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
+    mask = torch.bernoulli((density - epsilon) + rank_norm * 2 * epsilon, generator=generator)
+    return mask.reshape(delta.shape)
+
+
+Sparsifier = Literal["none", "magnitude", "random", "outliers", "rank"]
+
+
+def sparsify(delta: Tensor, how: Sparsifier, density: float, rescale: bool, *, gamma: float = 0.0,
+             epsilon: float = 0.0, generator: torch.Generator | None = None) -> Tensor:
+    """Drop entries of one task vector as ``how`` says; ``rescale`` keeps its L1 norm."""
+    if how == "none" or density >= 1:
+        return delta
+    if how == "magnitude":
+        mask = magnitude_mask(delta, density)
+    elif how == "outliers":
+        mask = outlier_mask(delta, density, gamma)
+    elif how == "random":
+        mask = random_mask(delta, density, generator)
+    else:
+        mask = rank_mask(delta, density, epsilon, generator)
+    return rescale_l1(delta, mask) if rescale else delta * mask
+
+
+# ----------------------------------------------------------------------------- combination
+
+
+def elect_sign_mask(weighted: Tensor) -> Tensor:
+    """TIES sign election over stacked weighted deltas: keep entries agreeing with sign(sum), 0 -> +."""
+    majority = torch.where(weighted.sum(dim=0) >= 0, 1.0, -1.0).to(weighted.dtype)
+    return weighted.sign() == majority
+
+
+def combine_deltas(stacked: Tensor, weight: list[float], *, consensus: bool, normalize: bool, lam: float) -> Tensor:
+    """Weighted sum of stacked (already sparsified) deltas, with optional sign election and normalization.
+    Works in place on ``stacked`` (the caller's scratch) to keep peak memory near one stack."""
+    w = torch.tensor(weight, dtype=stacked.dtype, device=stacked.device).reshape(-1, *[1] * (stacked.dim() - 1))
+    weighted = stacked.mul_(w)
+    if consensus:
+        mask = elect_sign_mask(weighted)
+        divisor = mask.to(weighted.dtype).mul_(w).sum(dim=0)
+        merged = weighted.mul_(mask).sum(dim=0)
+        divisor[divisor == 0] = 1
+    else:
+        merged = weighted.sum(dim=0)
+        divisor = w.sum(dim=0).expand_as(merged).clone()
+        divisor[divisor.abs() < 1e-8] = 1
+    if normalize:
+        merged = merged / divisor
+    return merged * lam if lam != 1 else merged
+
+
+def _task_vector_method(how: Sparsifier, consensus: bool) -> Callable[..., Tensor]:
+    """Build the function of one task-vector method (task arithmetic, TIES, DARE, breadcrumbs, DELLA)."""
+
+    def merge(base: Tensor, deltas: list[Tensor], *, weight: list[float], density: list[float],
+              normalize: bool, rescale: bool, lambda_: float, gamma: list[float] | None = None,
+              epsilon: list[float] | None = None, generator: torch.Generator | None = None) -> Tensor:
+        stacked = deltas[0].new_empty((len(deltas), *deltas[0].shape))
+        for i, d in enumerate(deltas):
+            stacked[i] = sparsify(d, how, density[i], rescale, gamma=gamma[i] if gamma else 0.0,
+                                  epsilon=epsilon[i] if epsilon else 0.0, generator=generator)
+        return combine_deltas(stacked, weight, consensus=consensus, normalize=normalize, lam=lambda_)
+
+    return merge
+
+
+def linear(base: Tensor | None, tensors: list[Tensor], *, weight: list[float], normalize: bool) -> Tensor:
+    """``sum(w_i x_i) / sum(w_i)`` (the division only when ``normalize``)."""
+    merged = sum(w * x for w, x in zip(weight, tensors, strict=True))
+    return merged / sum(weight) if normalize else merged
+
+
+def slerp_tensors(t: float, a: Tensor, b: Tensor, dot_threshold: float = 0.9995, eps: float = 1e-8) -> Tensor:
+    """Spherical interpolation of two flattened tensors; linear when they are (anti)parallel."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    na, nb = fa.norm(), fb.norm()
+    na = na if na > eps else torch.ones_like(na)
+    nb = nb if nb > eps else torch.ones_like(nb)
+    dot = ((fa / na) * (fb / nb)).sum().clamp(-1, 1)
+    if dot.abs() > dot_threshold:
+        return (1 - t) * a + t * b
+    theta = torch.acos(dot)
+    return (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+
+
+def slerp(base: Tensor, tensors: list[Tensor], *, t: float) -> Tensor:
+    """SLERP from the base (t=0) to the other model (t=1)."""
+    return slerp_tensors(t, base, tensors[0])
+
+
+def nuslerp(base: Tensor | None, tensors: list[Tensor], *, weight: list[float], nuslerp_flatten: bool,
+            nuslerp_row_wise: bool) -> Tensor:
+    """SLERP of two models (or their task vectors) at ``t = w_2 / (w_1 + w_2)``, whole or per row."""
+    total = sum(weight)
+    t = 0.5 if abs(total) < 1e-6 else weight[1] / total
+    a, b = tensors
+    shape = a.shape
+    if nuslerp_flatten:
+        a, b = a.reshape(1, -1), b.reshape(1, -1)
+    elif nuslerp_row_wise:
+        a, b = a.transpose(0, -1), b.transpose(0, -1)
+    ua = a / a.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    ub = b / b.norm(dim=-1, keepdim=True).clamp(min=1e-7)
+    cos = (ua * ub).sum(dim=-1, keepdim=True).clamp(-1, 1)
+    colinear = (1 - cos.square()) <= 1e-16
+    theta = torch.acos(torch.where(colinear, 0, cos))
+    out = (torch.sin((1 - t) * theta) * a + torch.sin(t * theta) * b) / torch.sin(theta)
+    out = torch.where(colinear, (1 - t) * a + t * b, out)
+    if not nuslerp_flatten and nuslerp_row_wise:
+        out = out.transpose(0, -1)
+    return out.reshape(shape)
+
+
+def model_stock(base: Tensor, deltas: list[Tensor], *, filter_wise: bool) -> Tensor:
+    """Model Stock: move from the base towards the mean by ``t = k cos / (1 + (k-1) cos)``."""
+    shape = deltas[0].shape
+    flat = [d.reshape(1, -1) if (not filter_wise or d.dim() < 2) else d.reshape(d.shape[0], -1)
+            for d in deltas]
+    cosines = []
+    for i, a in enumerate(flat):
+        for b in flat[i + 1 :]:
+            norms = (a.norm(dim=-1) * b.norm(dim=-1)).clamp(min=1e-6)
+            cosines.append(((a * b).sum(dim=-1) / norms).clamp(-1, 1))
+    cos = torch.stack(cosines).mean(dim=0).unsqueeze(-1)
+    k = len(deltas)
+    denom = 1 + (k - 1) * cos
+    singular = denom.abs() < 1e-6
+    t = torch.where(singular, 0, k * cos / torch.where(singular, 1, denom))
+    mean = torch.stack(flat).mean(dim=0)
+    return (t * mean).reshape(shape)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+_GAMMA = Param(0.01, 0.0, 1.0)
+_EPSILON = Param(0.15, 0.0, 0.5)
+_LAMBDA = Param(1.0)
+
+
+def _della_limits(values: dict[str, float]) -> str | None:
+    density, epsilon = values["density"], values["epsilon"]
+    if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
+        return f"density {density} +/- epsilon {epsilon} must stay inside (0, 1)"
+    return None
+
+
+def _task_vector_entry(name: str, sparsify: Sparsifier, consensus: bool, normalize: bool,
+                       rescale: bool) -> MergeMethod:
+    per_model = {"weight": WEIGHT, "density": DENSITY}
+    if sparsify == "outliers":
+        per_model["gamma"] = _GAMMA
+    if sparsify == "rank":
+        per_model["epsilon"] = _EPSILON
+    return MergeMethod(
+        name=name, fn=_task_vector_method(sparsify, consensus), base="required", uses_deltas=True,
+        per_model=per_model,
+        shared={"lambda": _LAMBDA, "normalize": Param(normalize), "rescale": Param(rescale)},
+        seeded=sparsify in ("random", "rank"), check=_della_limits if sparsify == "rank" else None,
+    )
+
+
+METHODS: dict[str, MergeMethod] = {
+    m.name: m
+    for m in (
+        MergeMethod("linear", linear, base="none", uses_deltas=False, per_model={"weight": WEIGHT},
+                    shared={"normalize": Param(True)}),
+        _task_vector_entry("task_arithmetic", "none", consensus=False, normalize=False, rescale=False),
+        _task_vector_entry("ties", "magnitude", consensus=True, normalize=True, rescale=False),
+        _task_vector_entry("dare_ties", "random", consensus=True, normalize=False, rescale=True),
+        _task_vector_entry("dare_linear", "random", consensus=False, normalize=False, rescale=True),
+        _task_vector_entry("breadcrumbs", "outliers", consensus=False, normalize=False, rescale=False),
+        _task_vector_entry("breadcrumbs_ties", "outliers", consensus=True, normalize=False, rescale=False),
+        _task_vector_entry("della", "rank", consensus=True, normalize=True, rescale=True),
+        _task_vector_entry("della_linear", "rank", consensus=False, normalize=False, rescale=True),
+        MergeMethod("slerp", slerp, base="required", uses_deltas=False, min_models=1, max_models=1,
+                    shared={"t": Param(0.5, 0.0, 1.0)}),
+        MergeMethod("nuslerp", nuslerp, base="optional", uses_deltas=True, min_models=2, max_models=2,
+                    per_model={"weight": WEIGHT},
+                    shared={"nuslerp_flatten": Param(True), "nuslerp_row_wise": Param(False)}),
+        MergeMethod("model_stock", model_stock, base="required", uses_deltas=True, min_models=2,
+                    shared={"filter_wise": Param(False)}),
+    )
+}
+
+
+def get_method(name: str) -> MergeMethod:
+    """The registry entry for ``name``; a SpecError naming the known methods otherwise."""
+    try:
+        return METHODS[name]
+    except KeyError:
+        raise SpecError(f"unknown merge method {name!r}; known: {', '.join(METHODS)}") from None

@@ -1,0 +1,32 @@
+"""`evomerge status`: a run's trials as a table, best first, with the budget and the winner if chosen."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import optuna
+from rich.table import Table
+
+from evomerge.search import STUDY_NAME, RunFolder, counted, load_run
+
+
+def run_table(run_dir: Path, limit: int = 20) -> Table:
+    run = RunFolder(run_dir)
+    _, budget = load_run(run)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=run.storage_url())
+    trials = study.get_trials(deepcopy=False)
+    finished = [t for t in trials if counted(t)]
+    winner = json.loads(run.summary.read_text())["winner_trial"] if run.summary.exists() else None
+    table = Table(title=f"{run_dir}: {len(finished)}/{budget} finished, "
+                        f"{sum(t.state.name == 'FAIL' for t in trials)} failed"
+                        + (f", winner: trial {winner}" if winner is not None else ""))
+    for col in ("trial", "fidelity", "score", "method", "note"):
+        table.add_column(col, justify="right" if col in ("trial", "score") else "left")
+    ranked = sorted(finished, key=lambda t: (t.user_attrs.get("fidelity") == "full", t.values[0]), reverse=True)
+    for t in ranked[:limit]:
+        note = t.user_attrs.get("baseline") or ("winner" if t.number == winner else "")
+        method = t.user_attrs.get("recipe", {}).get("merge_method", "")
+        table.add_row(str(t.number), t.user_attrs.get("fidelity", ""), " ".join(f"{v:.4f}" for v in t.values),
+                      method, note)
+    return table
