@@ -12,7 +12,7 @@ import torch
 
 from evomerge.checkpoint import resolve_model_path
 from evomerge.evaluate import EvalResult, Evaluator, TaskRef
-from evomerge.merge import LiveMerger
+from evomerge.merge import DTYPES, LiveMerger
 from evomerge.spec import Recipe, SearchSpec
 
 
@@ -50,9 +50,7 @@ class Worker:
 
         self.device = pick_device(spec.device)
         base = resolve_model_path(spec.base_model)
-        dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float64": torch.float64}[spec.dtype]
-        self.model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype).to(self.device).eval()
+        self.model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[spec.dtype]).to(self.device).eval()
         tokenizer = AutoTokenizer.from_pretrained(base)
         self.merger = LiveMerger(self.model, spec.base_model, spec.models)
         self.evaluator = Evaluator(self.model, tokenizer, task_refs(spec), include_paths(spec),
