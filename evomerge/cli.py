@@ -10,7 +10,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from evomerge.errors import SpecError
+from evomerge.errors import SearchError, SpecError
 
 console = Console(stderr=True)
 
@@ -144,8 +144,6 @@ def _quiet_libraries() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from evomerge.search import SearchError
-
     try:
         args.handler(args)
     except SpecError as err:

@@ -23,7 +23,7 @@ import yaml
 from optuna.trial import TrialState
 
 from evomerge.checkpoint import atomic_write_text, open_checkpoint
-from evomerge.errors import SpecError
+from evomerge.errors import SearchError, SpecError
 from evomerge.evaluate import EvalResult
 from evomerge.executors import InProcessExecutor, Scored
 from evomerge.space import LayerLayout, SearchSpace
@@ -33,10 +33,6 @@ STUDY_NAME = "evomerge"
 MAX_RETRIES = 2
 MAX_FAILURES_IN_ROW = 5
 MAX_DUPLICATES_IN_ROW = 50
-
-
-class SearchError(RuntimeError):
-    """The search cannot go on (repeated failures, exhausted space)."""
 
 
 @dataclass(frozen=True)
