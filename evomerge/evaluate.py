@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import re
+from array import array
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -88,39 +89,75 @@ def _materialize_docs(task) -> None:
     task.config.process_docs = None
 
 
+def _cache_requests(task) -> None:
+    """Build the task's lm-eval requests now, once for every document of its split, and from then on hand
+    out the chosen documents' requests (emptied of the last candidate's answers) on each call. A prompt
+    depends on its document only, so rebuilding it per candidate is wasted work; and a few-shot prompt is
+    drawn once per document, so every candidate is scored on the same prompts instead of fresh draws.
+    The requests are built with lm-eval's defaults (no system prompt or chat template), which is how
+    ``Evaluator.evaluate`` calls it."""
+    task.build_all_requests()
+    by_doc: dict[int, list] = {}
+    for instance in task.instances:
+        by_doc.setdefault(instance.doc_id, []).append(instance)
+
+    def build_chosen(*, samples: Sequence[int] | None = None, limit: int | None = None, **_defaults) -> None:
+        chosen = samples if samples is not None else range(len(by_doc))[:limit]
+        instances = []
+        for position, doc_id in enumerate(chosen):  # lm-eval numbers the chosen documents by position
+            for instance in by_doc[doc_id]:
+                instance.doc_id, instance.resps, instance.filtered_resps = position, [], {}
+                instances.append(instance)
+        task._instances = instances
+
+    task.build_all_requests = build_chosen
+
+
+def _long_tensor(rows: Sequence[Sequence[int]], width: int, pad: int, device: torch.device) -> torch.Tensor:
+    """Right-padded int64 matrix from token lists (via one flat buffer: ``torch.tensor`` on nested lists
+    costs more than the small demo model's forward pass)."""
+    flat = array("q")
+    for row in rows:
+        flat.extend(row)
+        flat.extend([pad] * (width - len(row)))
+    return torch.frombuffer(flat, dtype=torch.long).view(len(rows), width).to(device)
+
+
 @torch.no_grad()
 def score_continuations(model: torch.nn.Module, requests: Sequence[tuple[list[int], list[int]]], max_length: int,
                         batch_size: int, pad_id: int) -> list[tuple[float, bool]]:
     """(sum of continuation log-probs, every continuation token is the argmax) per (context, continuation)
-    token pair: right-padded batches, longest first, one gather per batch instead of a loop per request."""
-    rows = []
+    token pair: right-padded batches, longest first, one gather per batch instead of a loop per request.
+    Only the continuation positions' logits are kept, so a large vocabulary costs no copy."""
+    inputs, continuations = [], []
     for context, continuation in requests:
         whole = (context + continuation)[-(max_length + 1):]
-        rows.append((whole[:-1], whole[-len(continuation):]))
-    order = sorted(range(len(rows)), key=lambda i: -len(rows[i][0]))
-    out: list[tuple[float, bool]] = [(0.0, False)] * len(rows)
+        inputs.append(whole[:-1])
+        continuations.append(whole[-len(continuation):])
+    order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
     device = next(model.parameters()).device
+    n_cont = max(len(c) for c in continuations)
+    offsets = torch.arange(n_cont, device=device)
+    targets = _long_tensor([continuations[i] for i in order], n_cont, 0, device)
+    lengths = torch.tensor([len(continuations[i]) for i in order], device=device)
+    first = torch.tensor([len(inputs[i]) - len(continuations[i]) for i in order], device=device)
+    logprobs, hits = [], []
     for start in range(0, len(order), batch_size):
-        batch = order[start : start + batch_size]
-        width = len(rows[batch[0]][0])
-        n_cont = max(len(rows[i][1]) for i in batch)
-        ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
-        positions = torch.zeros((len(batch), n_cont), dtype=torch.long)
-        targets = torch.zeros((len(batch), n_cont), dtype=torch.long)
-        valid = torch.zeros((len(batch), n_cont), dtype=torch.bool)
-        for j, i in enumerate(batch):
-            inp, cont = rows[i]
-            ids[j, : len(inp)] = torch.tensor(inp)
-            positions[j, : len(cont)] = torch.arange(len(inp) - len(cont), len(inp))
-            targets[j, : len(cont)] = torch.tensor(cont)
-            valid[j, : len(cont)] = True
-        logits = model(ids.to(device)).logits.float().cpu()
-        picked = logits[torch.arange(len(batch)).unsqueeze(1), positions]  # (batch, n_cont, vocab)
-        logprob = torch.log_softmax(picked, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        greedy = (picked.argmax(-1) == targets) | ~valid
-        sums = (logprob * valid).sum(dim=1)
-        for j, i in enumerate(batch):
-            out[i] = (float(sums[j]), bool(greedy[j].all()))
+        batch = slice(start, start + batch_size)
+        width = len(inputs[order[start]])
+        ids = _long_tensor([inputs[i] for i in order[batch]], width, pad_id, device)
+        positions = (first[batch].unsqueeze(1) + offsets).clamp(max=width - 1)
+        logits = model(ids, use_cache=False).logits
+        picked = logits[torch.arange(len(ids), device=device).unsqueeze(1), positions].float()  # (b, n_cont, vocab)
+        target = targets[batch].unsqueeze(-1)
+        logprobs.append((picked.gather(-1, target) - picked.logsumexp(-1, keepdim=True)).squeeze(-1))
+        hits.append(picked.argmax(-1) == targets[batch])
+    valid = offsets < lengths.unsqueeze(1)
+    sums = (torch.cat(logprobs) * valid).sum(dim=1).tolist()
+    greedy = (torch.cat(hits) | ~valid).all(dim=1).tolist()
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
+    for j, i in enumerate(order):
+        out[i] = (sums[j], greedy[j])
     return out
 
 
@@ -217,6 +254,7 @@ class Evaluator:
             for name, (_, id_range) in parsed.items():
                 built = self._loaded[role]["tasks"][self.task_key(name, role)]
                 _materialize_docs(built)
+                _cache_requests(built)
                 self._doc_ids[(name, role)] = list(range(len(built.test_docs())))[id_range]
 
     @staticmethod

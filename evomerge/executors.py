@@ -4,6 +4,7 @@ in-process one runs a single worker in the driver (a Ray executor plugs into the
 
 from __future__ import annotations
 
+import gc
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -55,6 +56,8 @@ class Worker:
         self.merger = LiveMerger(self.model, spec.base_model, spec.models)
         self.evaluator = Evaluator(self.model, tokenizer, task_refs(spec), include_paths(spec),
                                    batch_size=spec.evaluation.batch_size)
+        gc.collect()
+        gc.freeze()  # the model, tasks and cached requests live as long as the worker: keep them out of GC scans
 
     def doc_ids(self, task: str, role: str) -> list[int]:
         return self.evaluator.doc_ids(task, role)

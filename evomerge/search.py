@@ -26,6 +26,7 @@ from evomerge.checkpoint import atomic_write_text, open_checkpoint
 from evomerge.errors import SearchError, SpecError
 from evomerge.evaluate import EvalResult
 from evomerge.executors import InProcessExecutor, Scored
+from evomerge.screening import SCREEN_ATTR, Screen
 from evomerge.space import LayerLayout, SearchSpace
 from evomerge.spec import Recipe, SearchSpec
 
@@ -117,12 +118,11 @@ def default_sampler(spec: SearchSpec) -> str:
 
 def open_study(spec: SearchSpec, run: RunFolder, storage: str | None = None) -> optuna.Study:
     directions = ["maximize"] * (len(spec.evaluation.tasks) if spec.evaluation.objective == "pareto" else 1)
-    with warnings.catch_warnings():  # WilcoxonPruner and TPE's group are "experimental"; used knowingly
+    with warnings.catch_warnings():  # TPE's group is "experimental"; used knowingly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        pruner = optuna.pruners.WilcoxonPruner(p_threshold=0.1) if _screens(spec) else optuna.pruners.NopPruner()
         sampler = make_sampler(spec)
     return optuna.create_study(study_name=STUDY_NAME, storage=run.storage_url(storage), sampler=sampler,
-                               pruner=pruner, directions=directions, load_if_exists=True)
+                               pruner=optuna.pruners.NopPruner(), directions=directions, load_if_exists=True)
 
 
 def _screens(spec: SearchSpec) -> bool:
@@ -176,9 +176,9 @@ class Search:
         ev = spec.evaluation
         names = [t.name for t in ev.tasks]
         self.search_ids = {n: self.executor.doc_ids(n, "search")[: ev.search_examples] for n in names}
-        self.screen_ids = {n: ids[: ev.screen_examples] for n, ids in self.search_ids.items()} \
+        self.screen = Screen({n: ids[: ev.screen_examples] for n, ids in self.search_ids.items()},
+                             {t.name: t.weight for t in ev.tasks}, self.study.get_trials(deepcopy=False)) \
             if _screens(spec) else None
-        self.task_offset = {n: i * 10_000_000 for i, n in enumerate(names)}
 
     # ------------------------------------------------------------------ the loop
 
@@ -251,23 +251,24 @@ class Search:
             on_progress(Progress(done, budget, self.best_value()))
 
     def _evaluate(self, trial: optuna.Trial, recipe: Recipe) -> tuple[EvalResult, str, float, float]:
-        """Screen on the small subset (paired Wilcoxon test against the best), then the rest if promising."""
-        if self.screen_ids is None:
+        """Screen on the small subset (paired test against the best full trial), then the rest if promising."""
+        if self.screen is None:
             scored = self.executor.score(recipe, "search", self.search_ids)
             return scored.result, "full", scored.merge_s, scored.eval_s
-        first = self.executor.score(recipe, "search", self.screen_ids)
-        for task, per_doc in first.result.examples.items():
-            for doc, value in per_doc.items():
-                trial.report(value, self.task_offset[task] + doc)
+        first = self.executor.score(recipe, "search", self.screen.doc_ids)
+        vector = self.screen.vector(first.result)
+        trial.set_user_attr(SCREEN_ATTR, vector)
         merge_s, eval_s = first.merge_s, first.eval_s
-        if trial.should_prune():
+        if self.screen.prunes(vector):
             return first.result, "screen", merge_s, eval_s
-        rest_ids = {t: ids[len(self.screen_ids[t]):] for t, ids in self.search_ids.items()}
-        if not any(rest_ids.values()):
-            return first.result, "full", merge_s, eval_s
-        rest: Scored = self.executor.score(recipe, "search", rest_ids)
-        examples = {t: {**first.result.examples[t], **rest.result.examples[t]} for t in rest_ids}
-        return _mean_scores(self.spec, examples), "full", merge_s + rest.merge_s, eval_s + rest.eval_s
+        result = first.result
+        rest_ids = {t: ids[len(self.screen.doc_ids[t]):] for t, ids in self.search_ids.items()}
+        if any(rest_ids.values()):
+            rest: Scored = self.executor.score(recipe, "search", rest_ids)
+            result = _mean_scores(self.spec, {t: {**result.examples[t], **rest.result.examples[t]} for t in rest_ids})
+            merge_s, eval_s = merge_s + rest.merge_s, eval_s + rest.eval_s
+        self.screen.record(result.score, vector)
+        return result, "full", merge_s, eval_s
 
     def _log(self, number: int, state: str, result: EvalResult | None, recipe: Recipe, seconds: float,
              **extra: Any) -> None:

@@ -112,3 +112,26 @@ def test_unsorted_doc_ids_map_to_their_documents(live):
     result = ev.evaluate("search", {task_name("add"): ids, task_name("reverse"): [2], task_name("sort"): [9, 1]})
     expected = greedy_exact_match(model, tok, [rows("add", "search")[i] for i in ids])
     assert [result.examples[task_name("add")][i] for i in ids] == expected
+
+
+def test_cached_requests_equal_lm_eval_built_afresh(live, monkeypatch):
+    """Overlapping subsets in any order, and a repeat, score exactly as lm-eval building its requests anew."""
+    from lm_eval.evaluator import evaluate
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+
+    model, tok, ev = live
+    monkeypatch.chdir(TASKS_DIR)  # plain lm-eval reads the YAML's data_files relative to the working directory
+    name = task_name("sort")
+    reference = HFLM(pretrained=model, tokenizer=tok, batch_size=32)
+    fresh = TaskManager(include_path=str(TASKS_DIR), include_defaults=False).load([name])
+    fresh["tasks"][name].config.test_split = "validation"
+    subsets = [[0, 2, 9, 42], [2, 6, 7, 42, 43], [0, 2, 9, 42]]  # the add expert gets docs 2 and 42 right
+    first = None
+    for ids in subsets:
+        got = ev.evaluate("validation", {name: ids}).examples[name]
+        out = evaluate(reference, fresh, samples={name: ids}, log_samples=True, bootstrap_iters=0)
+        expected = {int(s["doc_id"]): float(s["acc"]) for s in out["samples"][name]}
+        assert got == expected
+        first = first or got
+    assert got == first and 0 < sum(got.values()) < len(got)

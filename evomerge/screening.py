@@ -1,0 +1,56 @@
+"""Multi-fidelity screening: score a candidate on a small subset first and stop there when a paired test
+says it is worse than the best full-fidelity trial on the same examples.
+
+The test is a one-sided Wilcoxon signed-rank test on per-example differences (the candidate and the best
+trial answered the same questions), as Optuna's ``WilcoxonPruner`` does; it runs here, on vectors kept
+in memory and stored as one user attribute per trial, instead of one ``trial.report`` (a storage write)
+per example, which cost more than evaluating the candidate.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import optuna
+from scipy.stats import wilcoxon
+
+from evomerge.evaluate import EvalResult
+
+P_THRESHOLD = 0.1
+SCREEN_ATTR = "screen"
+
+
+def significantly_worse(candidate: Sequence[float], best: Sequence[float], p_threshold: float = P_THRESHOLD) -> bool:
+    """Whether ``candidate`` is worse than ``best`` on the same examples at level ``p_threshold``.
+    Ties (zero differences) are split between the signs, so equal answers weigh against pruning."""
+    diffs = [c - b for c, b in zip(candidate, best, strict=True)]
+    if sum(diffs) >= 0:
+        return False
+    return float(wilcoxon(diffs, alternative="less", zero_method="zsplit").pvalue) < p_threshold
+
+
+class Screen:
+    """The screening subset of each task and the best full-fidelity trial's answers on it."""
+
+    def __init__(self, doc_ids: dict[str, Sequence[int]], weights: dict[str, float],
+                 trials: Iterable[optuna.trial.FrozenTrial] = ()) -> None:
+        self.doc_ids = doc_ids
+        total = sum(weights.values())
+        self._scale = {t: weights[t] / total / len(ids) for t, ids in doc_ids.items()}
+        self.best_value: float | None = None
+        self.best: list[float] | None = None
+        for trial in trials:  # a resumed run: the best so far among its full-fidelity trials
+            if trial.user_attrs.get("fidelity") == "full" and SCREEN_ATTR in trial.user_attrs:
+                self.record(trial.value, trial.user_attrs[SCREEN_ATTR])
+
+    def vector(self, result: EvalResult) -> list[float]:
+        """Per-example scores in a fixed order, each weighted so that their sum is the weighted score."""
+        return [self._scale[t] * result.examples[t][d] for t, ids in self.doc_ids.items() for d in ids]
+
+    def prunes(self, vector: Sequence[float]) -> bool:
+        return self.best is not None and significantly_worse(vector, self.best)
+
+    def record(self, value: float, vector: Sequence[float]) -> None:
+        """Note a full-fidelity trial; it becomes the reference when it beats the best so far."""
+        if self.best_value is None or value > self.best_value:
+            self.best_value, self.best = value, list(vector)
