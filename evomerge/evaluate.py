@@ -170,6 +170,7 @@ def _fast_hflm():
         def __init__(self, *args, **kwargs) -> None:
             super().__init__(*args, **kwargs)
             self._token_cache: dict[tuple, tuple[int, ...]] = {}
+            self._probed: tuple[int, int] | None = None  # (longest request probed, batch size found)
 
         def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
             key = (string, add_special_tokens, tuple(sorted(kwargs.items())))
@@ -182,8 +183,19 @@ def _fast_hflm():
             if self.backend != "causal":
                 return super()._loglikelihood_tokens(requests, disable_tqdm=True, override_bs=override_bs)
             size = override_bs or self.batch_size
+            if size == "auto":
+                size = self._auto_batch_size(requests)
             return score_continuations(self.model, [(ctx, cont) for _, ctx, cont in requests], self.max_length,
-                                       size if isinstance(size, int) else 64, self.tokenizer.pad_token_id or 0)
+                                       size, self.tokenizer.pad_token_id or 0)
+
+        def _auto_batch_size(self, requests) -> int:
+            """lm-eval's out-of-memory probe (halving from ``max_batch_size``) on the longest request, run
+            again only when a longer request than any probed before comes, not on every candidate."""
+            longest = max(range(len(requests)), key=lambda i: len(requests[i][1]) + len(requests[i][2]))
+            length = len(requests[longest][1]) + len(requests[longest][2])
+            if self._probed is None or length > self._probed[0]:
+                self._probed = (length, self._detect_batch_size(requests, longest))
+            return self._probed[1]
 
         def loglikelihood(self, requests, disable_tqdm: bool = True):
             return super().loglikelihood(requests, disable_tqdm=True)

@@ -135,3 +135,15 @@ def test_cached_requests_equal_lm_eval_built_afresh(live, monkeypatch):
         assert got == expected
         first = first or got
     assert got == first and 0 < sum(got.values()) < len(got)
+
+
+def test_auto_batch_size_probes_once_and_scores_the_same(live):
+    model, tok, ev = live
+    auto = Evaluator(model, tok, list(ev.tasks.values()), [TASKS_DIR], batch_size="auto")
+    probes = []
+    detect = auto.lm._detect_batch_size
+    auto.lm._detect_batch_size = lambda *a, **k: probes.append(a) or detect(*a, **k)
+    ids = {task_name(s): range(N) for s in SKILLS}
+    assert auto.evaluate("search", ids).examples == ev.evaluate("search", ids).examples
+    assert auto.evaluate("search", ids).scores == ev.evaluate("search", ids).scores
+    assert len(probes) == 1 and auto.lm._probed[1] >= 1
