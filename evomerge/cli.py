@@ -94,9 +94,16 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _status(args: argparse.Namespace) -> None:
-    from evomerge.status import run_table
+    from evomerge.status import run_table, runs_table
 
-    Console().print(run_table(Path(args.run), limit=args.limit))
+    Console().print(run_table(Path(args.run), limit=args.limit) if args.run else runs_table(Path(args.runs)))
+
+
+def _report(args: argparse.Namespace) -> None:
+    from evomerge.report import write_report
+
+    out = write_report(Path(args.run))
+    console.print(f"wrote {out} and {out.with_suffix('.png').name} beside it")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -125,10 +132,15 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     export.set_defaults(handler=_export)
 
-    status = sub.add_parser("status", help="table of a run's trials, best first")
-    status.add_argument("run", help="run folder")
+    status = sub.add_parser("status", help="a run's trials, best first (no run: every run under --runs)")
+    status.add_argument("run", nargs="?", help="run folder")
     status.add_argument("--limit", type=int, default=20, help="rows to show (default 20)")
+    status.add_argument("--runs", default="runs", help="folder of run folders (default: runs)")
     status.set_defaults(handler=_status)
+
+    report = sub.add_parser("report", help="write report.md and report.png (curve, winner, per-layer parameters)")
+    report.add_argument("run", help="run folder")
+    report.set_defaults(handler=_report)
     return parser
 
 

@@ -150,6 +150,12 @@ def _mean_scores(spec: SearchSpec, examples: dict[str, dict[int, float]]) -> Eva
     return EvalResult(scores, examples, {t.name: t.weight for t in spec.evaluation.tasks})
 
 
+def weighted_score(spec: SearchSpec, scores: dict[str, float]) -> float:
+    """The spec's weighted mean of per-task scores (the single objective; the ranking of a Pareto front)."""
+    weights = {t.name: t.weight for t in spec.evaluation.tasks}
+    return sum(weights[k] * v for k, v in scores.items()) / sum(weights.values())
+
+
 def _objective(spec: SearchSpec, result: EvalResult) -> list[float]:
     if spec.evaluation.objective == "pareto":
         return [result.scores[t.name] for t in spec.evaluation.tasks]
@@ -291,13 +297,8 @@ class Search:
         if self.spec.evaluation.objective == "pareto":
             front = {t.number for t in self.study.best_trials}
             full = [t for t in full if t.number in front]
-        weights = {t.name: t.weight for t in self.spec.evaluation.tasks}
-
-        def weighted(t: optuna.trial.FrozenTrial) -> float:
-            scores = t.user_attrs["scores"]
-            return sum(weights[k] * v for k, v in scores.items()) / sum(weights.values())
-
-        return sorted(full, key=weighted, reverse=True)[: self.spec.evaluation.top_k]
+        return sorted(full, key=lambda t: weighted_score(self.spec, t.user_attrs["scores"]),
+                      reverse=True)[: self.spec.evaluation.top_k]
 
     def reference_recipes(self) -> dict[str, Recipe]:
         """What the winner is compared with: each parent alone and their uniform average."""

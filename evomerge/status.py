@@ -1,4 +1,5 @@
-"""`evomerge status`: a run's trials as a table, best first, with the budget and the winner if chosen."""
+"""`evomerge status`: a run's trials as a table, best first, with the budget and the winner if chosen;
+without a run, one line per run folder."""
 
 from __future__ import annotations
 
@@ -29,4 +30,20 @@ def run_table(run_dir: Path, limit: int = 20) -> Table:
         method = t.user_attrs.get("recipe", {}).get("merge_method", "")
         table.add_row(str(t.number), t.user_attrs.get("fidelity", ""), " ".join(f"{v:.4f}" for v in t.values),
                       method, note)
+    return table
+
+
+def runs_table(root: Path) -> Table:
+    """Every run folder under ``root``: finished of budget, best full-fidelity search score, winner."""
+    table = Table(title=f"runs in {root}")
+    for col in ("run", "finished", "best search score", "winner"):
+        table.add_column(col, justify="left" if col == "run" else "right")
+    for folder in sorted(p for p in root.iterdir() if (p / "spec.yaml").exists()) if root.is_dir() else []:
+        run = RunFolder(folder)
+        _, budget = load_run(run)
+        trials = optuna.load_study(study_name=STUDY_NAME, storage=run.storage_url()).get_trials(deepcopy=False)
+        full = [t.values[0] for t in trials if counted(t) and t.user_attrs.get("fidelity") == "full"]
+        winner = json.loads(run.summary.read_text())["winner_trial"] if run.summary.exists() else None
+        table.add_row(folder.name, f"{sum(counted(t) for t in trials)}/{budget}", f"{max(full):.4f}" if full else "-",
+                      "-" if winner is None else f"trial {winner}")
     return table

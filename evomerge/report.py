@@ -1,0 +1,168 @@
+"""`evomerge report RUN`: what a run found, as ``report.md`` and ``report.png`` in the run folder.
+
+The page says how the budget was spent (full vs screened trials, failures, duplicates, time), how the
+best search score grew, the winner's validation/test table when the search was finalized, and the
+winner's parameters per layer (each layer's mean over its tensors, as the merge resolves them).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from dataclasses import dataclass
+from pathlib import Path
+
+import optuna
+from optuna.trial import TrialState
+
+from evomerge.checkpoint import atomic_write_text, layer_index, open_checkpoint
+from evomerge.merge import resolve_params
+from evomerge.search import STUDY_NAME, RunFolder, counted, load_run, weighted_score
+from evomerge.spec import Recipe, SearchSpec
+
+
+@dataclass(frozen=True)
+class TrialPoint:
+    """One finished, non-duplicate trial in the order it was told."""
+
+    number: int
+    fidelity: str
+    score: float
+
+
+def trial_points(spec: SearchSpec, trials: list[optuna.trial.FrozenTrial]) -> list[TrialPoint]:
+    return [TrialPoint(t.number, t.user_attrs.get("fidelity", "full"), weighted_score(spec, t.user_attrs["scores"]))
+            for t in trials if counted(t) and "scores" in t.user_attrs]
+
+
+def best_so_far(points: list[TrialPoint]) -> list[float | None]:
+    """After each finished trial, the best weighted search score among full-fidelity trials so far."""
+    out: list[float | None] = []
+    best = None
+    for p in points:
+        if p.fidelity == "full" and (best is None or p.score > best):
+            best = p.score
+        out.append(best)
+    return out
+
+
+def layer_parameters(recipe: Recipe) -> dict[str, dict[str, list[float]]]:
+    """Per-model parameters of ``recipe`` per layer: ``{param: {model: [mean over layer i's tensors]}}``."""
+    ckpt = open_checkpoint(recipe.base_model or recipe.inputs[0].model)
+    sums: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for name in ckpt.tensors:
+        layer = layer_index(name)
+        if layer is None:
+            continue
+        for param, values in resolve_params(recipe, name, ckpt.num_layers).per_model.items():
+            for entry, value in zip(recipe.inputs, values, strict=True):
+                sums[param][entry.model][layer].append(float(value))
+    return {param: {model: [sum(v) / len(v) for _, v in sorted(layers.items())] for model, layers in by_model.items()}
+            for param, by_model in sums.items()}
+
+
+def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna.trial.FrozenTrial],
+              points: list[TrialPoint], chosen: tuple[str, Recipe] | None, summary: dict | None, png: Path) -> str:
+    full = sum(p.fidelity == "full" for p in points)
+    failed = sum(t.state == TrialState.FAIL for t in trials)
+    duplicates = sum("duplicate_of" in t.user_attrs for t in trials)
+    seconds = sum(json.loads(line).get("seconds", 0.0) for line in _log_lines(run))
+    lines = [f"# evomerge run `{run.root.name}`", "",
+             f"- models: {', '.join(spec.models)} (base {spec.base_model})",
+             f"- space: methods {', '.join(spec.space.methods)}, granularity {spec.space.granularity}; "
+             f"sampler {spec.sampler or 'default'}, seed {spec.seed}",
+             f"- budget {budget}: {len(points)} finished ({full} full, {len(points) - full} screened), "
+             f"{failed} failed, {duplicates} duplicates; {seconds:.0f} s in candidate evaluations", ""]
+    curve = best_so_far(points)
+    if points:
+        lines += ["## Best search score so far", "", "| finished trials | best search score |", "|---|---|"]
+        step = max(1, len(points) // 10)
+        marks = sorted({*range(step, len(points) + 1, step), len(points)})
+        lines += [f"| {k} | {'-' if curve[k - 1] is None else f'{curve[k - 1]:.4f}'} |" for k in marks]
+        lines.append("")
+    if summary:
+        lines += [f"## Winner: trial {summary['winner_trial']} (chosen on validation)", "",
+                  "| model | validation | test |", "|---|---|---|"]
+        lines += [f"| {label} | {row['validation']:.4f} | {row['test']:.4f} |"
+                  for label, row in summary["table"].items()]
+        m = summary["margin_vs_uniform_average"]
+        lines += ["", f"Winner - uniform average on test: {m['mean']:+.4f} "
+                      f"(95% CI {m['ci95_low']:+.4f} .. {m['ci95_high']:+.4f}).", ""]
+    elif chosen is not None:
+        lines += [f"## {chosen[0]} (not finalized: no validation re-check yet)", ""]
+    if chosen is not None:
+        recipe = chosen[1]
+        lines += ["Recipe:", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
+        for param, by_model in layer_parameters(recipe).items():
+            n = len(next(iter(by_model.values())))
+            lines += [f"`{param}` per layer (mean over the layer's tensors):", "",
+                      "| model | " + " | ".join(f"L{i}" for i in range(n)) + " |", "|---|" + "---|" * n]
+            lines += [f"| {model} | " + " | ".join(f"{v:.3f}" for v in values) + " |"
+                      for model, values in by_model.items()]
+            lines.append("")
+    lines += [f"![search]({png.name})", ""]
+    return "\n".join(lines)
+
+
+def _log_lines(run: RunFolder) -> list[str]:
+    if not run.log.exists():
+        return []
+    return [line for line in run.log.read_text().splitlines() if line.endswith("}")]  # a kill may cut the last
+
+
+def _plot(points: list[TrialPoint], chosen: tuple[str, Recipe] | None, png: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_layer = layer_parameters(chosen[1]) if chosen is not None else {}
+    fig, axes = plt.subplots(1, 2 if per_layer else 1, figsize=(11 if per_layer else 6, 4), squeeze=False)
+    ax = axes[0][0]
+    for fidelity, marker in (("full", "o"), ("screen", "x")):
+        shown = [(i, p.score) for i, p in enumerate(points, start=1) if p.fidelity == fidelity]
+        if shown:
+            ax.scatter(*zip(*shown, strict=True), marker=marker, s=14, label=f"{fidelity} trials", alpha=0.6)
+    curve = best_so_far(points)
+    ax.step(range(1, len(points) + 1), [float("nan") if c is None else c for c in curve], where="post",
+            color="black", label="best so far")
+    ax.set_xlabel("finished trials")
+    ax.set_ylabel("weighted search score")
+    ax.legend(fontsize=8)
+    if per_layer:
+        param, by_model = next(iter(per_layer.items()))
+        ax = axes[0][1]
+        for model, values in by_model.items():
+            ax.plot(range(len(values)), values, marker="o", label=model)
+        ax.set_xticks(range(len(values)))
+        ax.set_xlabel("layer")
+        ax.set_ylabel(param)
+        ax.set_title(chosen[0])
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    tmp = png.with_name(f".{png.name}.tmp")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    tmp.replace(png)
+
+
+def write_report(run_dir: Path) -> Path:
+    """Write ``report.md`` and ``report.png`` into the run folder; returns the Markdown path."""
+    run = RunFolder(run_dir)
+    spec, budget = load_run(run)
+    study = optuna.load_study(study_name=STUDY_NAME, storage=run.storage_url())
+    trials = study.get_trials(deepcopy=False)
+    points = trial_points(spec, trials)
+    summary = json.loads(run.summary.read_text()) if run.summary.exists() else None
+    full = [p for p in points if p.fidelity == "full"]
+    chosen = None
+    if summary:
+        chosen = (f"winner: trial {summary['winner_trial']}", Recipe.model_validate(summary["winner_recipe"]))
+    elif full:
+        best = max(full, key=lambda p: p.score)
+        chosen = (f"best trial so far: {best.number}", Recipe.model_validate(trials[best.number].user_attrs["recipe"]))
+    png = run.root / "report.png"
+    _plot(points, chosen, png)
+    out = run.root / "report.md"
+    atomic_write_text(out, _markdown(run, spec, budget, trials, points, chosen, summary, png))
+    return out
