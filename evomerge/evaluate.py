@@ -133,7 +133,7 @@ def score_continuations(model: torch.nn.Module, requests: Sequence[tuple[list[in
     for context, continuation in requests:
         whole = (context + continuation)[-(max_length + 1):]
         inputs.append(whole[:-1])
-        continuations.append(whole[-len(continuation):])
+        continuations.append(whole[1:][-len(continuation):])  # at most what the kept input can predict
     order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
     device = next(model.parameters()).device
     n_cont = max(len(c) for c in continuations)
