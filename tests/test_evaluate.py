@@ -147,3 +147,21 @@ def test_auto_batch_size_probes_once_and_scores_the_same(live):
     assert auto.evaluate("search", ids).examples == ev.evaluate("search", ids).examples
     assert auto.evaluate("search", ids).scores == ev.evaluate("search", ids).scores
     assert len(probes) == 1 and auto.lm._probed[1] >= 1
+
+
+@pytest.mark.parametrize("max_length", [64, 12])  # 12: long prompts are cut to the last tokens
+def test_vectorized_scoring_equals_lm_eval_on_gpt2(gpt2_zoo, max_length):
+    """Another architecture (learned positions, tied head), odd batch edges, and context truncation."""
+    from lm_eval.models.huggingface import HFLM
+
+    from evomerge.evaluate import score_continuations
+
+    model = AutoModelForCausalLM.from_pretrained(gpt2_zoo["base"], dtype=torch.float32).eval()
+    tok = AutoTokenizer.from_pretrained(model_path("base"))
+    reference = HFLM(pretrained=model, tokenizer=tok, batch_size=5, max_length=max_length)
+    requests = [((r["prompt"], r["target"]), tok.encode(r["prompt"]), tok.encode(r["target"]))
+                for skill in SKILLS for r in rows(skill, "test")[:9]]
+    expected = reference._loglikelihood_tokens(requests, disable_tqdm=True)
+    got = score_continuations(model, [(c, t) for _, c, t in requests], max_length, 4, tok.pad_token_id)
+    assert [g for _, g in got] == [g for _, g in expected]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in expected], abs=1e-4)
