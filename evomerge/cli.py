@@ -74,6 +74,8 @@ def _search(args: argparse.Namespace) -> None:
 def _print_summary(summary: dict) -> None:
     from rich.table import Table
 
+    from evomerge.search import describe_margin
+
     table = Table(title=f"winner: trial {summary['winner_trial']}")
     table.add_column("model")
     table.add_column("validation", justify="right")
@@ -81,9 +83,7 @@ def _print_summary(summary: dict) -> None:
     for label, row in summary["table"].items():
         table.add_row(label, f"{row['validation']:.4f}", f"{row['test']:.4f}")
     Console().print(table)
-    m = summary["margin_vs_uniform_average"]
-    Console().print(f"winner - uniform average on test: {m['mean']:+.4f} (95% CI {m['ci95_low']:+.4f} .. "
-                    f"{m['ci95_high']:+.4f})")
+    Console().print(describe_margin(summary["margin_vs_uniform_average"]))
 
 
 def _export(args: argparse.Namespace) -> None:

@@ -191,10 +191,10 @@ def _fast_hflm():
         def _auto_batch_size(self, requests) -> int:
             """lm-eval's out-of-memory probe (halving from ``max_batch_size``) on the longest request, run
             again only when a longer request than any probed before comes, not on every candidate."""
-            longest = max(range(len(requests)), key=lambda i: len(requests[i][1]) + len(requests[i][2]))
-            length = len(requests[longest][1]) + len(requests[longest][2])
-            if self._probed is None or length > self._probed[0]:
-                self._probed = (length, self._detect_batch_size(requests, longest))
+            lengths = [len(context) + len(continuation) for _, context, continuation in requests]
+            longest = max(range(len(lengths)), key=lengths.__getitem__)
+            if self._probed is None or lengths[longest] > self._probed[0]:
+                self._probed = (lengths[longest], self._detect_batch_size(requests, longest))
             return self._probed[1]
 
         def loglikelihood(self, requests, disable_tqdm: bool = True):

@@ -2,26 +2,22 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import optuna
 
 from evomerge.errors import SpecError
 from evomerge.merge import merge_to_folder
-from evomerge.search import STUDY_NAME, RunFolder, load_run
+from evomerge.search import RunFolder, load_run, summary_table_markdown
 from evomerge.spec import Recipe
 
 
 def trial_recipe(run: RunFolder, trial: int | None, storage: str | None = None) -> tuple[int, Recipe, dict]:
     """The chosen trial's number, recipe and recorded scores (default: the validated winner)."""
-    summary = json.loads(run.summary.read_text()) if run.summary.exists() else None
+    summary = run.read_summary()
     if trial is None:
         if summary is None:
             raise SpecError(f"{run.root} has no summary.json yet (search not finished); pass --trial N")
         trial = summary["winner_trial"]
-    study = optuna.load_study(study_name=STUDY_NAME, storage=run.storage_url(storage))
-    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    trials = {t.number: t for t in run.load_study(storage).get_trials(deepcopy=False)}
     chosen = trials.get(trial)
     if chosen is None or "recipe" not in chosen.user_attrs or "scores" not in chosen.user_attrs:
         raise SpecError(f"trial {trial} of {run.root} has no evaluated recipe")
@@ -37,9 +33,7 @@ def model_card(run: RunFolder, trial: int, recipe: Recipe, scores: dict) -> str:
              f"Search split ({scores['fidelity']} fidelity): " +
              ", ".join(f"{k} {v:.4f}" for k, v in scores["search"].items()), ""]
     if "summary" in scores:
-        lines += ["| model | validation | test |", "|---|---|---|"]
-        lines += [f"| {label} | {row['validation']:.4f} | {row['test']:.4f} |"
-                  for label, row in scores["summary"].items()]
+        lines += summary_table_markdown(scores["summary"])
     lines += ["", "`mergekit_config.yml` reproduces this merge with `mergekit-yaml`.", ""]
     return "\n".join(lines)
 

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 
 from evomerge.checkpoint import atomic_write_text, layer_index, open_checkpoint
 from evomerge.merge import resolve_params
-from evomerge.search import STUDY_NAME, RunFolder, counted, load_run, weighted_score
+from evomerge.search import RunFolder, counted, describe_margin, load_run, summary_table_markdown, weighted_score
 from evomerge.spec import Recipe, SearchSpec
 
 
@@ -62,7 +62,8 @@ def layer_parameters(recipe: Recipe) -> dict[str, dict[str, list[float]]]:
 
 
 def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna.trial.FrozenTrial],
-              points: list[TrialPoint], chosen: tuple[str, Recipe] | None, summary: dict | None, png: Path) -> str:
+              points: list[TrialPoint], curve: list[float | None], chosen: tuple[str, Recipe] | None,
+              per_layer: dict[str, dict[str, list[float]]], summary: dict | None, png: Path) -> str:
     full = sum(p.fidelity == "full" for p in points)
     failed = sum(t.state == TrialState.FAIL for t in trials)
     duplicates = sum("duplicate_of" in t.user_attrs for t in trials)
@@ -73,7 +74,6 @@ def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna
              f"sampler {spec.sampler or 'default'}, seed {spec.seed}",
              f"- budget {budget}: {len(points)} finished ({full} full, {len(points) - full} screened), "
              f"{failed} failed, {duplicates} duplicates; {seconds:.0f} s in candidate evaluations", ""]
-    curve = best_so_far(points)
     if points:
         lines += ["## Best search score so far", "", "| finished trials | best search score |", "|---|---|"]
         step = max(1, len(points) // 10)
@@ -82,18 +82,13 @@ def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna
         lines.append("")
     if summary:
         lines += [f"## Winner: trial {summary['winner_trial']} (chosen on validation)", "",
-                  "| model | validation | test |", "|---|---|---|"]
-        lines += [f"| {label} | {row['validation']:.4f} | {row['test']:.4f} |"
-                  for label, row in summary["table"].items()]
-        m = summary["margin_vs_uniform_average"]
-        lines += ["", f"Winner - uniform average on test: {m['mean']:+.4f} "
-                      f"(95% CI {m['ci95_low']:+.4f} .. {m['ci95_high']:+.4f}).", ""]
+                  *summary_table_markdown(summary["table"]), "",
+                  describe_margin(summary["margin_vs_uniform_average"]) + ".", ""]
     elif chosen is not None:
         lines += [f"## {chosen[0]} (not finalized: no validation re-check yet)", ""]
     if chosen is not None:
-        recipe = chosen[1]
-        lines += ["Recipe:", "", "```yaml", recipe.to_yaml().rstrip(), "```", ""]
-        for param, by_model in layer_parameters(recipe).items():
+        lines += ["Recipe:", "", "```yaml", chosen[1].to_yaml().rstrip(), "```", ""]
+        for param, by_model in per_layer.items():
             n = len(next(iter(by_model.values())))
             lines += [f"`{param}` per layer (mean over the layer's tensors):", "",
                       "| model | " + " | ".join(f"L{i}" for i in range(n)) + " |", "|---|" + "---|" * n]
@@ -110,20 +105,19 @@ def _log_lines(run: RunFolder) -> list[str]:
     return [line for line in run.log.read_text().splitlines() if line.endswith("}")]  # a kill may cut the last
 
 
-def _plot(points: list[TrialPoint], chosen: tuple[str, Recipe] | None, png: Path) -> None:
+def _plot(points: list[TrialPoint], curve: list[float | None], label: str,
+          per_layer: dict[str, dict[str, list[float]]], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    per_layer = layer_parameters(chosen[1]) if chosen is not None else {}
     fig, axes = plt.subplots(1, 2 if per_layer else 1, figsize=(11 if per_layer else 6, 4), squeeze=False)
     ax = axes[0][0]
     for fidelity, marker in (("full", "o"), ("screen", "x")):
         shown = [(i, p.score) for i, p in enumerate(points, start=1) if p.fidelity == fidelity]
         if shown:
             ax.scatter(*zip(*shown, strict=True), marker=marker, s=14, label=f"{fidelity} trials", alpha=0.6)
-    curve = best_so_far(points)
     ax.step(range(1, len(points) + 1), [float("nan") if c is None else c for c in curve], where="post",
             color="black", label="best so far")
     ax.set_xlabel("finished trials")
@@ -137,7 +131,7 @@ def _plot(points: list[TrialPoint], chosen: tuple[str, Recipe] | None, png: Path
         ax.set_xticks(range(len(values)))
         ax.set_xlabel("layer")
         ax.set_ylabel(param)
-        ax.set_title(chosen[0])
+        ax.set_title(label)
         ax.legend(fontsize=8)
     fig.tight_layout()
     tmp = png.with_name(f".{png.name}.tmp")
@@ -150,10 +144,10 @@ def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` and ``report.png`` into the run folder; returns the Markdown path."""
     run = RunFolder(run_dir)
     spec, budget = load_run(run)
-    study = optuna.load_study(study_name=STUDY_NAME, storage=run.storage_url())
-    trials = study.get_trials(deepcopy=False)
+    trials = run.load_study().get_trials(deepcopy=False)
     points = trial_points(spec, trials)
-    summary = json.loads(run.summary.read_text()) if run.summary.exists() else None
+    curve = best_so_far(points)
+    summary = run.read_summary()
     full = [p for p in points if p.fidelity == "full"]
     chosen = None
     if summary:
@@ -161,8 +155,9 @@ def write_report(run_dir: Path) -> Path:
     elif full:
         best = max(full, key=lambda p: p.score)
         chosen = (f"best trial so far: {best.number}", Recipe.model_validate(trials[best.number].user_attrs["recipe"]))
+    per_layer = layer_parameters(chosen[1]) if chosen is not None else {}
     png = run.root / "report.png"
-    _plot(points, chosen, png)
+    _plot(points, curve, chosen[0] if chosen is not None else "", per_layer, png)
     out = run.root / "report.md"
-    atomic_write_text(out, _markdown(run, spec, budget, trials, points, chosen, summary, png))
+    atomic_write_text(out, _markdown(run, spec, budget, trials, points, curve, chosen, per_layer, summary, png))
     return out

@@ -55,6 +55,14 @@ class RunFolder:
     def storage_url(self, override: str | None = None) -> str:
         return override or f"sqlite:///{(self.root / 'study.db').resolve()}"
 
+    def load_study(self, storage: str | None = None) -> optuna.Study:
+        """The run's existing study (for reading: status, report, export)."""
+        return optuna.load_study(study_name=STUDY_NAME, storage=self.storage_url(storage))
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """What ``Search.finalize`` wrote, or None before the search finished."""
+        return json.loads(self.summary.read_text()) if self.summary.exists() else None
+
 
 def spec_hash(spec: SearchSpec) -> str:
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
@@ -162,6 +170,13 @@ def _objective(spec: SearchSpec, result: EvalResult) -> list[float]:
     return [result.score]
 
 
+def _best_full(seen: dict[str, tuple[int, list[float], str | None]]) -> float | None:
+    """Best value among full-fidelity evaluations (single objective), from the search's in-memory record of
+    evaluated recipes: the progress display asks after every trial, so no storage query."""
+    return max((values[0] for _, values, fidelity in seen.values() if fidelity == "full" and len(values) == 1),
+               default=None)
+
+
 @dataclass
 class Progress:
     done: int
@@ -196,11 +211,6 @@ class Search:
     def finished(self) -> int:
         return sum(counted(t) for t in self.study.get_trials(deepcopy=False))
 
-    def best_value(self) -> float | None:
-        values = [t.value for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                  if len(self.study.directions) == 1 and t.user_attrs.get("fidelity") == "full"]
-        return max(values) if values else None
-
     def run_budget(self, budget: int, on_progress: Callable[[Progress], None] | None = None) -> None:
         recover_interrupted(self.study)
         self.seed_baselines()
@@ -210,7 +220,7 @@ class Search:
         done, failures, duplicates = self.finished(), 0, 0
         while done < budget:
             if on_progress:
-                on_progress(Progress(done, budget, self.best_value()))
+                on_progress(Progress(done, budget, _best_full(seen)))
             trial = self.study.ask()
             recipe = self.space.sample(trial)
             key = recipe_hash(recipe)
@@ -254,7 +264,7 @@ class Search:
             self._log(trial.number, fidelity, result, recipe, time.perf_counter() - start,
                       merge_s=merge_s, eval_s=eval_s, baseline=trial.user_attrs.get("baseline"))
         if on_progress:
-            on_progress(Progress(done, budget, self.best_value()))
+            on_progress(Progress(done, budget, _best_full(seen)))
 
     def _evaluate(self, trial: optuna.Trial, recipe: Recipe) -> tuple[EvalResult, str, float, float]:
         """Screen on the small subset (paired test against the best full trial), then the rest if promising."""
@@ -339,6 +349,17 @@ class Search:
         }
         atomic_write_text(self.run.summary, json.dumps(summary, indent=2))
         return summary
+
+
+def summary_table_markdown(table: dict[str, dict[str, Any]]) -> list[str]:
+    """The winner-vs-references table of a summary as Markdown lines (report page, model card)."""
+    return ["| model | validation | test |", "|---|---|---|",
+            *(f"| {label} | {row['validation']:.4f} | {row['test']:.4f} |" for label, row in table.items())]
+
+
+def describe_margin(margin: dict[str, float]) -> str:
+    return (f"winner - uniform average on test: {margin['mean']:+.4f} (95% CI {margin['ci95_low']:+.4f} .. "
+            f"{margin['ci95_high']:+.4f})")
 
 
 def _recipe_of(trial: optuna.trial.FrozenTrial) -> Recipe:

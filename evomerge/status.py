@@ -3,22 +3,20 @@ without a run, one line per run folder."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
-import optuna
 from rich.table import Table
 
-from evomerge.search import STUDY_NAME, RunFolder, counted, load_run
+from evomerge.search import RunFolder, counted, load_run
 
 
 def run_table(run_dir: Path, limit: int = 20) -> Table:
     run = RunFolder(run_dir)
     _, budget = load_run(run)
-    study = optuna.load_study(study_name=STUDY_NAME, storage=run.storage_url())
-    trials = study.get_trials(deepcopy=False)
+    trials = run.load_study().get_trials(deepcopy=False)
     finished = [t for t in trials if counted(t)]
-    winner = json.loads(run.summary.read_text())["winner_trial"] if run.summary.exists() else None
+    summary = run.read_summary()
+    winner = summary["winner_trial"] if summary else None
     table = Table(title=f"{run_dir}: {len(finished)}/{budget} finished, "
                         f"{sum(t.state.name == 'FAIL' for t in trials)} failed"
                         + (f", winner: trial {winner}" if winner is not None else ""))
@@ -41,9 +39,9 @@ def runs_table(root: Path) -> Table:
     for folder in sorted(p for p in root.iterdir() if (p / "spec.yaml").exists()) if root.is_dir() else []:
         run = RunFolder(folder)
         _, budget = load_run(run)
-        trials = optuna.load_study(study_name=STUDY_NAME, storage=run.storage_url()).get_trials(deepcopy=False)
+        trials = run.load_study().get_trials(deepcopy=False)
         full = [t.values[0] for t in trials if counted(t) and t.user_attrs.get("fidelity") == "full"]
-        winner = json.loads(run.summary.read_text())["winner_trial"] if run.summary.exists() else None
+        summary = run.read_summary()
         table.add_row(folder.name, f"{sum(counted(t) for t in trials)}/{budget}", f"{max(full):.4f}" if full else "-",
-                      "-" if winner is None else f"trial {winner}")
+                      f"trial {summary['winner_trial']}" if summary else "-")
     return table
