@@ -1,18 +1,50 @@
-"""The ``evomerge`` command: argument parsing, progress display and exit codes (2 = bad input)."""
+"""The ``evomerge`` command: argument parsing, progress display and exit codes (2 = bad input, 1 = a search
+that could not go on, 130 = interrupted)."""
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
+from typing import NoReturn
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.text import Text
 
 from evomerge.errors import SearchError, SpecError
 
 console = Console(stderr=True)
+
+
+class _Parser(argparse.ArgumentParser):
+    """Argument errors in one line, like every other bad input."""
+
+    def error(self, message: str) -> NoReturn:
+        console.print(Text(f"error: {self.prog}: {message}"), highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive whole number")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"{text} is not a positive finite number")
+    return value
 
 
 def _merge(args: argparse.Namespace) -> None:
@@ -25,72 +57,98 @@ def _merge(args: argparse.Namespace) -> None:
         task = progress.add_task("merge", total=None)
         merge_to_folder(recipe, Path(args.out), force=args.force, max_shard_bytes=int(args.shard_size * 1024**3),
                         on_progress=lambda done, total: progress.update(task, completed=done, total=total))
-    console.print(f"wrote {args.out}")
-
-
-def _load_spec(path: str | None):
-    from evomerge.demo import DEMO_SPEC
-    from evomerge.spec import SearchSpec
-
-    return SearchSpec.from_yaml(path or DEMO_SPEC)
+    console.print(Text(f"wrote {args.out}"))
 
 
 def _search(args: argparse.Namespace) -> None:
     if not args.spec and not args.resume:  # the built-in demo needs nothing from a hub: never ask one
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-    from evomerge.search import RunFolder, Search, check_spec, default_run_name, load_run, prepare_run
+    from evomerge.demo import DEMO_SPEC
+    from evomerge.executors import choose_executor, make_executor
+    from evomerge.run import RunFolder
+    from evomerge.search import Search, check_run_folder, check_spec, check_storage, default_run_name, prepare_run
+    from evomerge.spec import SearchSpec
 
     if args.resume:
         if args.spec:
             raise SpecError("give either a spec or --resume RUN, not both")
         run = RunFolder(Path(args.resume))
-        spec, stored_budget = load_run(run)
+        spec, stored_budget = run.load()
         budget = args.budget or stored_budget
     else:
-        spec = _load_spec(args.spec)
+        spec = SearchSpec.from_yaml(args.spec or DEMO_SPEC)
         if args.budget is None:
             raise SpecError("--budget N is required for a new search")
         budget = args.budget
         run = RunFolder(Path(args.run or Path("runs") / default_run_name(args.spec)))
+    check_run_folder(spec, run, args.force, args.storage)
+    if args.storage:
+        check_storage(args.storage)
     _quiet_libraries()
     check_spec(spec)
-    prepare_run(spec, run, budget, force=args.force)
-    console.print(f"run folder: {run.root}")
-    search = Search(spec, run, storage=args.storage)
+    kind = choose_executor(spec, args.executor, args.workers, args.ray_address, args.gpus_per_worker)
+    try:
+        run.root.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise SpecError(f"cannot create the run folder {run.root}: {err.strerror}") from None
+    lock = run.lock()
+    try:
+        prepare_run(spec, run, budget, force=args.force, storage=args.storage)
+        console.print(Text(f"run folder: {run.root}"))
+        executor = make_executor(spec, kind, args.workers, args.ray_address, args.gpus_per_worker)
+        try:
+            search = Search(spec, run, executor)
+            _run_with_progress(search, budget, run.root)
+            console.print("re-scoring the best candidates on the validation split ...")
+            _print_summary(search.finalize())
+        finally:
+            executor.close()
+    finally:
+        lock.close()
+
+
+def _run_with_progress(search, budget: int, root: Path) -> None:
     columns = (TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
-               TimeRemainingColumn())
+               TextColumn("workers {task.fields[busy]}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
-        task = progress.add_task("search", total=budget, best="-")
+        task = progress.add_task("search", total=budget, best="-", busy="-")
 
         def show(p) -> None:
-            progress.update(task, completed=p.done, best="-" if p.best is None else f"{p.best:.4f}")
+            progress.update(task, completed=p.done, best="-" if p.best is None else f"{p.best:.4f}",
+                            busy=f"{p.busy}/{p.workers} busy")
 
-        search.run_budget(budget, show)
-    console.print("re-scoring the best candidates on the validation split ...")
-    _print_summary(search.finalize())
+        try:
+            search.run_budget(budget, show)
+        except KeyboardInterrupt:
+            raise _Interrupted(f"interrupted; the candidates in flight will run again: "
+                               f"evomerge search --resume {root}") from None
+
+
+class _Interrupted(Exception):
+    """Ctrl-C, with what to say about it."""
 
 
 def _print_summary(summary: dict) -> None:
     from rich.table import Table
 
-    from evomerge.search import describe_margin
+    from evomerge.run import describe_margin
 
     table = Table(title=f"winner: trial {summary['winner_trial']}")
     table.add_column("model")
     table.add_column("validation", justify="right")
     table.add_column("test", justify="right")
     for label, row in summary["table"].items():
-        table.add_row(label, f"{row['validation']:.4f}", f"{row['test']:.4f}")
+        table.add_row(Text(label), f"{row['validation']:.4f}", f"{row['test']:.4f}")
     Console().print(table)
-    Console().print(describe_margin(summary["margin_vs_uniform_average"]))
+    Console().print(Text(describe_margin(summary["margin_vs_uniform_average"])))
 
 
 def _export(args: argparse.Namespace) -> None:
     from evomerge.export import export_trial
 
     number, out = export_trial(Path(args.run), Path(args.out), trial=args.trial, force=args.force)
-    console.print(f"wrote trial {number} to {out}")
+    console.print(Text(f"wrote trial {number} to {out}"))
 
 
 def _status(args: argparse.Namespace) -> None:
@@ -103,26 +161,35 @@ def _report(args: argparse.Namespace) -> None:
     from evomerge.report import write_report
 
     out = write_report(Path(args.run))
-    console.print(f"wrote {out} and {out.with_suffix('.png').name} beside it")
+    console.print(Text(f"wrote {out} and {out.with_suffix('.png').name} beside it"))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="evomerge", description="Evolutionary merge search for language models.")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="evomerge", description="Evolutionary merge search for language models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     merge = sub.add_parser("merge", help="apply a fixed recipe (no search) and write a Hugging Face folder")
     merge.add_argument("recipe", help="recipe YAML (evomerge or mergekit format)")
     merge.add_argument("--out", required=True, help="output folder")
     merge.add_argument("--force", action="store_true", help="replace the output folder if it exists")
-    merge.add_argument("--shard-size", type=float, default=2.0, help="maximum shard size in GiB (default 2)")
+    merge.add_argument("--shard-size", type=_positive_float, default=2.0, help="maximum shard size in GiB (default 2)")
     merge.set_defaults(handler=_merge)
 
     search = sub.add_parser("search", help="search merge recipes (no spec: the built-in demo)")
     search.add_argument("spec", nargs="?", help="search spec YAML (default: the built-in demo)")
-    search.add_argument("--budget", type=int, help="finished candidate evaluations to reach")
+    search.add_argument("--budget", type=_positive_int, help="finished candidate evaluations to reach")
     search.add_argument("--run", help="run folder (default: runs/SPEC-TIMESTAMP)")
     search.add_argument("--resume", metavar="RUN", help="continue the search of this run folder")
-    search.add_argument("--storage", help="SQLAlchemy URL of the study (default: sqlite in the run folder)")
+    search.add_argument("--storage", help="SQLAlchemy URL of the study (default: sqlite in the run folder); "
+                                          "recorded in the run folder for resume, status, report and export")
     search.add_argument("--force", action="store_true", help="reuse a run folder made with another spec")
+    search.add_argument("--executor", choices=("auto", "local", "ray"), default="auto",
+                        help="where candidates run: in this process, or on Ray workers (auto: Ray when --workers "
+                             "> 1, --ray-address, or several GPUs)")
+    search.add_argument("--workers", type=_positive_int,
+                        help="Ray workers (default: one per GPU, else 1); CPU workers share the cores' threads")
+    search.add_argument("--gpus-per-worker", type=_positive_int, default=1,
+                        help="GPUs per Ray worker, for models too large for one (default 1)")
+    search.add_argument("--ray-address", help="join a running Ray cluster (auto or HOST:PORT) instead of a local one")
     search.set_defaults(handler=_search)
 
     export = sub.add_parser("export", help="write a run's winner (or a trial) as a Hugging Face folder")
@@ -134,7 +201,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     status = sub.add_parser("status", help="a run's trials, best first (no run: every run under --runs)")
     status.add_argument("run", nargs="?", help="run folder")
-    status.add_argument("--limit", type=int, default=20, help="rows to show (default 20)")
+    status.add_argument("--limit", type=_positive_int, default=20, help="rows to show (default 20)")
     status.add_argument("--runs", default="runs", help="folder of run folders (default: runs)")
     status.set_defaults(handler=_status)
 
@@ -154,16 +221,30 @@ def _quiet_libraries() -> None:
     transformers.utils.logging.set_verbosity_error()
 
 
+def _say(label: str, style: str, message: object) -> None:
+    """One line, printed literally (a path like ``runs/[v2]`` is not rich markup)."""
+    console.print(Text.assemble((label, style), str(message).replace("\n", " ")), highlight=False, soft_wrap=True)
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as stop:  # --help (0) or a bad argument (2, already said in one line)
+        return int(stop.code or 0)
     try:
         args.handler(args)
     except SpecError as err:
-        console.print(f"[red]error:[/red] {err}", highlight=False, soft_wrap=True)
+        _say("error: ", "red", err)
         return 2
     except SearchError as err:
-        console.print(f"[red]search stopped:[/red] {err}", highlight=False, soft_wrap=True)
+        _say("search stopped: ", "red", err)
         return 1
+    except _Interrupted as err:
+        _say("", "yellow", err)
+        return 130
+    except KeyboardInterrupt:
+        _say("", "yellow", "interrupted")
+        return 130
     return 0
 
 

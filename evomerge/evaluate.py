@@ -4,34 +4,38 @@ The model is wrapped once in lm-eval's ``HFLM``; in-place weight changes are see
 because nothing caches model outputs. Each task is loaded once per split role (search / validation /
 test) from its own YAML with that split as its ``test_split``; per call ``lm_eval.evaluator.evaluate``
 runs on the chosen doc ids with ``log_samples`` so every example's score comes back (for pruning).
+Everything that reaches into lm-eval beyond its public API sits in one section at the end of this file.
 """
 
 from __future__ import annotations
 
-import logging
 import re
 from array import array
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from evomerge.errors import SpecError
+from evomerge.spec import TaskSpec
 
 ROLES = ("search", "validation", "test")
 SPLIT_PATTERN = re.compile(r"^(?P<split>[\w\-]+)(?:\[(?P<start>\d*):(?P<stop>\d*)\])?$")
 
 
-@dataclass(frozen=True)
-class TaskRef:
-    """One benchmark task: lm-eval name, the metric read from it, its weight in the score, and for each
-    role the dataset split it reads, optionally a doc-id range of it (``"test[0:500]"``)."""
+def task_shares(weights: Mapping[str, float]) -> dict[str, float]:
+    """Each task's weight over the sum of weights: the one normalization behind every weighted task mean."""
+    total = sum(weights.values())
+    if total <= 0:
+        raise SpecError(f"the task weights sum to {total:g}; they must sum to more than 0")
+    return {task: weight / total for task, weight in weights.items()}
 
-    name: str
-    metric: str = "acc"
-    weight: float = 1.0
-    splits: dict[str, str] = field(default_factory=lambda: {r: r for r in ROLES})
+
+def weighted_mean(values: Mapping[str, float], weights: Mapping[str, float]) -> float:
+    """The weighted mean of per-task values (every task in ``weights`` must have one): the search's single
+    objective and the ranking of a Pareto front."""
+    return sum(share * values[task] for task, share in task_shares(weights).items())
 
 
 @dataclass
@@ -44,8 +48,7 @@ class EvalResult:
 
     @property
     def score(self) -> float:
-        total = sum(self.weights.values())
-        return sum(self.weights[t] * s for t, s in self.scores.items()) / total
+        return weighted_mean(self.scores, self.weights)
 
 
 def parse_split(value: str) -> tuple[str, slice]:
@@ -56,61 +59,175 @@ def parse_split(value: str) -> tuple[str, slice]:
     return match.group("split"), slice(int(start) if start else None, int(stop) if stop else None)
 
 
-def _quiet_lm_eval() -> None:
-    """No logs or progress bars from lm-eval per candidate: the search draws its own progress."""
-    import functools
-
-    import lm_eval.api.task
-    from tqdm import tqdm
-
-    for name in ("lm-eval", "lm_eval", "datasets"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
+def _split_of(task: TaskSpec, role: str) -> str:
+    """The split (or doc range) a task reads in a role; a role the spec leaves out reads the split of its name."""
+    return task.splits.get(role, role)
 
 
-class DocIds(list):
-    """Sorted doc ids with O(1) membership: lm-eval tests ``i in samples`` for every document of the split
-    and maps results back by position, which is only right for ascending ids."""
-
-    def __init__(self, ids: Sequence[int]) -> None:
-        super().__init__(sorted(set(ids)))
-        self._members = frozenset(self)
-
-    def __contains__(self, item: object) -> bool:
-        return item in self._members
+def check_tasks(tasks: Sequence[TaskSpec], include_paths: Sequence[str | Path] = ()) -> None:
+    """Every task problem that the YAML files show, found before any model or dataset is loaded: an unknown
+    task, metric or split, a missing local data file, an empty doc range or (local JSONL) one past the end,
+    duplicate tasks, weights that do not sum above 0. A SpecError of one line names the first."""
+    manager = find_tasks([t.name for t in tasks], include_paths)
+    _check_configs(tasks, {t.name: _task_config(manager, t.name) for t in tasks})
 
 
-def _materialize_docs(task) -> None:
-    """Hold the evaluated split as a list of dicts (processed once): iterating an Arrow dataset row by row
-    on every call costs more than the tiny models' forward passes."""
-    split = task.config.test_split
-    docs = task.test_docs()
-    task.dataset = {**task.dataset, split: list(docs)}
-    task.config.process_docs = None
+def find_tasks(names: Sequence[str], include_paths: Sequence[str | Path] = ()):
+    """A TaskManager that knows every named task: the include paths alone when they suffice (fast),
+    else with lm-eval's bundled registry; SpecError naming the first task found nowhere."""
+    from lm_eval.tasks import TaskManager
+
+    _quiet_lm_eval()
+    paths = [str(p) for p in include_paths]
+    missing = [p for p in paths if not Path(p).is_dir()]
+    if missing:
+        raise SpecError(f"task folder not found: {missing[0]}")
+    manager = TaskManager(include_path=paths or None, include_defaults=False)
+    if any(n not in manager.task_index for n in names):
+        manager = TaskManager(include_path=paths or None, include_defaults=True)
+    unknown = [n for n in names if n not in manager.task_index]
+    if unknown:
+        raise SpecError(f"task {unknown[0]!r} not found (is its folder in include_paths?)")
+    return manager
 
 
-def _cache_requests(task) -> None:
-    """Build the task's lm-eval requests now, once for every document of its split, and from then on hand
-    out the chosen documents' requests (emptied of the last candidate's answers) on each call. A prompt
-    depends on its document only, so rebuilding it per candidate is wasted work; and a few-shot prompt is
-    drawn once per document, so every candidate is scored on the same prompts instead of fresh draws.
-    The requests are built with lm-eval's defaults (no system prompt or chat template), which is how
-    ``Evaluator.evaluate`` calls it."""
-    task.build_all_requests()
-    by_doc: dict[int, list] = {}
-    for instance in task.instances:
-        by_doc.setdefault(instance.doc_id, []).append(instance)
+def _check_configs(tasks: Sequence[TaskSpec], configs: dict[str, dict]) -> None:
+    """The checks of ``check_tasks`` on the tasks' YAML configs."""
+    task_shares({t.name: t.weight for t in tasks})
+    names = [t.name for t in tasks]
+    twice = [n for n in names if names.count(n) > 1]
+    if twice:
+        raise SpecError(f"task {twice[0]} is listed twice in evaluation.tasks")
+    for task in tasks:
+        config = configs[task.name]
+        _result_key(task, _result_keys(_config_metrics(config), config.get("filter_list")))
+        files = _data_files(config)  # None: a dataset from the Hub, whose splits and sizes show once downloaded
+        missing = [p for paths in (files or {}).values() for p in paths if _is_local(p) and not Path(p).exists()]
+        if missing:
+            raise SpecError(f"task {task.name}: data file not found: {missing[0]}")
+        for role in ROLES:
+            split = parse_split(_split_of(task, role))[0]
+            if files is not None and split not in files:
+                raise SpecError(f"task {task.name} has no split {split!r} (splits.{role}); it has: {', '.join(files)}")
+            _check_range(task, role, None if files is None else _count_docs(files[split], config))
 
-    def build_chosen(*, samples: Sequence[int] | None = None, limit: int | None = None, **_defaults) -> None:
-        chosen = samples if samples is not None else range(len(by_doc))[:limit]
-        instances = []
-        for position, doc_id in enumerate(chosen):  # lm-eval numbers the chosen documents by position
-            for instance in by_doc[doc_id]:
-                instance.doc_id, instance.resps, instance.filtered_resps = position, [], {}
-                instances.append(instance)
-        task._instances = instances
 
-    task.build_all_requests = build_chosen
+def _check_range(task: TaskSpec, role: str, size: int | None) -> None:
+    """A doc range must select documents, and (where the split's size is known) lie within the split."""
+    split, ids = parse_split(_split_of(task, role))
+    where = f"task {task.name} splits.{role} {_split_of(task, role)!r}"
+    if ids.stop is not None and (ids.start or 0) >= ids.stop:
+        raise SpecError(f"{where} selects no documents")
+    if size is not None and ids.stop is not None and ids.stop > size:
+        raise SpecError(f"{where} reaches past the end of split {split!r} ({size} documents)")
+    if size is not None and not range(size)[ids]:
+        raise SpecError(f"{where} selects no documents (split {split!r} has {size})")
+
+
+def _result_key(task: TaskSpec, keys: Sequence[str]) -> tuple[str, str]:
+    """(metric, filter) of lm-eval's results key ``metric,filter`` that a task's ``metric`` names: either that
+    key, or a metric name alone when the task has it under one filter only (``none`` without a filter_list)."""
+    if "," in task.metric:
+        chosen = [task.metric] if task.metric in keys else []
+    else:
+        chosen = [k for k in keys if k.partition(",")[0] == task.metric]
+    if len(chosen) == 1:
+        metric, _, filter_name = chosen[0].partition(",")
+        return metric, filter_name
+    if chosen:
+        raise SpecError(f"task {task.name} has metric {task.metric!r} under several filters; name one of: "
+                        f"{', '.join(chosen)}")
+    offered = ", ".join(k.removesuffix(",none") for k in keys)
+    raise SpecError(f"task {task.name} has no metric {task.metric!r}; it has: {offered}")
+
+
+def _result_keys(metrics: Iterable[str], filter_list: Sequence[dict] | None) -> list[str]:
+    """A task's results keys as lm-eval writes them: ``metric,filter`` for every metric under every filter."""
+    filters = [f["name"] for f in filter_list or ()] or ["none"]
+    return [f"{metric},{name}" for name in filters for metric in dict.fromkeys(metrics)]
+
+
+def _data_files(config: dict) -> dict[str, list[str]] | None:
+    """A task's local data files per split (a single file or list is the split ``train``, as in ``datasets``);
+    None for a dataset without ``data_files``."""
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if files is None:
+        return None
+    if not isinstance(files, dict):
+        files = {"train": files}
+    return {split: [paths] if isinstance(paths, str) else list(paths) for split, paths in files.items()}
+
+
+def _is_local(path: str) -> bool:
+    """A plain local path (not a URL or a glob pattern)."""
+    return "://" not in path and not any(c in path for c in "*?[")
+
+
+def _count_docs(paths: Sequence[str], config: dict) -> int | None:
+    """Documents in a split when cheap to know: local JSONL files read as they are (one document a line)."""
+    plain = not config.get("process_docs") and "field" not in (config.get("dataset_kwargs") or {})
+    if not plain or not all(_is_local(p) and p.endswith(".jsonl") for p in paths):
+        return None
+    with_docs = 0
+    for path in paths:
+        with open(path, "rb") as lines:
+            with_docs += sum(1 for line in lines if line.strip())
+    return with_docs
+
+
+class Evaluator:
+    """Scores the current weights of one live model on named tasks; built once per worker."""
+
+    def __init__(self, model: torch.nn.Module, tokenizer, tasks: Sequence[TaskSpec],
+                 include_paths: Sequence[str | Path] = (), batch_size: int | str = 64) -> None:
+        self.tasks = {t.name: t for t in tasks}
+        manager = find_tasks([t.name for t in tasks], include_paths)
+        configs = {t.name: _task_config(manager, t.name) for t in tasks}
+        _check_configs(tasks, configs)
+        max_length = getattr(model.config, "max_position_embeddings", None)
+        self.lm = _fast_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
+        self._loaded: dict[str, dict] = {}
+        self._doc_ids: dict[tuple[str, str], list[int]] = {}
+        self._keys: dict[str, tuple[str, str]] = {}
+        for role in ROLES:
+            specs = [{**configs[t.name], "task": self.task_key(t.name, role),
+                      "test_split": parse_split(_split_of(t, role))[0],
+                      "validation_split": None, "training_split": None, "fewshot_split": None} for t in tasks]
+            self._loaded[role] = _load_tasks(manager, specs, tasks, role)
+            for task in tasks:
+                built = self._loaded[role]["tasks"][self.task_key(task.name, role)]
+                # the loaded task is the truth: a Python-built metric or a Hub dataset's size shows only here
+                self._keys[task.name] = _result_key(task, _result_keys(built.aggregation(), built.config.filter_list))
+                _materialize_docs(built)
+                _cache_requests(built)
+                size = len(built.test_docs())
+                _check_range(task, role, size)
+                self._doc_ids[(task.name, role)] = list(range(size))[parse_split(_split_of(task, role))[1]]
+
+    @staticmethod
+    def task_key(name: str, role: str) -> str:
+        return f"{name}@{role}"
+
+    def doc_ids(self, task: str, role: str) -> list[int]:
+        """All doc ids a role may use for a task."""
+        return self._doc_ids[(task, role)]
+
+    @torch.no_grad()
+    def evaluate(self, role: str, doc_ids: dict[str, Sequence[int]] | None = None) -> EvalResult:
+        """Score the model as it is now on ``role``'s documents (all of them, or ``doc_ids`` per task)."""
+        from lm_eval.evaluator import evaluate
+
+        ids = {self.task_key(t, role): DocIds(doc_ids[t] if doc_ids and t in doc_ids else self.doc_ids(t, role))
+               for t in self.tasks}
+        out = evaluate(self.lm, self._loaded[role], samples=ids, log_samples=True, bootstrap_iters=0)
+        scores, examples = {}, {}
+        for name in self.tasks:
+            key = self.task_key(name, role)
+            metric, filter_name = self._keys[name]
+            scores[name] = float(out["results"][key][f"{metric},{filter_name}"])
+            examples[name] = {int(s["doc_id"]): float(s[metric]) for s in out["samples"][key]
+                              if s["filter"] == filter_name}
+        return EvalResult(scores, examples, {n: t.weight for n, t in self.tasks.items()})
 
 
 def _long_tensor(rows: Sequence[Sequence[int]], width: int, pad: int, device: torch.device) -> torch.Tensor:
@@ -161,6 +278,123 @@ def score_continuations(model: torch.nn.Module, requests: Sequence[tuple[list[in
     return out
 
 
+# ----------------------------------------------------------------------------------------------------------
+# lm-eval internals. Everything below reaches past lm-eval's public API (``TaskManager``, ``simple_evaluate``,
+# ``evaluator.evaluate``, ``HFLM``'s public methods): the YAML loader of the TaskManager rewrite, the task
+# index's entries, ``TaskManager.load`` of config dicts, a Task's request building and document storage, how
+# ``evaluate`` iterates ``samples``, the default metrics per output type, and HFLM's private scoring and
+# batch-size probe. Checked against lm-eval 0.4.12 (where the TaskManager rewrite, #3549, first shipped) and
+# 0.4.13; 0.5.0.dev1 moves ``lm_eval/api/task.py`` and breaks them.
+# ----------------------------------------------------------------------------------------------------------
+
+
+def _quiet_lm_eval() -> None:
+    """No logs or progress bars from lm-eval per candidate: the search draws its own progress."""
+    import functools
+    import logging
+
+    import lm_eval.api.task
+    from tqdm import tqdm
+
+    for name in ("lm-eval", "lm_eval", "datasets"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
+
+
+def _task_config(manager, name: str) -> dict:
+    """A task's YAML config as a dict (its includes merged), with relative local data files made absolute
+    against the YAML's folder (plain lm-eval reads them against the working directory, which is kept where
+    only it has the file)."""
+    from lm_eval.tasks._index import Kind
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    entry = manager.task_index[name]
+    if entry.kind is not Kind.TASK:
+        raise SpecError(f"task {name!r} is an lm-eval {entry.kind.name.lower()}, not a YAML task; "
+                        "name single YAML tasks")
+    config = dict(load_yaml(entry.yaml_path, resolve_func=True))
+    files = (config.get("dataset_kwargs") or {}).get("data_files")
+    if files is not None:
+        folder = Path(entry.yaml_path).parent
+
+        def resolve(path: str) -> str:
+            beside = folder / path
+            return str(beside) if _is_local(path) and (beside.exists() or not Path(path).exists()) else path
+
+        def resolve_all(paths: str | list[str]) -> str | list[str]:
+            return resolve(paths) if isinstance(paths, str) else [resolve(p) for p in paths]
+
+        resolved = {k: resolve_all(v) for k, v in files.items()} if isinstance(files, dict) else resolve_all(files)
+        config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": resolved}
+    return config
+
+
+def _load_tasks(manager, configs: list[dict], tasks: Sequence[TaskSpec], role: str) -> dict:
+    """``TaskManager.load`` of one role's task configs; a split missing from a downloaded dataset (lm-eval
+    raises a bare KeyError) is named as a SpecError."""
+    try:
+        return manager.load(configs)
+    except KeyError as error:
+        missing = [t for t in tasks if (parse_split(_split_of(t, role))[0],) == error.args]
+        if not missing:
+            raise
+        raise SpecError(f"task {missing[0].name} has no split {error.args[0]!r} (splits.{role})") from error
+
+
+def _config_metrics(config: dict) -> list[str]:
+    """The metric names of a task's YAML: its ``metric_list``, else lm-eval's defaults for its output type."""
+    from lm_eval.api.registry import DEFAULT_METRIC_REGISTRY
+
+    if config.get("metric_list") is None:
+        return list(DEFAULT_METRIC_REGISTRY[config.get("output_type", "generate_until")])
+    return [getattr(m["metric"], "__name__", m["metric"]) for m in config["metric_list"]]
+
+
+class DocIds(list):
+    """Sorted doc ids with O(1) membership: lm-eval tests ``i in samples`` for every document of the split
+    and maps results back by position, which is only right for ascending ids."""
+
+    def __init__(self, ids: Sequence[int]) -> None:
+        super().__init__(sorted(set(ids)))
+        self._members = frozenset(self)
+
+    def __contains__(self, item: object) -> bool:
+        return item in self._members
+
+
+def _materialize_docs(task) -> None:
+    """Hold the evaluated split as a list of dicts (processed once): iterating an Arrow dataset row by row
+    on every call costs more than the tiny models' forward passes."""
+    split = task.config.test_split
+    docs = task.test_docs()
+    task.dataset = {**task.dataset, split: list(docs)}
+    task.config.process_docs = None
+
+
+def _cache_requests(task) -> None:
+    """Build the task's lm-eval requests now, once for every document of its split, and from then on hand
+    out the chosen documents' requests (emptied of the last candidate's answers) on each call. A prompt
+    depends on its document only, so rebuilding it per candidate is wasted work; and a few-shot prompt is
+    drawn once per document, so every candidate is scored on the same prompts instead of fresh draws.
+    The requests are built with lm-eval's defaults (no system prompt or chat template), which is how
+    ``Evaluator.evaluate`` calls it."""
+    task.build_all_requests()
+    by_doc: dict[int, list] = {}
+    for instance in task.instances:
+        by_doc.setdefault(instance.doc_id, []).append(instance)
+
+    def build_chosen(*, samples: Sequence[int] | None = None, limit: int | None = None, **_defaults) -> None:
+        chosen = samples if samples is not None else range(len(by_doc))[:limit]
+        instances = []
+        for position, doc_id in enumerate(chosen):  # lm-eval numbers the chosen documents by position
+            for instance in by_doc[doc_id]:
+                instance.doc_id, instance.resps, instance.filtered_resps = position, [], {}
+                instances.append(instance)
+        task._instances = instances
+
+    task.build_all_requests = build_chosen
+
+
 def _fast_hflm():
     """lm-eval's HFLM made cheap per call: no progress bars, tokenization cached (prompts and answers are the
     same text every candidate; weights change, strings do not) and causal scoring vectorized per batch."""
@@ -208,86 +442,3 @@ def _fast_hflm():
 
     return FastHFLM
 
-
-def _task_config(manager, name: str) -> dict:
-    """A task's YAML config as a dict, with relative local data files made absolute."""
-    from lm_eval.tasks._yaml_loader import load_yaml
-
-    entry = manager.task_index[name]
-    if entry.yaml_path is None:
-        raise SpecError(f"task {name!r} is defined in Python, not YAML; evomerge needs a YAML task")
-    config = dict(load_yaml(entry.yaml_path, resolve_func=True))
-    files = (config.get("dataset_kwargs") or {}).get("data_files")
-    if isinstance(files, dict):
-        folder = Path(entry.yaml_path).parent
-        config["dataset_kwargs"]["data_files"] = {
-            k: str(folder / v) if not Path(v).is_absolute() and (folder / v).exists() else v
-            for k, v in files.items()}
-    return config
-
-
-def find_tasks(names: Sequence[str], include_paths: Sequence[str | Path] = ()):
-    """A TaskManager that knows every named task: the include paths alone when they suffice (fast),
-    else with lm-eval's bundled registry; SpecError naming the first task found nowhere."""
-    from lm_eval.tasks import TaskManager
-
-    _quiet_lm_eval()
-    paths = [str(p) for p in include_paths]
-    missing = [p for p in paths if not Path(p).is_dir()]
-    if missing:
-        raise SpecError(f"task folder not found: {missing[0]}")
-    manager = TaskManager(include_path=paths or None, include_defaults=False)
-    if any(n not in manager.task_index for n in names):
-        manager = TaskManager(include_path=paths or None, include_defaults=True)
-    unknown = [n for n in names if n not in manager.task_index]
-    if unknown:
-        raise SpecError(f"task {unknown[0]!r} not found (is its folder in include_paths?)")
-    return manager
-
-
-class Evaluator:
-    """Scores the current weights of one live model on named tasks; built once per worker."""
-
-    def __init__(self, model: torch.nn.Module, tokenizer, tasks: Sequence[TaskRef],
-                 include_paths: Sequence[str | Path] = (), batch_size: int | str = 64) -> None:
-        self.tasks = {t.name: t for t in tasks}
-        manager = find_tasks(list(self.tasks), include_paths)
-        max_length = getattr(model.config, "max_position_embeddings", None)
-        self.lm = _fast_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
-        self._loaded: dict[str, dict] = {}
-        self._doc_ids: dict[tuple[str, str], list[int]] = {}
-        configs = {t.name: _task_config(manager, t.name) for t in tasks}
-        for role in ROLES:
-            parsed = {t.name: parse_split(t.splits[role]) for t in tasks}
-            specs = [{**configs[name], "task": self.task_key(name, role), "test_split": split,
-                      "validation_split": None, "training_split": None, "fewshot_split": None}
-                     for name, (split, _) in parsed.items()]
-            self._loaded[role] = manager.load(specs)
-            for name, (_, id_range) in parsed.items():
-                built = self._loaded[role]["tasks"][self.task_key(name, role)]
-                _materialize_docs(built)
-                _cache_requests(built)
-                self._doc_ids[(name, role)] = list(range(len(built.test_docs())))[id_range]
-
-    @staticmethod
-    def task_key(name: str, role: str) -> str:
-        return f"{name}@{role}"
-
-    def doc_ids(self, task: str, role: str) -> list[int]:
-        """All doc ids a role may use for a task."""
-        return self._doc_ids[(task, role)]
-
-    @torch.no_grad()
-    def evaluate(self, role: str, doc_ids: dict[str, Sequence[int]] | None = None) -> EvalResult:
-        """Score the model as it is now on ``role``'s documents (all of them, or ``doc_ids`` per task)."""
-        from lm_eval.evaluator import evaluate
-
-        ids = {self.task_key(t, role): DocIds(doc_ids[t] if doc_ids and t in doc_ids else self.doc_ids(t, role))
-               for t in self.tasks}
-        out = evaluate(self.lm, self._loaded[role], samples=ids, log_samples=True, bootstrap_iters=0)
-        scores, examples = {}, {}
-        for name, task in self.tasks.items():
-            key = self.task_key(name, role)
-            scores[name] = float(out["results"][key][f"{task.metric},none"])
-            examples[name] = {int(s["doc_id"]): float(s[task.metric]) for s in out["samples"][key]}
-        return EvalResult(scores, examples, {n: t.weight for n, t in self.tasks.items()})

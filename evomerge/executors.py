@@ -1,20 +1,29 @@
-"""Running candidates. A Worker owns one live model on one device: it loads the base and task vectors
-once, then per candidate merges in place and evaluates. Executors hand candidates to workers; the
-in-process one runs a single worker in the driver (a Ray executor plugs into the same interface)."""
+"""Running candidates. A Worker owns one live model on one device: it loads the base and the task vectors
+once, then per candidate merges in place and evaluates (screen first, the rest only if promising). An
+Executor hands candidates to workers and gives back whichever finishes first; the search loop is written
+once against that contract. ``InProcessExecutor`` runs one worker in the driver; the Ray executor
+(``evomerge.ray_executor``) runs one per GPU or CPU slot."""
 
 from __future__ import annotations
 
 import gc
+import math
+import os
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Literal, Protocol
 
 import torch
 
 from evomerge.checkpoint import resolve_model_path
-from evomerge.evaluate import EvalResult, Evaluator, TaskRef
+from evomerge.errors import SpecError
+from evomerge.evaluate import EvalResult, Evaluator
 from evomerge.merge import DTYPES, LiveMerger
+from evomerge.screening import Screen
 from evomerge.spec import Recipe, SearchSpec
+
+Fidelity = Literal["full", "screen"]
 
 
 def pick_device(requested: str) -> torch.device:
@@ -30,31 +39,89 @@ def include_paths(spec: SearchSpec) -> list[str]:
     return [str(TASKS_DIR) if p == "demo" else p for p in spec.evaluation.include_paths]
 
 
-def task_refs(spec: SearchSpec) -> list[TaskRef]:
-    return [TaskRef(t.name, t.metric, t.weight, dict(t.splits)) for t in spec.evaluation.tasks]
+@dataclass(frozen=True)
+class Candidate:
+    """One job for a worker: merge ``recipe``, score it on ``doc_ids`` of ``role`` (None: every document of
+    the role). With ``screen``, score its subset first and stop there when the paired test prunes."""
+
+    recipe: Recipe
+    role: str = "search"
+    doc_ids: dict[str, list[int]] | None = None
+    screen: Screen | None = None
 
 
 @dataclass
-class Scored:
-    """A finished evaluation and where its time went."""
+class Outcome:
+    """A finished job: the scores (None when it failed, with ``error`` saying why) and where time went."""
 
-    result: EvalResult
+    result: EvalResult | None
+    fidelity: Fidelity
+    screen_vector: list[float] | None
     merge_s: float
     eval_s: float
+    worker: str
+    error: str | None = None
+
+
+class Executor(Protocol):
+    """The contract between the search and whatever runs candidates.
+
+    ``submit`` hands over a job under a key the caller chooses (a trial number) and returns at once;
+    ``wait_any`` blocks until some submitted job is done and returns its key and Outcome, in whatever order
+    jobs finish. A job that fails (raises, NaN, out of memory, its worker died) comes back as an Outcome
+    with ``error`` set, never as an exception. ``slots`` is how many jobs may be in flight at once now
+    (0: no worker left). ``busy`` is how many are in flight."""
+
+    name: str
+
+    def slots(self) -> int: ...
+
+    def busy(self) -> int: ...
+
+    def doc_ids(self, task: str, role: str) -> list[int]: ...
+
+    def submit(self, key: int, candidate: Candidate) -> None: ...
+
+    def wait_any(self) -> tuple[int, Outcome]: ...
+
+    def close(self) -> None: ...
+
+
+def run_all(executor: Executor, jobs: dict[int, Candidate]) -> dict[int, Outcome]:
+    """Run a batch of jobs with every slot busy; returns their outcomes by key."""
+    queue = list(jobs.items())
+    done: dict[int, Outcome] = {}
+    while queue or executor.busy():
+        while queue and executor.busy() < executor.slots():
+            executor.submit(*queue.pop(0))
+        if not executor.busy():
+            break
+        key, outcome = executor.wait_any()
+        done[key] = outcome
+    return done
 
 
 class Worker:
     """One live model: merge a recipe into it in place, then score it on chosen documents."""
 
-    def __init__(self, spec: SearchSpec) -> None:
+    def __init__(self, spec: SearchSpec, threads: int | None = None, label: str = "in-process",
+                 spread: bool = False) -> None:
+        """``spread``: place the model over every visible GPU (a model too large for one), else on one device."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
+        if threads:
+            torch.set_num_threads(threads)
         self.device = pick_device(spec.device)
+        self.name = f"{label}:{self.device}:pid{os.getpid()}"
         base = resolve_model_path(spec.base_model)
-        self.model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[spec.dtype]).to(self.device).eval()
+        if spread:
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[spec.dtype], device_map="auto")
+        else:
+            model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[spec.dtype]).to(self.device)
+        self.model = model.eval()
         tokenizer = AutoTokenizer.from_pretrained(base)
         self.merger = LiveMerger(self.model, spec.base_model, spec.models)
-        self.evaluator = Evaluator(self.model, tokenizer, task_refs(spec), include_paths(spec),
+        self.evaluator = Evaluator(self.model, tokenizer, spec.evaluation.tasks, include_paths(spec),
                                    batch_size=spec.evaluation.batch_size)
         gc.collect()
         gc.freeze()  # the model, tasks and cached requests live as long as the worker: keep them out of GC scans
@@ -62,25 +129,121 @@ class Worker:
     def doc_ids(self, task: str, role: str) -> list[int]:
         return self.evaluator.doc_ids(task, role)
 
-    def score(self, recipe: Recipe, role: str, doc_ids: dict[str, Sequence[int]] | None = None) -> Scored:
+    def _score(self, recipe: Recipe, role: str, doc_ids: dict[str, Sequence[int]] | None) -> tuple[EvalResult,
+                                                                                                   float, float]:
         start = time.perf_counter()
         self.merger.apply(recipe)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         merged = time.perf_counter()
         result = self.evaluator.evaluate(role, doc_ids)
-        return Scored(result, merged - start, time.perf_counter() - merged)
+        nan = [t for t, s in result.scores.items() if not math.isfinite(s)]
+        if nan:
+            raise FloatingPointError(f"task {nan[0]} scored {result.scores[nan[0]]}")
+        return result, merged - start, time.perf_counter() - merged
+
+    def run(self, job: Candidate) -> Outcome:
+        """Do one job; any failure (an exception, NaN scores, device out of memory) is returned, not raised,
+        after freeing what it held, so the worker carries on with the next candidate."""
+        merge_s = eval_s = 0.0
+        try:
+            screen = job.screen
+            if screen is None:
+                result, merge_s, eval_s = self._score(job.recipe, job.role, job.doc_ids)
+                return Outcome(result, "full", None, merge_s, eval_s, self.name)
+            first, merge_s, eval_s = self._score(job.recipe, job.role, screen.doc_ids)
+            vector = screen.vector(first)
+            if screen.prunes(vector):
+                return Outcome(first, "screen", vector, merge_s, eval_s, self.name)
+            rest_ids = {t: ids[len(screen.doc_ids[t]):] for t, ids in (job.doc_ids or {}).items()}
+            if not any(rest_ids.values()):
+                return Outcome(first, "full", vector, merge_s, eval_s, self.name)
+            rest, rest_merge_s, rest_eval_s = self._score(job.recipe, job.role, rest_ids)
+            examples = {t: {**first.examples[t], **rest.examples[t]} for t in first.examples}
+            result = EvalResult({t: sum(v.values()) / len(v) for t, v in examples.items()}, examples, first.weights)
+            return Outcome(result, "full", vector, merge_s + rest_merge_s, eval_s + rest_eval_s, self.name)
+        except Exception as err:  # noqa: BLE001 — a candidate's failure is data for the search, not a crash
+            error = f"{type(err).__name__}: {err}"[:500]
+            del err
+            gc.collect()
+            if self.device.type == "cuda":
+                torch.cuda.empty_cache()
+            return Outcome(None, "full", None, merge_s, eval_s, self.name, error=error)
 
 
 class InProcessExecutor:
-    """Evaluates candidates one at a time in this process."""
+    """Runs one worker in this process, one job at a time (``wait_any`` does the work)."""
 
-    def __init__(self, spec: SearchSpec) -> None:
-        self.worker = Worker(spec)
-        self.name = f"in-process:{self.worker.device}"
+    def __init__(self, worker: Worker) -> None:
+        self.worker = worker
+        self.name = worker.name
+        self._pending: list[tuple[int, Candidate]] = []
+
+    def slots(self) -> int:
+        return 1
+
+    def busy(self) -> int:
+        return len(self._pending)
 
     def doc_ids(self, task: str, role: str) -> list[int]:
         return self.worker.doc_ids(task, role)
 
-    def score(self, recipe: Recipe, role: str, doc_ids: dict[str, Sequence[int]] | None = None) -> Scored:
-        return self.worker.score(recipe, role, doc_ids)
+    def submit(self, key: int, candidate: Candidate) -> None:
+        if self._pending:
+            raise RuntimeError("the in-process executor runs one job at a time")
+        self._pending.append((key, candidate))
+
+    def wait_any(self) -> tuple[int, Outcome]:
+        key, candidate = self._pending[0]
+        try:
+            return key, self.worker.run(candidate)
+        finally:
+            self._pending.clear()
+
+    def close(self) -> None:
+        self._pending.clear()
+
+
+def check_device(requested: str) -> None:
+    """A device this machine has, checked before compute (the in-process executor's device)."""
+    try:
+        device = torch.device(requested) if requested != "auto" else None
+    except RuntimeError as err:
+        raise SpecError(f"device {requested!r} is not a device name ({err})") from None
+    if device is None or device.type == "cpu":
+        return
+    if device.type != "cuda":
+        raise SpecError(f"device {requested!r}: only cpu, cuda, cuda:N and auto are supported")
+    count = torch.cuda.device_count()
+    if count == 0 or (device.index is not None and device.index >= count):
+        raise SpecError(f"device {requested!r} is not available here ({count} CUDA device(s) visible)")
+
+
+def choose_executor(spec: SearchSpec, kind: Literal["auto", "local", "ray"] = "auto", workers: int | None = None,
+                    address: str | None = None, gpus_per_worker: int = 1) -> Literal["local", "ray"]:
+    """``local`` (in-process) or ``ray``: Ray when asked for, when several workers or a cluster address are
+    given, or when the spec may use GPUs and several are visible. Checked before anything starts: the
+    device of an in-process run, the worker plan of a local Ray (a cluster's resources are known only
+    once joined)."""
+    several_gpus = spec.device in ("auto", "cuda") and torch.cuda.device_count() > 1
+    if kind == "ray" or (kind == "auto" and ((workers or 1) > 1 or address or several_gpus)):
+        if not address:
+            from evomerge.ray_executor import plan_workers
+
+            plan_workers(spec, {"CPU": os.cpu_count() or 1, "GPU": torch.cuda.device_count()}, workers,
+                         gpus_per_worker)
+        return "ray"
+    if (workers or 1) > 1 or address:
+        raise SpecError("--workers above 1 and --ray-address need the Ray executor (--executor ray or auto)")
+    check_device(spec.device)
+    return "local"
+
+
+def make_executor(spec: SearchSpec, kind: Literal["local", "ray"], workers: int | None = None,
+                  address: str | None = None, gpus_per_worker: int = 1) -> Executor:
+    """The executor ``choose_executor`` picked, started (models loaded on every worker)."""
+    if kind == "ray":
+        from evomerge.ray_executor import RayExecutor
+
+        return RayExecutor(spec, workers=workers, address=address, gpus_per_worker=gpus_per_worker)
+    return InProcessExecutor(Worker(spec))

@@ -7,7 +7,6 @@ winner's parameters per layer (each layer's mean over its tensors, as the merge 
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +16,8 @@ from optuna.trial import TrialState
 
 from evomerge.checkpoint import atomic_write_text, layer_index, open_checkpoint
 from evomerge.merge import resolve_params
-from evomerge.search import RunFolder, counted, describe_margin, load_run, summary_table_markdown, weighted_score
+from evomerge.run import Attr, RunFolder, counted, describe_margin, summary_table_markdown
+from evomerge.search import weighted_score
 from evomerge.spec import Recipe, SearchSpec
 
 
@@ -31,8 +31,9 @@ class TrialPoint:
 
 
 def trial_points(spec: SearchSpec, trials: list[optuna.trial.FrozenTrial]) -> list[TrialPoint]:
-    return [TrialPoint(t.number, t.user_attrs.get("fidelity", "full"), weighted_score(spec, t.user_attrs["scores"]))
-            for t in trials if counted(t) and "scores" in t.user_attrs]
+    return [TrialPoint(t.number, t.user_attrs.get(Attr.FIDELITY, "full"),
+                       weighted_score(spec, t.user_attrs[Attr.SCORES]))
+            for t in trials if counted(t) and Attr.SCORES in t.user_attrs]
 
 
 def best_so_far(points: list[TrialPoint]) -> list[float | None]:
@@ -66,14 +67,16 @@ def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna
               per_layer: dict[str, dict[str, list[float]]], summary: dict | None, png: Path) -> str:
     full = sum(p.fidelity == "full" for p in points)
     failed = sum(t.state == TrialState.FAIL for t in trials)
-    duplicates = sum("duplicate_of" in t.user_attrs for t in trials)
-    seconds = sum(json.loads(line).get("seconds", 0.0) for line in _log_lines(run))
+    duplicates = sum(Attr.DUPLICATE_OF in t.user_attrs for t in trials)
+    seconds = sum(row.get("seconds", 0.0) for row in run.log_rows())
+    examples = sum(t.user_attrs.get(Attr.EXAMPLES, 0) for t in trials if counted(t))
     lines = [f"# evomerge run `{run.root.name}`", "",
              f"- models: {', '.join(spec.models)} (base {spec.base_model})",
              f"- space: methods {', '.join(spec.space.methods)}, granularity {spec.space.granularity}; "
              f"sampler {spec.sampler or 'default'}, seed {spec.seed}",
              f"- budget {budget}: {len(points)} finished ({full} full, {len(points) - full} screened), "
-             f"{failed} failed, {duplicates} duplicates; {seconds:.0f} s in candidate evaluations", ""]
+             f"{failed} failed, {duplicates} duplicates; {examples} examples scored, {seconds:.0f} s in candidate "
+             "evaluations", ""]
     if points:
         lines += ["## Best search score so far", "", "| finished trials | best search score |", "|---|---|"]
         step = max(1, len(points) // 10)
@@ -97,12 +100,6 @@ def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna
             lines.append("")
     lines += [f"![search]({png.name})", ""]
     return "\n".join(lines)
-
-
-def _log_lines(run: RunFolder) -> list[str]:
-    if not run.log.exists():
-        return []
-    return [line for line in run.log.read_text().splitlines() if line.endswith("}")]  # a kill may cut the last
 
 
 def _plot(points: list[TrialPoint], curve: list[float | None], label: str,
@@ -143,8 +140,8 @@ def _plot(points: list[TrialPoint], curve: list[float | None], label: str,
 def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` and ``report.png`` into the run folder; returns the Markdown path."""
     run = RunFolder(run_dir)
-    spec, budget = load_run(run)
-    trials = run.load_study().get_trials(deepcopy=False)
+    spec, budget = run.load()
+    trials = run.trials()
     points = trial_points(spec, trials)
     curve = best_so_far(points)
     summary = run.read_summary()
@@ -154,7 +151,8 @@ def write_report(run_dir: Path) -> Path:
         chosen = (f"winner: trial {summary['winner_trial']}", Recipe.model_validate(summary["winner_recipe"]))
     elif full:
         best = max(full, key=lambda p: p.score)
-        chosen = (f"best trial so far: {best.number}", Recipe.model_validate(trials[best.number].user_attrs["recipe"]))
+        recipe = Recipe.model_validate(trials[best.number].user_attrs[Attr.RECIPE])
+        chosen = (f"best trial so far: {best.number}", recipe)
     per_layer = layer_parameters(chosen[1]) if chosen is not None else {}
     png = run.root / "report.png"
     _plot(points, curve, chosen[0] if chosen is not None else "", per_layer, png)

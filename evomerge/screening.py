@@ -14,10 +14,10 @@ from collections.abc import Iterable, Sequence
 import optuna
 from scipy.stats import wilcoxon
 
-from evomerge.evaluate import EvalResult
+from evomerge.evaluate import EvalResult, task_shares
+from evomerge.run import Attr
 
 P_THRESHOLD = 0.1
-SCREEN_ATTR = "screen"
 
 
 def significantly_worse(candidate: Sequence[float], best: Sequence[float], p_threshold: float = P_THRESHOLD) -> bool:
@@ -35,13 +35,13 @@ class Screen:
     def __init__(self, doc_ids: dict[str, Sequence[int]], weights: dict[str, float],
                  trials: Iterable[optuna.trial.FrozenTrial] = ()) -> None:
         self.doc_ids = doc_ids
-        total = sum(weights.values())
-        self._scale = {t: weights[t] / total / len(ids) for t, ids in doc_ids.items()}
+        shares = task_shares(weights)
+        self._scale = {t: shares[t] / len(ids) for t, ids in doc_ids.items()}
         self.best_value: float | None = None
         self.best: list[float] | None = None
         for trial in trials:  # a resumed run: the best so far among its full-fidelity trials
-            if trial.user_attrs.get("fidelity") == "full" and SCREEN_ATTR in trial.user_attrs:
-                self.record(trial.value, trial.user_attrs[SCREEN_ATTR])
+            if trial.user_attrs.get(Attr.FIDELITY) == "full" and Attr.SCREEN in trial.user_attrs:
+                self.record(trial.value, trial.user_attrs[Attr.SCREEN])
 
     def vector(self, result: EvalResult) -> list[float]:
         """Per-example scores in a fixed order, each weighted so that their sum is the weighted score."""

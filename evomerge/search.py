@@ -1,8 +1,11 @@
-"""The search: an Optuna study driven by ask/tell, resumable from its storage, then a hold-out re-check.
+"""The search: an Optuna study driven by asynchronous ask/tell, resumable from its storage, then a hold-out
+re-check of the best candidates.
 
-Budget = finished candidate evaluations (full or screened); failed ones are retried a bounded number
-of times and do not count; duplicates of an evaluated recipe reuse its score and do not count. A killed
-process leaves its in-flight trial RUNNING in the study; the next start marks it failed and re-runs it.
+Up to one candidate per executor slot is in flight; a freed slot gets the next ``ask`` at once and results
+are told in whatever order they arrive. Budget = finished candidate evaluations (full or screened); a
+failed one is retried a bounded number of times and does not count; a duplicate of an evaluated (or
+in-flight) recipe reuses its score and does not count. A killed driver leaves its in-flight trials RUNNING
+in the study; the next start marks them failed and queues them again, as Ctrl-C does at once.
 """
 
 from __future__ import annotations
@@ -19,49 +22,20 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import yaml
 from optuna.trial import TrialState
 
 from evomerge.checkpoint import atomic_write_text, open_checkpoint
 from evomerge.errors import SearchError, SpecError
-from evomerge.evaluate import EvalResult
-from evomerge.executors import InProcessExecutor, Scored
-from evomerge.screening import SCREEN_ATTR, Screen
+from evomerge.evaluate import EvalResult, task_shares, weighted_mean
+from evomerge.executors import Candidate, Executor, InProcessExecutor, Outcome, Worker, run_all
+from evomerge.run import STUDY_NAME, Attr, RunFolder, counted
+from evomerge.screening import Screen
 from evomerge.space import LayerLayout, SearchSpace
 from evomerge.spec import Recipe, SearchSpec
 
-STUDY_NAME = "evomerge"
 MAX_RETRIES = 2
 MAX_FAILURES_IN_ROW = 5
 MAX_DUPLICATES_IN_ROW = 50
-
-
-@dataclass(frozen=True)
-class RunFolder:
-    root: Path
-
-    @property
-    def spec(self) -> Path:
-        return self.root / "spec.yaml"
-
-    @property
-    def log(self) -> Path:
-        return self.root / "trials.jsonl"
-
-    @property
-    def summary(self) -> Path:
-        return self.root / "summary.json"
-
-    def storage_url(self, override: str | None = None) -> str:
-        return override or f"sqlite:///{(self.root / 'study.db').resolve()}"
-
-    def load_study(self, storage: str | None = None) -> optuna.Study:
-        """The run's existing study (for reading: status, report, export)."""
-        return optuna.load_study(study_name=STUDY_NAME, storage=self.storage_url(storage))
-
-    def read_summary(self) -> dict[str, Any] | None:
-        """What ``Search.finalize`` wrote, or None before the search finished."""
-        return json.loads(self.summary.read_text()) if self.summary.exists() else None
 
 
 def spec_hash(spec: SearchSpec) -> str:
@@ -78,39 +52,69 @@ def default_run_name(spec_path: str | None) -> str:
 
 
 def check_spec(spec: SearchSpec) -> None:
-    """Everything that can fail before compute: model folders, their compatibility, the task names."""
+    """Everything about the spec that can fail before compute: model folders, their compatibility, tasks."""
     from evomerge.checkpoint import check_compatible
-    from evomerge.evaluate import find_tasks
+    from evomerge.evaluate import check_tasks
     from evomerge.executors import include_paths
 
     check_compatible([open_checkpoint(spec.base_model)] + [open_checkpoint(m) for m in spec.models])
-    find_tasks([t.name for t in spec.evaluation.tasks], include_paths(spec))
+    check_tasks(spec.evaluation.tasks, include_paths(spec))
 
 
-def prepare_run(spec: SearchSpec, run: RunFolder, budget: int, force: bool) -> None:
-    """Create the run folder or check that it was made by the same spec (refused unless forced)."""
-    digest = spec_hash(spec)
-    if run.spec.exists():
-        old = yaml.safe_load(run.spec.read_text()) or {}
-        if old.get("spec_hash") != digest and not force:
-            raise SpecError(f"run {run.root} was made with a different spec; use another --run or pass --force")
-    run.root.mkdir(parents=True, exist_ok=True)
-    doc = {"spec_hash": digest, "budget": budget, "spec": spec.model_dump(mode="json")}
-    atomic_write_text(run.spec, yaml.safe_dump(doc, sort_keys=False))
+def check_storage(url: str) -> None:
+    """A ``--storage`` URL that names a known database kind and can be reached, checked before anything is
+    written. SQLite files are not opened (that would create them): their folder must exist."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    try:
+        parsed = make_url(url)
+        if parsed.get_backend_name() == "sqlite":
+            database = parsed.database or ""
+            folder = Path(database.removeprefix("file:").split("?")[0]).expanduser().resolve().parent
+            if database not in ("", ":memory:") and not folder.is_dir():
+                raise SpecError(f"--storage {url}: folder {folder} does not exist")
+            return
+        engine = sqlalchemy.create_engine(parsed)
+        with engine.connect():
+            pass
+        engine.dispose()
+    except SpecError:
+        raise
+    except Exception as err:  # unknown scheme, missing driver, unreachable server, bad credentials
+        raise SpecError(f"--storage {url}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
 
 
-def load_run(run: RunFolder) -> tuple[SearchSpec, int]:
-    """The spec and budget a run folder was made with."""
+def check_run_folder(spec: SearchSpec, run: RunFolder, force: bool, storage: str | None = None) -> str | None:
+    """Whether ``run`` may take this search (a new folder, or one made by the same spec and storage; another
+    spec only with ``force``); returns the storage URL to record. Reads only."""
+    if run.root.exists() and not run.root.is_dir():
+        raise SpecError(f"run folder {run.root} is a file")
     if not run.spec.exists():
-        raise SpecError(f"{run.root} is not a run folder (no spec.yaml)")
-    doc = yaml.safe_load(run.spec.read_text())
-    return SearchSpec.model_validate(doc["spec"]), int(doc["budget"])
+        return storage
+    doc = run.read_doc()
+    if doc.get("spec_hash") != spec_hash(spec) and not force:
+        raise SpecError(f"run {run.root} was made with a different spec; use another --run or pass --force")
+    if storage and doc.get("storage") not in (None, storage):
+        raise SpecError(f"run {run.root} keeps its study at {doc['storage']}, not {storage}")
+    return storage or doc.get("storage")
 
 
-def make_sampler(spec: SearchSpec) -> optuna.samplers.BaseSampler:
+def prepare_run(spec: SearchSpec, run: RunFolder, budget: int, force: bool, storage: str | None = None) -> None:
+    """Create the run folder (or take over one made by the same spec) and record spec, budget and storage."""
+    storage = check_run_folder(spec, run, force, storage)
+    run.root.mkdir(parents=True, exist_ok=True)
+    run.write_doc(spec.model_dump(mode="json"), spec_hash(spec), budget, storage)
+
+
+def make_sampler(spec: SearchSpec, workers: int = 1, dimensions: int = 1) -> optuna.samplers.BaseSampler:
+    """The spec's sampler. CMA-ES gets a population of at least ``workers``: with more candidates in flight
+    than one generation holds, the extra ones are wasted (Optuna's advice)."""
     kind = spec.sampler or default_sampler(spec)
     if kind == "cmaes":
-        return optuna.samplers.CmaEsSampler(seed=spec.seed, warn_independent_sampling=False)
+        default = 4 + math.floor(3 * math.log(max(1, dimensions)))
+        return optuna.samplers.CmaEsSampler(seed=spec.seed, warn_independent_sampling=False,
+                                            popsize=max(default, workers))
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, group=True)
     if kind == "nsga2":
@@ -124,44 +128,32 @@ def default_sampler(spec: SearchSpec) -> str:
     return "tpe" if len(spec.space.methods) > 1 else "cmaes"
 
 
-def open_study(spec: SearchSpec, run: RunFolder, storage: str | None = None) -> optuna.Study:
+def open_study(spec: SearchSpec, run: RunFolder, space: SearchSpace, workers: int = 1) -> optuna.Study:
     directions = ["maximize"] * (len(spec.evaluation.tasks) if spec.evaluation.objective == "pareto" else 1)
+    probe = optuna.create_study().ask()  # how many numbers one recipe takes (sizes CMA-ES's population)
+    space.sample(probe)
     with warnings.catch_warnings():  # TPE's group is "experimental"; used knowingly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = make_sampler(spec)
-    return optuna.create_study(study_name=STUDY_NAME, storage=run.storage_url(storage), sampler=sampler,
+        sampler = make_sampler(spec, workers, len(probe.params))
+    return optuna.create_study(study_name=STUDY_NAME, storage=run.storage_url(), sampler=sampler,
                                pruner=optuna.pruners.NopPruner(), directions=directions, load_if_exists=True)
 
 
-def _screens(spec: SearchSpec) -> bool:
-    return spec.evaluation.screen_examples is not None and spec.evaluation.objective == "weighted"
-
-
-def counted(trial: optuna.trial.FrozenTrial) -> bool:
-    """Whether a trial uses up budget: a finished evaluation that was not a duplicate."""
-    return trial.state in (TrialState.COMPLETE, TrialState.PRUNED) and "duplicate_of" not in trial.user_attrs
+def _requeue(study: optuna.Study, trial: optuna.trial.BaseTrial, **attrs: Any) -> None:
+    """Queue a trial's parameters again (its baseline label kept) with ``attrs`` added."""
+    if trial.params:
+        keep = {k: v for k, v in trial.user_attrs.items() if k == Attr.BASELINE}
+        study.enqueue_trial(trial.params, user_attrs={**keep, **attrs})
 
 
 def recover_interrupted(study: optuna.Study) -> int:
-    """Trials a killed process left RUNNING: mark them failed and queue their parameters again."""
+    """Trials left RUNNING by an interrupted search (killed, or stopped by an exception; one search per run
+    at a time, so they are all its own): mark them failed and queue their parameters again."""
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     for t in stale:
         study.tell(t.number, state=TrialState.FAIL)
-        if t.params:
-            study.enqueue_trial(t.params, user_attrs={k: v for k, v in t.user_attrs.items()
-                                                      if k in ("baseline",)} | {"rerun_of": t.number})
+        _requeue(study, t, **{Attr.RERUN_OF: t.number})
     return len(stale)
-
-
-def _mean_scores(spec: SearchSpec, examples: dict[str, dict[int, float]]) -> EvalResult:
-    scores = {t: sum(v.values()) / len(v) for t, v in examples.items()}
-    return EvalResult(scores, examples, {t.name: t.weight for t in spec.evaluation.tasks})
-
-
-def weighted_score(spec: SearchSpec, scores: dict[str, float]) -> float:
-    """The spec's weighted mean of per-task scores (the single objective; the ranking of a Pareto front)."""
-    weights = {t.name: t.weight for t in spec.evaluation.tasks}
-    return sum(weights[k] * v for k, v in scores.items()) / sum(weights.values())
 
 
 def _objective(spec: SearchSpec, result: EvalResult) -> list[float]:
@@ -170,11 +162,9 @@ def _objective(spec: SearchSpec, result: EvalResult) -> list[float]:
     return [result.score]
 
 
-def _best_full(seen: dict[str, tuple[int, list[float], str | None]]) -> float | None:
-    """Best value among full-fidelity evaluations (single objective), from the search's in-memory record of
-    evaluated recipes: the progress display asks after every trial, so no storage query."""
-    return max((values[0] for _, values, fidelity in seen.values() if fidelity == "full" and len(values) == 1),
-               default=None)
+def weighted_score(spec: SearchSpec, scores: dict[str, float]) -> float:
+    """The spec's weighted mean of per-task scores (the single objective; the ranking of a Pareto front)."""
+    return weighted_mean(scores, {t.name: t.weight for t in spec.evaluation.tasks})
 
 
 @dataclass
@@ -182,116 +172,167 @@ class Progress:
     done: int
     budget: int
     best: float | None
+    busy: int  # workers with a candidate in flight
+    workers: int
+
+
+@dataclass
+class _Flight:
+    """A candidate handed to the executor and not yet told."""
+
+    trial: optuna.Trial
+    recipe: Recipe
+    key: str
+    start: float
 
 
 class Search:
-    """One run folder's search: ask, sample, evaluate (screen, then full), tell, log."""
+    """One run folder's search: ask, sample, submit (screen, then the rest, in one worker call), tell, log."""
 
-    def __init__(self, spec: SearchSpec, run: RunFolder, storage: str | None = None,
-                 executor: Any | None = None) -> None:
+    def __init__(self, spec: SearchSpec, run: RunFolder, executor: Executor | None = None) -> None:
         self.spec = spec
         self.run = run
-        self.study = open_study(spec, run, storage)
         self.space = SearchSpace(spec, LayerLayout.of(open_checkpoint(spec.base_model)))
-        self.executor = executor or InProcessExecutor(spec)
+        self.executor = executor or InProcessExecutor(Worker(spec))
+        self.study = open_study(spec, run, self.space, self.executor.slots())
         ev = spec.evaluation
         names = [t.name for t in ev.tasks]
         self.search_ids = {n: self.executor.doc_ids(n, "search")[: ev.search_examples] for n in names}
+        screens = ev.screen_examples is not None and ev.objective == "weighted"
         self.screen = Screen({n: ids[: ev.screen_examples] for n, ids in self.search_ids.items()},
                              {t.name: t.weight for t in ev.tasks}, self.study.get_trials(deepcopy=False)) \
-            if _screens(spec) else None
+            if screens else None
+        self._seen: dict[str, tuple[int, list[float], str]] = {}  # recipe hash -> (trial, values, fidelity)
+        self._flight: dict[int, _Flight] = {}
+        self._waiting: dict[str, list[optuna.Trial]] = {}  # duplicates of in-flight recipes, by recipe hash
+        self._failures = 0
 
     # ------------------------------------------------------------------ the loop
 
     def seed_baselines(self) -> None:
         if not self.study.get_trials(deepcopy=False):
             for label, params in self.space.baselines():
-                self.study.enqueue_trial(params, user_attrs={"baseline": label}, skip_if_exists=True)
+                self.study.enqueue_trial(params, user_attrs={Attr.BASELINE: label}, skip_if_exists=True)
 
     def finished(self) -> int:
         return sum(counted(t) for t in self.study.get_trials(deepcopy=False))
 
+    def best(self) -> float | None:
+        """Best value among full-fidelity evaluations (single objective), from the in-memory record: the
+        progress display asks after every trial, so no storage query."""
+        return max((values[0] for _, values, fidelity in self._seen.values() if fidelity == "full"
+                    and len(values) == 1), default=None)
+
     def run_budget(self, budget: int, on_progress: Callable[[Progress], None] | None = None) -> None:
+        """Evaluate until ``budget`` trials are counted. On any exception (Ctrl-C included) the candidates in
+        flight are marked failed and queued again, so a resumed search re-runs them."""
         recover_interrupted(self.study)
         self.seed_baselines()
-        seen = {t.user_attrs["recipe_hash"]: (t.number, t.values, t.user_attrs.get("fidelity"))
-                for t in self.study.get_trials(deepcopy=False)
-                if t.state == TrialState.COMPLETE and "recipe_hash" in t.user_attrs}
-        done, failures, duplicates = self.finished(), 0, 0
-        while done < budget:
-            if on_progress:
-                on_progress(Progress(done, budget, _best_full(seen)))
+        self._seen = {t.user_attrs[Attr.RECIPE_HASH]: (t.number, t.values, t.user_attrs.get(Attr.FIDELITY))
+                      for t in self.study.get_trials(deepcopy=False)
+                      if t.state == TrialState.COMPLETE and Attr.RECIPE_HASH in t.user_attrs}
+        done = self.finished()
+        try:
+            while True:
+                self._dispatch(budget - done)
+                if on_progress:
+                    on_progress(Progress(done, budget, self.best(), self.executor.busy(), self.executor.slots()))
+                if not self._flight:
+                    break
+                number, outcome = self.executor.wait_any()
+                done += self._receive(self._flight.pop(number), outcome)
+        except BaseException:
+            self._abandon_flight()
+            raise
+        if done < budget:
+            raise SearchError(f"no worker left ({done} of {budget} trials finished); resume when workers are back")
+
+    def _dispatch(self, remaining: int) -> None:
+        """Fill free slots with new candidates, at most ``remaining`` in flight."""
+        duplicates = 0
+        while len(self._flight) < remaining and self.executor.busy() < self.executor.slots():
             trial = self.study.ask()
             recipe = self.space.sample(trial)
             key = recipe_hash(recipe)
-            trial.set_user_attr("recipe_hash", key)
-            if key in seen:
+            trial.set_user_attr(Attr.RECIPE_HASH, key)
+            in_flight = any(f.key == key for f in self._flight.values())
+            if key in self._seen or in_flight:
                 duplicates += 1
                 if duplicates >= MAX_DUPLICATES_IN_ROW:
                     self.study.tell(trial, state=TrialState.FAIL)
                     raise SearchError(f"{duplicates} duplicate recipes in a row: the space looks exhausted")
-                number, values, fidelity = seen[key]
-                trial.set_user_attr("duplicate_of", number)
-                trial.set_user_attr("fidelity", fidelity)
-                self.study.tell(trial, values)
+                if in_flight:
+                    self._waiting.setdefault(key, []).append(trial)
+                else:
+                    self._tell_duplicate(trial, key)
                 continue
             duplicates = 0
-            trial.set_user_attr("recipe", recipe.model_dump(mode="json", exclude_defaults=True))
-            start = time.perf_counter()
-            try:
-                result, fidelity, merge_s, eval_s = self._evaluate(trial, recipe)
-            except SpecError:
-                raise
-            except Exception as err:  # a candidate that crashed: record, retry a bounded number of times
-                failures += 1
-                trial.set_user_attr("error", f"{type(err).__name__}: {err}"[:500])
-                self.study.tell(trial, state=TrialState.FAIL)
-                retry = trial.user_attrs.get("retry", 0)
-                if retry < MAX_RETRIES:
-                    self.study.enqueue_trial(trial.params, user_attrs={"retry": retry + 1})
-                self._log(trial.number, "fail", None, recipe, time.perf_counter() - start, error=str(err))
-                if failures >= MAX_FAILURES_IN_ROW:
-                    raise SearchError(f"{failures} candidate evaluations failed in a row; last error: "
-                                      f"{type(err).__name__}: {err}") from err
-                continue
-            failures = 0
-            values = _objective(self.spec, result)
-            trial.set_user_attr("fidelity", fidelity)
-            trial.set_user_attr("scores", result.scores)
-            self.study.tell(trial, values)
-            seen[key] = (trial.number, values, fidelity)
-            done += 1
-            self._log(trial.number, fidelity, result, recipe, time.perf_counter() - start,
-                      merge_s=merge_s, eval_s=eval_s, baseline=trial.user_attrs.get("baseline"))
-        if on_progress:
-            on_progress(Progress(done, budget, _best_full(seen)))
+            trial.set_user_attr(Attr.RECIPE, recipe.model_dump(mode="json", exclude_defaults=True))
+            self._flight[trial.number] = _Flight(trial, recipe, key, time.perf_counter())
+            self.executor.submit(trial.number, Candidate(recipe, "search", self.search_ids, self.screen))
 
-    def _evaluate(self, trial: optuna.Trial, recipe: Recipe) -> tuple[EvalResult, str, float, float]:
-        """Screen on the small subset (paired test against the best full trial), then the rest if promising."""
-        if self.screen is None:
-            scored = self.executor.score(recipe, "search", self.search_ids)
-            return scored.result, "full", scored.merge_s, scored.eval_s
-        first = self.executor.score(recipe, "search", self.screen.doc_ids)
-        vector = self.screen.vector(first.result)
-        trial.set_user_attr(SCREEN_ATTR, vector)
-        merge_s, eval_s = first.merge_s, first.eval_s
-        if self.screen.prunes(vector):
-            return first.result, "screen", merge_s, eval_s
-        result = first.result
-        rest_ids = {t: ids[len(self.screen.doc_ids[t]):] for t, ids in self.search_ids.items()}
-        if any(rest_ids.values()):
-            rest: Scored = self.executor.score(recipe, "search", rest_ids)
-            result = _mean_scores(self.spec, {t: {**result.examples[t], **rest.result.examples[t]} for t in rest_ids})
-            merge_s, eval_s = merge_s + rest.merge_s, eval_s + rest.eval_s
-        self.screen.record(result.score, vector)
-        return result, "full", merge_s, eval_s
+    def _tell_duplicate(self, trial: optuna.Trial, key: str) -> None:
+        number, values, fidelity = self._seen[key]
+        trial.set_user_attr(Attr.DUPLICATE_OF, number)
+        trial.set_user_attr(Attr.FIDELITY, fidelity)
+        self.study.tell(trial, values)
+
+    def _receive(self, flight: _Flight, outcome: Outcome) -> int:
+        """Tell one finished candidate (and its waiting duplicates); returns how many trials it counts."""
+        trial, seconds = flight.trial, time.perf_counter() - flight.start
+        waiting = self._waiting.pop(flight.key, [])
+        if outcome.error is not None or outcome.result is None:
+            self._failures += 1
+            trial.set_user_attr(Attr.ERROR, outcome.error)
+            self.study.tell(trial, state=TrialState.FAIL)
+            for dup in waiting:
+                self.study.tell(dup, state=TrialState.FAIL)
+            retry = trial.user_attrs.get(Attr.RETRY, 0)
+            if retry < MAX_RETRIES:
+                _requeue(self.study, trial, **{Attr.RETRY: retry + 1})
+            self._log(trial.number, "fail", None, flight.recipe, seconds, worker=outcome.worker, error=outcome.error)
+            if self._failures >= MAX_FAILURES_IN_ROW:
+                raise SearchError(f"{self._failures} candidate evaluations failed in a row; last error: "
+                                  f"{outcome.error}")
+            return 0
+        self._failures = 0
+        result = outcome.result
+        values = _objective(self.spec, result)
+        examples = sum(len(v) for v in result.examples.values())
+        trial.set_user_attr(Attr.FIDELITY, outcome.fidelity)
+        trial.set_user_attr(Attr.SCORES, result.scores)
+        trial.set_user_attr(Attr.EXAMPLES, examples)
+        if outcome.screen_vector is not None:
+            trial.set_user_attr(Attr.SCREEN, outcome.screen_vector)
+        self.study.tell(trial, values)
+        if self.screen is not None and outcome.fidelity == "full" and outcome.screen_vector is not None:
+            self.screen.record(result.score, outcome.screen_vector)
+        self._seen[flight.key] = (trial.number, values, outcome.fidelity)
+        for dup in waiting:
+            self._tell_duplicate(dup, flight.key)
+        self._log(trial.number, outcome.fidelity, result, flight.recipe, seconds, worker=outcome.worker,
+                  merge_s=outcome.merge_s, eval_s=outcome.eval_s, examples=examples,
+                  baseline=trial.user_attrs.get(Attr.BASELINE))
+        return 1
+
+    def _abandon_flight(self) -> None:
+        """Mark every in-flight candidate failed ("interrupted") and queue it again; then the same for any
+        other trial this search left RUNNING (asked but not yet submitted, duplicates waiting)."""
+        for flight in self._flight.values():
+            try:
+                flight.trial.set_user_attr(Attr.ERROR, "interrupted")
+            except RuntimeError:  # already told when the interruption came
+                continue
+        recover_interrupted(self.study)
+        self._flight.clear()
+        self._waiting.clear()
 
     def _log(self, number: int, state: str, result: EvalResult | None, recipe: Recipe, seconds: float,
              **extra: Any) -> None:
         """Append one JSON line per trial (a line cut by a kill is skipped by readers)."""
         row = {"trial": number, "state": state, "score": result.score if result else None,
                "scores": result.scores if result else None, "seconds": round(seconds, 4),
-               "worker": self.executor.name, "recipe": recipe.model_dump(mode="json", exclude_defaults=True),
+               "recipe": recipe.model_dump(mode="json", exclude_defaults=True),
                **{k: v for k, v in extra.items() if v is not None}}
         with self.run.log.open("a") as f:
             f.write(json.dumps(row) + "\n")
@@ -303,11 +344,11 @@ class Search:
     def candidates(self) -> list[optuna.trial.FrozenTrial]:
         """The top-k full-fidelity trials (the Pareto front, ranked by weighted score, for pareto)."""
         full = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if t.user_attrs.get("fidelity") == "full" and "duplicate_of" not in t.user_attrs]
+                if t.user_attrs.get(Attr.FIDELITY) == "full" and Attr.DUPLICATE_OF not in t.user_attrs]
         if self.spec.evaluation.objective == "pareto":
             front = {t.number for t in self.study.best_trials}
             full = [t for t in full if t.number in front]
-        return sorted(full, key=lambda t: weighted_score(self.spec, t.user_attrs["scores"]),
+        return sorted(full, key=lambda t: weighted_score(self.spec, t.user_attrs[Attr.SCORES]),
                       reverse=True)[: self.spec.evaluation.top_k]
 
     def reference_recipes(self) -> dict[str, Recipe]:
@@ -319,63 +360,57 @@ class Search:
                                          dtype=spec.dtype)
         return refs
 
+    def _score_all(self, jobs: list[tuple[Recipe, str]]) -> list[EvalResult]:
+        """Score (recipe, role) pairs on every document of the role, spread over the workers."""
+        outcomes = run_all(self.executor, {i: Candidate(recipe, role) for i, (recipe, role) in enumerate(jobs)})
+        failed = [o.error for o in outcomes.values() if o.result is None]
+        if failed or len(outcomes) < len(jobs):
+            raise SearchError(f"the hold-out re-check failed: {failed[0] if failed else 'no worker left'}")
+        return [outcomes[i].result for i in range(len(jobs))]
+
     def finalize(self) -> dict[str, Any]:
         """Re-score the top-k on validation, pick the winner there, report test scores and margins."""
         candidates = self.candidates()
         if not candidates:
             raise SearchError("no trial finished at full fidelity; nothing to choose from")
-        validation = {t.number: self.executor.score(_recipe_of(t), "validation").result for t in candidates}
+        refs = self.reference_recipes()
+        first = self._score_all([(_recipe_of(t), "validation") for t in candidates]
+                                + [(r, role) for r in refs.values() for role in ("validation", "test")])
+        validation = {t.number: first[i] for i, t in enumerate(candidates)}
         winner = max(candidates, key=lambda t: validation[t.number].score)
-        rows: dict[str, dict[str, Any]] = {}
-        test_results: dict[str, EvalResult] = {}
-        entries = {f"winner (trial {winner.number})": _recipe_of(winner), **self.reference_recipes()}
-        for label, recipe in entries.items():
-            val = validation[winner.number] if label.startswith("winner") else \
-                self.executor.score(recipe, "validation").result
-            test = self.executor.score(recipe, "test").result
-            test_results[label] = test
-            rows[label] = {"validation": val.score, "test": test.score, "validation_tasks": val.scores,
-                           "test_tasks": test.scores}
-        winner_label = next(iter(entries))
+        (winner_test,) = self._score_all([(_recipe_of(winner), "test")])
+        winner_label = f"winner (trial {winner.number})"
+        scored = {winner_label: (validation[winner.number], winner_test)}
+        for i, label in enumerate(refs):
+            scored[label] = (first[len(candidates) + 2 * i], first[len(candidates) + 2 * i + 1])
+        rows = {label: {"validation": val.score, "test": test.score, "validation_tasks": val.scores,
+                        "test_tasks": test.scores} for label, (val, test) in scored.items()}
         summary = {
             "winner_trial": winner.number,
             "winner_recipe": _recipe_of(winner).model_dump(mode="json", exclude_defaults=True),
-            "search_score": winner.user_attrs["scores"],
+            "search_score": winner.user_attrs[Attr.SCORES],
             "candidates_validation": {str(n): r.score for n, r in validation.items()},
             "table": rows,
-            "margin_vs_uniform_average": paired_margin(test_results[winner_label],
-                                                       test_results["uniform average"]),
+            "margin_vs_uniform_average": paired_margin(winner_test, scored["uniform average"][1]),
             "finished_trials": self.finished(),
         }
         atomic_write_text(self.run.summary, json.dumps(summary, indent=2))
         return summary
 
 
-def summary_table_markdown(table: dict[str, dict[str, Any]]) -> list[str]:
-    """The winner-vs-references table of a summary as Markdown lines (report page, model card)."""
-    return ["| model | validation | test |", "|---|---|---|",
-            *(f"| {label} | {row['validation']:.4f} | {row['test']:.4f} |" for label, row in table.items())]
-
-
-def describe_margin(margin: dict[str, float]) -> str:
-    return (f"winner - uniform average on test: {margin['mean']:+.4f} (95% CI {margin['ci95_low']:+.4f} .. "
-            f"{margin['ci95_high']:+.4f})")
-
-
 def _recipe_of(trial: optuna.trial.FrozenTrial) -> Recipe:
-    return Recipe.model_validate(trial.user_attrs["recipe"])
+    return Recipe.model_validate(trial.user_attrs[Attr.RECIPE])
 
 
 def paired_margin(a: EvalResult, b: EvalResult) -> dict[str, float]:
-    """Mean weighted per-example difference a - b with a 95% normal interval (paired, same documents)."""
+    """Weighted mean per-example difference a - b with a 95% normal interval (paired, same documents)."""
     diffs: list[float] = []
     weights: list[float] = []
-    total = sum(a.weights.values())
+    shares = task_shares(a.weights)
     for task, per_doc in a.examples.items():
-        n = len(per_doc)
         for doc, value in per_doc.items():
             diffs.append(value - b.examples[task][doc])
-            weights.append(a.weights[task] / total / n)
+            weights.append(shares[task] / len(per_doc))
     mean = sum(w * d for w, d in zip(weights, diffs, strict=True))
     variance = sum(w * w * (d - mean) ** 2 for w, d in zip(weights, diffs, strict=True)) * len(diffs) / max(
         1, len(diffs) - 1)

@@ -25,7 +25,7 @@ import torch  # noqa: E402
 
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import SKILLS, TASKS_DIR, task_name  # noqa: E402
-from evomerge.executors import Worker  # noqa: E402
+from evomerge.executors import Candidate, Worker  # noqa: E402
 from evomerge.merge import merge_to_folder  # noqa: E402
 from evomerge.spec import Recipe, SearchSpec  # noqa: E402
 
@@ -54,6 +54,13 @@ def random_recipe(rng: random.Random) -> Recipe:
                   models=[{"model": m, "parameters": {"weight": [rng.random() for _ in range(4)]}} for m in MODELS])
 
 
+def score(worker: Worker, rng: random.Random, ids: dict[str, list[int]]) -> None:
+    """One candidate on the live path; a failed one would make the timing meaningless."""
+    outcome = worker.run(Candidate(random_recipe(rng), "test", ids))
+    if outcome.error:
+        raise RuntimeError(outcome.error)
+
+
 def live_path(n_docs: int | None, candidates: int, rng: random.Random, batch_size: int) -> tuple[float, float]:
     spec = SearchSpec.model_validate({
         "base_model": "demo:base", "models": MODELS,
@@ -62,10 +69,10 @@ def live_path(n_docs: int | None, candidates: int, rng: random.Random, batch_siz
     timer = ForwardTimer(worker.model)
     ids = {t: worker.doc_ids(t, "test")[:n_docs] for t in TASKS}
     for _ in range(2):  # warm-up: first-call allocations and caches
-        worker.score(random_recipe(rng), "test", ids)
+        score(worker, rng, ids)
     timer.seconds, start = 0.0, time.perf_counter()
     for _ in range(candidates):
-        worker.score(random_recipe(rng), "test", ids)
+        score(worker, rng, ids)
     return (time.perf_counter() - start) / candidates, timer.seconds / candidates
 
 

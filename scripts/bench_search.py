@@ -21,7 +21,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import DEMO_SPEC  # noqa: E402
 from evomerge.executors import InProcessExecutor  # noqa: E402
-from evomerge.search import RunFolder, Search, counted, prepare_run  # noqa: E402
+from evomerge.run import RunFolder, counted  # noqa: E402
+from evomerge.search import Search, prepare_run  # noqa: E402
 from evomerge.spec import Recipe, SearchSpec  # noqa: E402
 
 SAMPLERS = ("cmaes", "tpe", "random")

@@ -8,7 +8,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.demo import SKILLS, TASKS_DIR, model_path, task_name
 from evomerge.errors import SpecError
-from evomerge.evaluate import Evaluator, TaskRef, parse_split
+from evomerge.evaluate import Evaluator, parse_split
+from evomerge.spec import TaskSpec
 
 N = 40
 
@@ -30,8 +31,7 @@ def greedy_exact_match(model, tok, rows) -> list[float]:
 def live():
     model = AutoModelForCausalLM.from_pretrained(model_path("add"), dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(model_path("add"))
-    tasks = [TaskRef(task_name(s), splits={"search": "search", "validation": "validation", "test": "test[100:200]"})
-             for s in SKILLS]
+    tasks = [TaskSpec(name=task_name(s), splits={"test": "test[100:200]"}) for s in SKILLS]
     return model, tok, Evaluator(model, tok, tasks, [TASKS_DIR], batch_size=32)
 
 
@@ -85,7 +85,7 @@ def test_bad_task_and_split():
     model = AutoModelForCausalLM.from_pretrained(model_path("base"))
     tok = AutoTokenizer.from_pretrained(model_path("base"))
     with pytest.raises(SpecError, match="task .no_such_task. not found"):
-        Evaluator(model, tok, [TaskRef("no_such_task")], [TASKS_DIR])
+        Evaluator(model, tok, [TaskSpec(name="no_such_task")], [TASKS_DIR])
 
 
 def test_vectorized_scoring_equals_lm_eval_loop(live):

@@ -10,7 +10,7 @@ from test_search import SPEC
 
 from evomerge.cli import main
 from evomerge.report import TrialPoint, best_so_far, layer_parameters
-from evomerge.search import STUDY_NAME, RunFolder, counted
+from evomerge.run import STUDY_NAME, RunFolder, counted
 from evomerge.spec import Recipe
 
 
@@ -27,7 +27,7 @@ def test_report_numbers_match_the_study(run):
     assert main(["report", str(run)]) == 0
     text = (run / "report.md").read_text()
     assert (run / "report.png").read_bytes()[:4] == b"\x89PNG"
-    trials = optuna.load_study(study_name=STUDY_NAME, storage=RunFolder(run).storage_url()).get_trials()
+    trials = optuna.load_study(study_name=STUDY_NAME, storage=RunFolder(run).default_storage()).get_trials()
     full = [t for t in trials if counted(t) and t.user_attrs["fidelity"] == "full"]
     by_hand = max((t.user_attrs["scores"]["demo_add"] + 2 * t.user_attrs["scores"]["demo_reverse"]) / 3 for t in full)
     assert f"| 6 | {by_hand:.4f} |" in text

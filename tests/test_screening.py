@@ -6,8 +6,10 @@ import pytest
 from optuna.trial import TrialState
 from test_search import SPEC
 
-from evomerge.screening import P_THRESHOLD, SCREEN_ATTR, Screen, significantly_worse
-from evomerge.search import RunFolder, Search, prepare_run
+from evomerge.evaluate import EvalResult, weighted_mean
+from evomerge.run import Attr, RunFolder
+from evomerge.screening import P_THRESHOLD, Screen, significantly_worse
+from evomerge.search import Search, prepare_run
 from evomerge.spec import SearchSpec
 
 
@@ -47,6 +49,14 @@ def test_screen_keeps_the_best_full_trial():
     assert screen.best_value == 0.5 and screen.best == [0.1, 0.2, 0.3]
 
 
+def test_screen_vector_sums_to_the_weighted_score():
+    weights = {"a": 1.0, "b": 3.0}
+    screen = Screen({"a": [0, 1, 2], "b": [5]}, weights)
+    result = EvalResult({}, {"a": {0: 1.0, 1: 0.0, 2: 1.0, 7: 0.0}, "b": {5: 0.0}}, weights)
+    assert screen.vector(result) == pytest.approx([0.25 / 3, 0.0, 0.25 / 3, 0.0])
+    assert sum(screen.vector(result)) == pytest.approx(weighted_mean({"a": 2 / 3, "b": 0.0}, weights))
+
+
 def test_search_screens_out_a_worse_parent_with_one_write_per_trial(tmp_path):
     spec = SearchSpec.model_validate(SPEC)  # 15 screening examples of 40 per task, demo_reverse weighted 2
     run = RunFolder(tmp_path / "run")
@@ -57,10 +67,10 @@ def test_search_screens_out_a_worse_parent_with_one_write_per_trial(tmp_path):
     assert add_alone.user_attrs["baseline"] == "demo:add alone"
     assert (average.user_attrs["fidelity"], add_alone.user_attrs["fidelity"]) == ("full", "screen")
     assert add_alone.value < average.value
-    assert len(add_alone.user_attrs[SCREEN_ATTR]) == 30 and not add_alone.intermediate_values
-    weighted = sum(add_alone.user_attrs[SCREEN_ATTR])
+    assert len(add_alone.user_attrs[Attr.SCREEN]) == 30 and not add_alone.intermediate_values
+    weighted = sum(add_alone.user_attrs[Attr.SCREEN])
     assert weighted == pytest.approx(add_alone.value)  # the weighted screen vector sums to the screen score
 
     resumed = Search(spec, run, executor=search.executor)
     assert resumed.screen.best_value == pytest.approx(average.value)
-    assert resumed.screen.best == average.user_attrs[SCREEN_ATTR]
+    assert resumed.screen.best == average.user_attrs[Attr.SCREEN]

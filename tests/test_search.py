@@ -2,7 +2,6 @@
 
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -17,9 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.cli import main
 from evomerge.demo import TASKS_DIR
-from evomerge.evaluate import Evaluator, TaskRef
-from evomerge.search import STUDY_NAME, RunFolder, Search, counted, prepare_run
-from evomerge.spec import SearchSpec
+from evomerge.evaluate import Evaluator
+from evomerge.run import STUDY_NAME, RunFolder, counted
+from evomerge.search import Search, prepare_run
+from evomerge.spec import SearchSpec, TaskSpec
 
 SPEC = {
     "base_model": "demo:base",
@@ -40,7 +40,7 @@ def spec_file(tmp_path):
 
 
 def study_of(run_dir):
-    return optuna.load_study(study_name=STUDY_NAME, storage=RunFolder(run_dir).storage_url())
+    return optuna.load_study(study_name=STUDY_NAME, storage=RunFolder(run_dir).default_storage())
 
 
 def test_search_resume_and_export(spec_file, tmp_path, capsys):
@@ -66,8 +66,8 @@ def test_search_resume_and_export(spec_file, tmp_path, capsys):
     winner = json.loads((run / "summary.json").read_text())["winner_trial"]
     recorded = study_of(run).trials[winner].user_attrs["scores"]
     model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
-    evaluator = Evaluator(model, AutoTokenizer.from_pretrained(out), [TaskRef("demo_add"), TaskRef("demo_reverse")],
-                          [TASKS_DIR])
+    tasks = [TaskSpec(name="demo_add"), TaskSpec(name="demo_reverse")]
+    evaluator = Evaluator(model, AutoTokenizer.from_pretrained(out), tasks, [TASKS_DIR])
     fresh = evaluator.evaluate("search", {"demo_add": range(40), "demo_reverse": range(40)}).scores
     assert fresh == pytest.approx(recorded, abs=1e-9)
 
@@ -86,27 +86,47 @@ def test_duplicate_recipes_are_not_counted(tmp_path):
     assert trials[4].user_attrs["duplicate_of"] == 3 and trials[4].values == trials[3].values
 
 
-def test_sigkill_at_random_moments_then_resume(spec_file, tmp_path):
-    run = tmp_path / "killed"
-    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(spec_file), "--budget", "10", "--run", str(run)]
-    rng = random.Random(0)
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> bool:
+    """Poll for an event; False when the process ended first."""
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if proc.poll() is not None:
+            return False
+        assert time.monotonic() < deadline, "the awaited event never came"
+        time.sleep(0.02)
+    return True
+
+
+def test_sigkill_ten_times_at_events_then_resume(spec_file, tmp_path):
+    """SIGKILL at events: every third start as soon as it holds the run's lock (loading), the others right
+    after one more trial line is written; then a resume finishes exactly the budget."""
+    run = RunFolder(tmp_path / "killed")
+    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(spec_file), "--budget", "20", "--run", str(run.root)]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     kills = 0
-    for attempt in range(4):
-        proc = subprocess.Popen(cmd if attempt == 0 else [*cmd[:4], "--resume", str(run)],
+    for attempt in range(10):
+        lines = len(run.log_rows())
+        proc = subprocess.Popen(cmd if attempt == 0 else [*cmd[:4], "--resume", str(run.root)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        time.sleep(rng.uniform(6, 14))
-        if proc.poll() is None:
+        if attempt % 3 == 0:
+            def event(pid=proc.pid):
+                return run.lock_file.exists() and run.lock_file.read_text().strip() == str(pid)
+        else:
+            def event(before=lines):
+                return len(run.log_rows()) > before
+        if wait_for(event, proc):
             proc.send_signal(signal.SIGKILL)
             kills += 1
         proc.wait()
-    final = subprocess.run([*cmd[:4], "--resume", str(run)], capture_output=True, text=True, env=env)
+    assert kills == 10
+    final = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=env)
     assert final.returncode == 0, final.stderr[-3000:]
-    trials = study_of(run).get_trials()
-    assert kills >= 2
-    assert sum(counted(t) for t in trials) == 10
+    trials = study_of(run.root).get_trials()
+    assert sum(counted(t) for t in trials) == 20
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    assert (run / "summary.json").exists()
+    logged = [row["trial"] for row in run.log_rows() if row["state"] != "fail"]
+    assert len(logged) == len(set(logged)) and set(logged) <= {t.number for t in trials if counted(t)}
+    assert (run.root / "summary.json").exists()
 
 
 def bad(tmp_path, **changes):

@@ -1,0 +1,213 @@
+"""Candidates on Ray: one long-lived actor per GPU (or per ``gpus_per_worker`` GPUs), or per CPU worker
+slot, each a ``Worker`` that loads the models once and then merges in place and evaluates. Recipes go in,
+per-example scores come back; no weights travel per candidate.
+
+Without an address a private local Ray is started (bound to 127.0.0.1, no dashboard, no usage reporting)
+and shut down at the end; ``address`` (``auto`` or ``HOST:PORT``) joins a running cluster, whose nodes
+must have evomerge installed and see the models at the same paths.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from evomerge.errors import SearchError, SpecError
+from evomerge.executors import Candidate, Outcome, Worker
+from evomerge.spec import SearchSpec
+
+MAX_RESTARTS = 2  # a worker process that dies is restarted this often, then dropped from the pool
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How many actors, and what each one asks Ray for."""
+
+    workers: int
+    cpus: float
+    gpus: float
+    threads: int | None  # torch threads per CPU worker (None: torch's default, for GPU workers)
+    device: str  # what each worker puts its model on, as seen inside its actor
+
+
+def plan_workers(spec: SearchSpec, resources: dict[str, float], workers: int | None,
+                 gpus_per_worker: int) -> WorkerPlan:
+    """One worker per ``gpus_per_worker`` GPUs when the spec runs on GPUs and the cluster has them; else
+    ``workers`` CPU workers (default 1) sharing the CPUs, each with its share of torch threads."""
+    gpus = int(resources.get("GPU", 0))
+    cpus = int(resources.get("CPU", 1))
+    wants_gpu = spec.device == "auto" and gpus > 0 or spec.device.startswith("cuda")
+    if wants_gpu:
+        if gpus < gpus_per_worker:
+            raise SpecError(f"the Ray cluster has {gpus} GPU(s); gpus_per_worker is {gpus_per_worker}")
+        count = workers or gpus // gpus_per_worker
+        if count * gpus_per_worker > gpus:
+            raise SpecError(f"{count} workers x {gpus_per_worker} GPU(s) need {count * gpus_per_worker} GPUs; "
+                            f"the Ray cluster has {gpus}")
+        return WorkerPlan(count, 1, gpus_per_worker, None, "cuda")
+    count = workers or 1
+    if count > cpus:
+        raise SpecError(f"{count} CPU workers need at least {count} CPUs; the Ray cluster has {cpus}")
+    threads = max(1, cpus // count)
+    return WorkerPlan(count, threads, 0, threads, "cpu")
+
+
+@contextlib.contextmanager
+def _stderr_held() -> Iterator[None]:
+    """Hold back what Ray's native code writes to stderr while it starts (a warning about probing the
+    network for the machine's address, on an air-gapped machine) and show it only if the start fails."""
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as held:
+        os.dup2(held.fileno(), 2)
+        try:
+            yield
+        except BaseException:
+            os.dup2(saved, 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
+def _has_auth_token() -> bool:
+    """Whether a Ray authentication token is at hand where Ray looks for one (``ray start`` turns token
+    authentication on when it finds one; a driver that joins must then send it, and sending it to a cluster
+    without authentication does no harm)."""
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token"
+    return bool(os.environ.get("RAY_AUTH_TOKEN")) or Path(path).is_file()
+
+
+def start_ray(address: str | None) -> bool:
+    """Connect to ``address`` or start a private local Ray; True when this call started it. Ray reads its
+    settings from the environment when it is imported, so they are set first."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "error")
+    if address and _has_auth_token():
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # a driver joining a cluster does not switch it on itself
+    import ray
+
+    if ray.is_initialized():
+        return False
+    common: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
+    try:
+        with _stderr_held():
+            if address:
+                ray.init(address=address, **common)
+            else:
+                ray.init(num_cpus=os.cpu_count(), _node_ip_address="127.0.0.1", **common)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        where = f"the Ray cluster at {address}" if address else "a local Ray"
+        raise SpecError(f"cannot start or join {where}: {str(err).splitlines()[0][:200]}") from None
+    return True
+
+
+class RayExecutor:
+    """Up to one job in flight per actor; ``wait_any`` returns whichever job finishes first."""
+
+    def __init__(self, spec: SearchSpec, workers: int | None = None, address: str | None = None,
+                 gpus_per_worker: int = 1) -> None:
+        self._started = start_ray(address)  # before Ray is imported here: it reads its settings then
+        import ray
+
+        try:
+            self.plan = plan_workers(spec, ray.cluster_resources(), workers, gpus_per_worker)
+            device_spec = spec.model_copy(update={"device": self.plan.device})
+            actor = ray.remote(Worker).options(num_cpus=self.plan.cpus, num_gpus=self.plan.gpus,
+                                               max_restarts=MAX_RESTARTS, max_task_retries=0)
+            self._actors = [actor.remote(device_spec, self.plan.threads, f"ray{i}", self.plan.gpus > 1)
+                            for i in range(self.plan.workers)]
+            first = spec.evaluation.tasks[0].name
+            ray.get([a.doc_ids.remote(first, "search") for a in self._actors])  # every model loaded
+        except ray.exceptions.RayActorError as err:
+            self.close()
+            raise SearchError(f"a Ray worker failed to start: {str(err).splitlines()[-1][:300]}") from None
+        except BaseException:
+            self.close()
+            raise
+        self.name = f"ray x{self.plan.workers} ({self.plan.device})"
+        self._idle = list(range(len(self._actors)))
+        self._deaths = [0] * len(self._actors)
+        self._flight: dict[Any, tuple[int, int]] = {}  # object ref -> (key, actor index)
+        self._restarting: dict[Any, int] = {}  # readiness probe of a restarting worker -> its index
+
+    def slots(self) -> int:
+        """Workers alive or coming back (a restarting one takes jobs again once it is up)."""
+        return len(self._idle) + len(self._flight) + len(self._restarting)
+
+    def busy(self) -> int:
+        return len(self._flight)
+
+    def doc_ids(self, task: str, role: str) -> list[int]:
+        import ray
+
+        self._until_idle()
+        return ray.get(self._actors[self._idle[0]].doc_ids.remote(task, role))
+
+    def submit(self, key: int, candidate: Candidate) -> None:
+        """Hand the job to an idle worker; waits for a restarting one when none is idle."""
+        self._until_idle()
+        index = self._idle.pop(0)
+        self._flight[self._actors[index].run.remote(candidate)] = (key, index)
+
+    def wait_any(self) -> tuple[int, Outcome]:
+        import ray
+
+        while True:
+            ready, _ = ray.wait([*self._flight, *self._restarting], num_returns=1)
+            if ready[0] in self._restarting:
+                self._probed(ready[0])
+                continue
+            key, index = self._flight.pop(ready[0])
+            try:
+                outcome = ray.get(ready[0])
+            except ray.exceptions.RayActorError as err:  # the worker process died: Ray restarts it (bounded)
+                self._deaths[index] += 1
+                if self._deaths[index] <= MAX_RESTARTS:
+                    self._probe(index)
+                return key, Outcome(None, "full", None, 0.0, 0.0, f"ray{index}",
+                                    error=f"worker ray{index} died ({type(err).__name__}); candidate re-queued")
+            self._idle.append(index)
+            return key, outcome
+
+    def _probe(self, index: int) -> None:
+        self._restarting[self._actors[index].__ray_ready__.remote()] = index
+
+    def _probed(self, ref: Any) -> None:
+        """A restarting worker answered: idle again, still coming back (probe again), or dead for good."""
+        import ray
+
+        index = self._restarting.pop(ref)
+        try:
+            ray.get(ref)
+            self._idle.append(index)
+        except ray.exceptions.ActorUnavailableError:
+            self._probe(index)
+        except ray.exceptions.RayActorError:
+            self._deaths[index] = MAX_RESTARTS + 1
+
+    def _until_idle(self) -> None:
+        import ray
+
+        while not self._idle:
+            if not self._restarting:
+                raise SearchError("no Ray worker left")
+            ready, _ = ray.wait(list(self._restarting), num_returns=1)
+            self._probed(ready[0])
+
+    def close(self) -> None:
+        import ray
+
+        for actor in getattr(self, "_actors", []):
+            ray.kill(actor)
+        self._actors = []
+        if self._started:
+            ray.shutdown()
+            self._started = False

@@ -1,0 +1,194 @@
+"""The run folder and its study: what a search leaves on disk and how every command reads it.
+
+A run folder holds ``spec.yaml`` (the resolved spec, its hash, the budget and the study's storage URL),
+``trials.jsonl`` (one line per finished or failed trial), ``summary.json`` (the validated winner) and,
+by default, ``study.db`` (the Optuna study). Reading commands (status, report, export's lookup) open the
+study read-only and never create anything. This module imports neither torch nor the search stack.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, TYPE_CHECKING, Any
+
+import optuna
+import yaml
+from optuna.trial import FrozenTrial, TrialState
+
+from evomerge.errors import SpecError
+
+if TYPE_CHECKING:
+    from evomerge.spec import SearchSpec
+
+STUDY_NAME = "evomerge"
+STUDY_FILE = "study.db"
+
+
+class Attr:
+    """Names of the user attributes a search stores on each trial."""
+
+    RECIPE = "recipe"  # the evaluated recipe (JSON)
+    RECIPE_HASH = "recipe_hash"  # detects duplicates
+    SCORES = "scores"  # per-task search scores
+    FIDELITY = "fidelity"  # "full" or "screen"
+    SCREEN = "screen"  # weighted per-example answers on the screening subset
+    BASELINE = "baseline"  # label of an enqueued baseline recipe
+    DUPLICATE_OF = "duplicate_of"  # number of the trial whose score a duplicate reuses
+    RETRY = "retry"  # how often this candidate's parameters were re-queued after a failure
+    RERUN_OF = "rerun_of"  # the interrupted trial this one runs again
+    ERROR = "error"  # why a trial failed
+    EXAMPLES = "examples"  # examples scored for this trial (screen + rest)
+
+
+def counted(trial: FrozenTrial) -> bool:
+    """Whether a trial uses up budget: a finished evaluation that was not a duplicate."""
+    return trial.state == TrialState.COMPLETE and Attr.DUPLICATE_OF not in trial.user_attrs
+
+
+def sqlite_url(path: Path, read_only: bool = False) -> str:
+    path = path.resolve()
+    return f"sqlite:///file:{path}?mode=ro&uri=true" if read_only else f"sqlite:///{path}"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    root: Path
+
+    @property
+    def spec(self) -> Path:
+        return self.root / "spec.yaml"
+
+    @property
+    def log(self) -> Path:
+        return self.root / "trials.jsonl"
+
+    @property
+    def summary(self) -> Path:
+        return self.root / "summary.json"
+
+    @property
+    def lock_file(self) -> Path:
+        return self.root / ".search.lock"
+
+    def default_storage(self) -> str:
+        return sqlite_url(self.root / STUDY_FILE)
+
+    # ------------------------------------------------------------------ spec.yaml
+
+    def read_doc(self) -> dict[str, Any]:
+        """spec.yaml as written by ``write_doc``; SpecError when the folder is not a readable run."""
+        if self.root.exists() and not self.root.is_dir():
+            raise SpecError(f"{self.root} is a file, not a run folder")
+        if not self.spec.is_file():
+            raise SpecError(f"{self.root} is not a run folder (no spec.yaml)")
+        try:
+            doc = yaml.safe_load(self.spec.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+            raise SpecError(f"{self.spec}: unreadable ({str(err).splitlines()[0]})") from None
+        if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict) \
+                or not isinstance(doc.get("budget"), int) or isinstance(doc.get("budget"), bool):
+            raise SpecError(f"{self.spec}: not a run's spec.yaml (needs a spec mapping and an integer budget)")
+        return doc
+
+    def load(self) -> tuple[SearchSpec, int]:
+        """The spec and budget the run was made with."""
+        from pydantic import ValidationError
+
+        from evomerge.spec import SearchSpec
+
+        doc = self.read_doc()
+        try:
+            return SearchSpec.model_validate(doc["spec"]), doc["budget"]
+        except (ValidationError, SpecError) as err:
+            raise SpecError(f"{self.spec}: the stored spec is invalid ({str(err).splitlines()[0]})") from None
+
+    def budget(self) -> int:
+        return self.read_doc()["budget"]
+
+    def storage_url(self) -> str:
+        """The study's storage: the URL recorded at creation (``--storage``), else the run's SQLite file."""
+        return self.read_doc().get("storage") or self.default_storage()
+
+    def write_doc(self, spec_doc: dict[str, Any], digest: str, budget: int, storage: str | None) -> None:
+        from evomerge.checkpoint import atomic_write_text
+
+        doc = {"spec_hash": digest, "budget": budget, "storage": storage, "spec": spec_doc}
+        atomic_write_text(self.spec, yaml.safe_dump(doc, sort_keys=False))
+
+    # ------------------------------------------------------------------ the study, read-only
+
+    def load_study(self) -> optuna.Study:
+        """The run's study for reading (status, report, export): opened read-only, never created."""
+        url = self.storage_url()
+        if url == self.default_storage():
+            db = self.root / STUDY_FILE
+            if not db.is_file():
+                raise SpecError(f"{self.root} has no study yet ({STUDY_FILE} is missing)")
+            url = sqlite_url(db, read_only=True)
+        try:
+            storage = optuna.storages.RDBStorage(url, skip_compatibility_check=True)
+            return optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        except Exception as err:  # corrupt file, unreachable database, no such study: one line, not a traceback
+            raise SpecError(f"{self.root}: cannot read its study ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:200]})") from None
+
+    def trials(self) -> list[FrozenTrial]:
+        return self.load_study().get_trials(deepcopy=False)
+
+    def read_summary(self) -> dict[str, Any] | None:
+        """What the final validation re-check wrote, or None before the search finished."""
+        if not self.summary.exists():
+            return None
+        try:
+            summary = json.loads(self.summary.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
+            raise SpecError(f"{self.summary}: unreadable ({err})") from None
+        if not isinstance(summary, dict) or not isinstance(summary.get("winner_trial"), int):
+            raise SpecError(f"{self.summary}: not a run summary")
+        return summary
+
+    def log_rows(self) -> list[dict[str, Any]]:
+        """The trial log's rows; a line cut by a kill (the last one) is skipped."""
+        if not self.log.exists():
+            return []
+        rows = []
+        for line in self.log.read_text().splitlines():
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+        return rows
+
+    # ------------------------------------------------------------------ one search at a time
+
+    def lock(self) -> IO[str]:
+        """Hold the run's search lock for as long as the returned file stays open; SpecError when another
+        live process is searching this run (the lock dies with its process, SIGKILL included)."""
+        handle = self.lock_file.open("a")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            raise SpecError(f"{self.root} is being searched by another process; wait for it or stop it") from None
+        handle.truncate(0)
+        handle.write(f"{os.getpid()}\n")
+        handle.flush()
+        return handle
+
+
+# ----------------------------------------------------------------------------- rendering a summary
+
+
+def summary_table_markdown(table: dict[str, dict[str, Any]]) -> list[str]:
+    """The winner-vs-references table of a summary as Markdown lines (report page, model card)."""
+    return ["| model | validation | test |", "|---|---|---|",
+            *(f"| {label} | {row['validation']:.4f} | {row['test']:.4f} |" for label, row in table.items())]
+
+
+def describe_margin(margin: dict[str, float]) -> str:
+    return (f"winner - uniform average on test: {margin['mean']:+.4f} (95% CI {margin['ci95_low']:+.4f} .. "
+            f"{margin['ci95_high']:+.4f})")
