@@ -4,7 +4,6 @@ that could not go on, 130 = interrupted)."""
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 from pathlib import Path
@@ -37,25 +36,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"{text} is not a positive finite number")
-    return value
-
-
 def _merge(args: argparse.Namespace) -> None:
+    from evomerge.checkpoint import shard_bytes
     from evomerge.merge import merge_to_folder
     from evomerge.spec import Recipe
 
+    shard = shard_bytes(args.shard_size)
     recipe = Recipe.from_yaml(args.recipe)
     with Progress(TextColumn("merging tensors"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("merge", total=None)
-        merge_to_folder(recipe, Path(args.out), force=args.force, max_shard_bytes=int(args.shard_size * 1024**3),
+        merge_to_folder(recipe, Path(args.out), force=args.force, max_shard_bytes=shard,
                         on_progress=lambda done, total: progress.update(task, completed=done, total=total))
     console.print(Text(f"wrote {args.out}"))
 
@@ -171,7 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     merge.add_argument("recipe", help="recipe YAML (evomerge or mergekit format)")
     merge.add_argument("--out", required=True, help="output folder")
     merge.add_argument("--force", action="store_true", help="replace the output folder if it exists")
-    merge.add_argument("--shard-size", type=_positive_float, default=2.0, help="maximum shard size in GiB (default 2)")
+    merge.add_argument("--shard-size", type=float, default=2.0, help="maximum shard size in GiB (default 2)")
     merge.set_defaults(handler=_merge)
 
     search = sub.add_parser("search", help="search merge recipes (no spec: the built-in demo)")

@@ -9,7 +9,6 @@ Everything that reaches into lm-eval beyond its public API sits in one section a
 
 from __future__ import annotations
 
-import re
 from array import array
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -18,10 +17,9 @@ from pathlib import Path
 import torch
 
 from evomerge.errors import SpecError
-from evomerge.spec import TaskSpec
+from evomerge.spec import TaskSpec, parse_split
 
 ROLES = ("search", "validation", "test")
-SPLIT_PATTERN = re.compile(r"^(?P<split>[\w\-]+)(?:\[(?P<start>\d*):(?P<stop>\d*)\])?$")
 
 
 def task_shares(weights: Mapping[str, float]) -> dict[str, float]:
@@ -49,14 +47,6 @@ class EvalResult:
     @property
     def score(self) -> float:
         return weighted_mean(self.scores, self.weights)
-
-
-def parse_split(value: str) -> tuple[str, slice]:
-    match = SPLIT_PATTERN.match(value)
-    if not match:
-        raise SpecError(f"split {value!r} is not NAME or NAME[start:stop]")
-    start, stop = match.group("start"), match.group("stop")
-    return match.group("split"), slice(int(start) if start else None, int(stop) if stop else None)
 
 
 def _split_of(task: TaskSpec, role: str) -> str:

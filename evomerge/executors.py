@@ -70,13 +70,16 @@ class Executor(Protocol):
     ``wait_any`` blocks until some submitted job is done and returns its key and Outcome, in whatever order
     jobs finish. A job that fails (raises, NaN, out of memory, its worker died) comes back as an Outcome
     with ``error`` set, never as an exception. ``slots`` is how many jobs may be in flight at once now
-    (0: no worker left). ``busy`` is how many are in flight."""
+    (0: no worker left). ``busy`` is how many are in flight. ``workers`` is (workers with a job, workers
+    alive), for the progress display."""
 
     name: str
 
     def slots(self) -> int: ...
 
     def busy(self) -> int: ...
+
+    def workers(self) -> tuple[int, int]: ...
 
     def doc_ids(self, task: str, role: str) -> list[int]: ...
 
@@ -184,6 +187,9 @@ class InProcessExecutor:
 
     def busy(self) -> int:
         return len(self._pending)
+
+    def workers(self) -> tuple[int, int]:
+        return len(self._pending), 1
 
     def doc_ids(self, task: str, role: str) -> list[int]:
         return self.worker.doc_ids(task, role)

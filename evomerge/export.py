@@ -41,5 +41,6 @@ def export_trial(run_dir: Path, out: Path, trial: int | None = None, force: bool
     run = RunFolder(run_dir)
     run.load()
     number, recipe, scores = trial_recipe(run, trial)
-    merge_to_folder(recipe, out, force=force, extra_files={"README.md": model_card(run, number, recipe, scores)})
+    merge_to_folder(recipe, out, force=force, extra_files={"README.md": model_card(run, number, recipe, scores)},
+                    protected=[run.root])
     return number, out

@@ -16,13 +16,14 @@ import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from evomerge.errors import SearchError, SpecError
 from evomerge.executors import Candidate, Outcome, Worker
 from evomerge.spec import SearchSpec
 
 MAX_RESTARTS = 2  # a worker process that dies is restarted this often, then dropped from the pool
+PIPELINE = 2  # jobs in flight per worker: one running, one queued behind it
 
 
 @dataclass(frozen=True)
@@ -110,7 +111,9 @@ def start_ray(address: str | None) -> bool:
 
 
 class RayExecutor:
-    """Up to one job in flight per actor; ``wait_any`` returns whichever job finishes first."""
+    """Up to ``PIPELINE`` jobs in flight per actor (Ray queues the second behind the first, so a worker starts
+    its next candidate without waiting for the driver to tell the last one and ask for a new one);
+    ``wait_any`` returns whichever job finishes first."""
 
     def __init__(self, spec: SearchSpec, workers: int | None = None, address: str | None = None,
                  gpus_per_worker: int = 1) -> None:
@@ -133,74 +136,84 @@ class RayExecutor:
             self.close()
             raise
         self.name = f"ray x{self.plan.workers} ({self.plan.device})"
-        self._idle = list(range(len(self._actors)))
-        self._deaths = [0] * len(self._actors)
+        count = len(self._actors)
+        self._state: list[Literal["ready", "restarting", "dead"]] = ["ready"] * count
+        self._load = [0] * count  # jobs in flight per actor
+        self._deaths = [0] * count
         self._flight: dict[Any, tuple[int, int]] = {}  # object ref -> (key, actor index)
-        self._restarting: dict[Any, int] = {}  # readiness probe of a restarting worker -> its index
+        self._probes: dict[Any, int] = {}  # readiness probe of a restarting actor -> its index
 
     def slots(self) -> int:
-        """Workers alive or coming back (a restarting one takes jobs again once it is up)."""
-        return len(self._idle) + len(self._flight) + len(self._restarting)
+        """Job places on workers alive or coming back (a restarting one takes jobs again once it is up)."""
+        return PIPELINE * sum(state != "dead" for state in self._state)
 
     def busy(self) -> int:
         return len(self._flight)
 
+    def workers(self) -> tuple[int, int]:
+        alive = [i for i, state in enumerate(self._state) if state != "dead"]
+        return sum(self._load[i] > 0 for i in alive), len(alive)
+
     def doc_ids(self, task: str, role: str) -> list[int]:
         import ray
 
-        self._until_idle()
-        return ray.get(self._actors[self._idle[0]].doc_ids.remote(task, role))
+        return ray.get(self._actors[self._free_actor()].doc_ids.remote(task, role))
 
     def submit(self, key: int, candidate: Candidate) -> None:
-        """Hand the job to an idle worker; waits for a restarting one when none is idle."""
-        self._until_idle()
-        index = self._idle.pop(0)
+        """Hand the job to the least loaded ready worker; waits for a restarting one when none has room."""
+        index = self._free_actor()
+        self._load[index] += 1
         self._flight[self._actors[index].run.remote(candidate)] = (key, index)
 
     def wait_any(self) -> tuple[int, Outcome]:
         import ray
 
         while True:
-            ready, _ = ray.wait([*self._flight, *self._restarting], num_returns=1)
-            if ready[0] in self._restarting:
+            ready, _ = ray.wait([*self._flight, *self._probes], num_returns=1)
+            if ready[0] in self._probes:
                 self._probed(ready[0])
                 continue
             key, index = self._flight.pop(ready[0])
+            self._load[index] -= 1
             try:
-                outcome = ray.get(ready[0])
+                return key, ray.get(ready[0])
             except ray.exceptions.RayActorError as err:  # the worker process died: Ray restarts it (bounded)
-                self._deaths[index] += 1
-                if self._deaths[index] <= MAX_RESTARTS:
-                    self._probe(index)
+                if self._state[index] == "ready":  # its other queued job fails too; count the death once
+                    self._deaths[index] += 1
+                    self._state[index] = "restarting" if self._deaths[index] <= MAX_RESTARTS else "dead"
+                    if self._state[index] == "restarting":
+                        self._probe(index)
                 return key, Outcome(None, "full", None, 0.0, 0.0, f"ray{index}",
                                     error=f"worker ray{index} died ({type(err).__name__}); candidate re-queued")
-            self._idle.append(index)
-            return key, outcome
 
-    def _probe(self, index: int) -> None:
-        self._restarting[self._actors[index].__ray_ready__.remote()] = index
-
-    def _probed(self, ref: Any) -> None:
-        """A restarting worker answered: idle again, still coming back (probe again), or dead for good."""
+    def _free_actor(self) -> int:
+        """A ready actor with room for another job (the least loaded); waits for restarting ones if needed."""
         import ray
 
-        index = self._restarting.pop(ref)
+        while True:
+            free = [i for i, state in enumerate(self._state) if state == "ready" and self._load[i] < PIPELINE]
+            if free:
+                return min(free, key=self._load.__getitem__)
+            if not self._probes:
+                raise SearchError("no Ray worker has room for a job")
+            ready, _ = ray.wait(list(self._probes), num_returns=1)
+            self._probed(ready[0])
+
+    def _probe(self, index: int) -> None:
+        self._probes[self._actors[index].__ray_ready__.remote()] = index
+
+    def _probed(self, ref: Any) -> None:
+        """A restarting actor answered: ready again, still coming back (probe again), or dead for good."""
+        import ray
+
+        index = self._probes.pop(ref)
         try:
             ray.get(ref)
-            self._idle.append(index)
+            self._state[index] = "ready"
         except ray.exceptions.ActorUnavailableError:
             self._probe(index)
         except ray.exceptions.RayActorError:
-            self._deaths[index] = MAX_RESTARTS + 1
-
-    def _until_idle(self) -> None:
-        import ray
-
-        while not self._idle:
-            if not self._restarting:
-                raise SearchError("no Ray worker left")
-            ready, _ = ray.wait(list(self._restarting), num_returns=1)
-            self._probed(ready[0])
+            self._state[index] = "dead"
 
     def close(self) -> None:
         import ray

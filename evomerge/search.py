@@ -173,7 +173,7 @@ class Progress:
     budget: int
     best: float | None
     busy: int  # workers with a candidate in flight
-    workers: int
+    workers: int  # workers alive
 
 
 @dataclass
@@ -236,7 +236,7 @@ class Search:
             while True:
                 self._dispatch(budget - done)
                 if on_progress:
-                    on_progress(Progress(done, budget, self.best(), self.executor.busy(), self.executor.slots()))
+                    on_progress(Progress(done, budget, self.best(), *self.executor.workers()))
                 if not self._flight:
                     break
                 number, outcome = self.executor.wait_any()

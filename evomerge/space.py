@@ -14,7 +14,7 @@ import optuna
 
 from evomerge.checkpoint import LAYER_PATTERN, Checkpoint
 from evomerge.methods import MergeMethod, get_method
-from evomerge.spec import Filtered, Recipe, SearchSpec, Setting
+from evomerge.spec import Filtered, Granularity, Recipe, SearchSpec, Setting
 
 
 @dataclass(frozen=True)
@@ -41,16 +41,15 @@ class Slot:
     filters: tuple[str, ...]
 
 
-def make_slots(granularity: str, layout: LayerLayout, modules: list[str]) -> list[Slot]:
+def make_slots(granularity: Granularity, layout: LayerLayout, modules: list[str]) -> list[Slot]:
     n = layout.num_layers
-    if granularity == "global" or n == 0:
+    if granularity.kind == "global" or n == 0:
         return [Slot("all", ())]
-    if granularity.startswith("gradient:"):
-        k = int(granularity.split(":")[1])
-        return [Slot(f"g{i}", ()) for i in range(k)]
-    if granularity == "layer_module":
+    if granularity.kind == "gradient":
+        return [Slot(f"g{i}", ()) for i in range(granularity.count)]
+    if granularity.kind == "layer_module":
         return [Slot(f"L{i}.{m}", (f"{layout.prefix}{i}.{m}",)) for i in range(n) for m in [*modules, ""]]
-    groups = n if granularity == "layer" else min(n, int(granularity.split(":")[1]))
+    groups = n if granularity.kind == "layer" else min(n, granularity.count)
     bounds = [round(g * n / groups) for g in range(groups + 1)]
     return [Slot(f"L{bounds[g]}-{bounds[g + 1] - 1}", tuple(f"{layout.prefix}{i}." for i in
                                                         range(bounds[g], bounds[g + 1])))
@@ -62,8 +61,9 @@ class SearchSpace:
 
     def __init__(self, spec: SearchSpec, layout: LayerLayout) -> None:
         self.spec = spec
-        self.slots = make_slots(spec.space.granularity, layout, spec.space.modules)
-        self.gradient = spec.space.granularity.startswith("gradient:")
+        grain = spec.space.grain
+        self.slots = make_slots(grain, layout, spec.space.modules)
+        self.gradient = grain.kind == "gradient"
         self.model_labels = [f"m{i}" for i in range(len(spec.models))]
 
     def _names(self, method: MergeMethod, param: str) -> list[list[str]]:
@@ -74,8 +74,7 @@ class SearchSpace:
         return [[f"{prefix}{param}[{o}][{s}]" for s in slots] for o in owners]
 
     def searched(self, method: MergeMethod) -> list[str]:
-        takes = set(method.shared) | set(method.per_model)
-        return [p for p in self.spec.space.parameters if p in takes]
+        return [p for p in self.spec.space.parameters if p in method.parameters]
 
     def sample(self, trial: optuna.trial.BaseTrial) -> Recipe:
         methods = self.spec.space.methods
@@ -98,7 +97,7 @@ class SearchSpace:
     def recipe(self, method: MergeMethod, values: dict[str, list[list[float]]]) -> Recipe:
         """The recipe for given slot values ([model][slot] per-model, [[slot]] shared)."""
         spec = self.spec
-        fixed = {k: v for k, v in spec.space.fixed.items() if k in method.shared or k in method.per_model}
+        fixed = {k: v for k, v in spec.space.fixed.items() if k in method.parameters}
         shared = {p: self._setting(v[0]) for p, v in values.items() if p not in method.per_model}
         models = [{"model": m, "parameters": {p: self._setting(v[i]) for p, v in values.items()
                                               if p in method.per_model}}

@@ -20,12 +20,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import DEMO_SPEC  # noqa: E402
-from evomerge.executors import InProcessExecutor  # noqa: E402
-from evomerge.run import RunFolder, counted  # noqa: E402
+from evomerge.executors import Candidate, InProcessExecutor, Worker  # noqa: E402
+from evomerge.run import Attr, RunFolder, counted  # noqa: E402
 from evomerge.search import Search, prepare_run  # noqa: E402
 from evomerge.spec import Recipe, SearchSpec  # noqa: E402
 
 SAMPLERS = ("cmaes", "tpe", "random")
+
+
+def test_score(worker: Worker, recipe: Recipe) -> float:
+    outcome = worker.run(Candidate(recipe, "test"))
+    if outcome.result is None:
+        raise RuntimeError(outcome.error)
+    return outcome.result.score
 
 
 def curve(spec: SearchSpec, executor: InProcessExecutor, budget: int, step: int) -> tuple[list[float], float]:
@@ -41,11 +48,11 @@ def curve(spec: SearchSpec, executor: InProcessExecutor, budget: int, step: int)
         cache: dict[int, float] = {}
         points = []
         for k in range(step, budget + 1, step):
-            full = [t for t in trials[:k] if t.user_attrs.get("fidelity") == "full"]
+            full = [t for t in trials[:k] if t.user_attrs.get(Attr.FIDELITY) == "full"]
             best = max(full, key=lambda t: t.value)
             if best.number not in cache:
-                recipe = Recipe.model_validate(best.user_attrs["recipe"])
-                cache[best.number] = executor.score(recipe, "test").result.score
+                recipe = Recipe.model_validate(best.user_attrs[Attr.RECIPE])
+                cache[best.number] = test_score(executor.worker, recipe)
             points.append(cache[best.number])
         return points, seconds
 
@@ -59,9 +66,8 @@ def main() -> None:
     args = parser.parse_args()
     _quiet_libraries()
     base = SearchSpec.from_yaml(DEMO_SPEC)
-    executor = InProcessExecutor(base)
-    uniform = executor.score(Recipe(merge_method="linear", models=[{"model": m} for m in base.models]),
-                             "test").result.score
+    executor = InProcessExecutor(Worker(base))
+    uniform = test_score(executor.worker, Recipe(merge_method="linear", models=[{"model": m} for m in base.models]))
     results = {}
     for sampler in SAMPLERS:
         for screen in (base.evaluation.screen_examples, None):

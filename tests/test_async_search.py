@@ -35,6 +35,9 @@ class ShuffledExecutor:
     def busy(self) -> int:
         return len(self._jobs)
 
+    def workers(self) -> tuple[int, int]:
+        return len(self._jobs), self.slots()
+
     def doc_ids(self, task: str, role: str) -> list[int]:
         return list(range(60))
 

@@ -119,9 +119,10 @@ def test_worker_killed_mid_candidate_is_restarted_and_the_candidate_rerun(spec_f
         kill_session(proc)
     trials = assert_exact_budget(run, 10)
     died = [t for t in trials if t.state == TrialState.FAIL and "died" in t.user_attrs.get(Attr.ERROR, "")]
-    assert len(died) == 1
-    rerun = [t for t in trials if t.params == died[0].params and t.number > died[0].number]
-    assert rerun and rerun[0].state == TrialState.COMPLETE and rerun[0].user_attrs[Attr.RETRY] == 1
+    assert 1 <= len(died) <= 2  # the candidate it was running, and the one queued behind it
+    for dead in died:
+        rerun = [t for t in trials if t.params == dead.params and t.number > dead.number]
+        assert rerun and rerun[0].state == TrialState.COMPLETE and rerun[0].user_attrs[Attr.RETRY] == 1
 
 
 def test_driver_killed_then_resumed_finishes_exactly_the_budget(spec_file, tmp_path):
@@ -138,7 +139,8 @@ def test_driver_killed_then_resumed_finishes_exactly_the_budget(spec_file, tmp_p
     assert running  # the killed driver had candidates in flight
     finish(resume_cmd(run, "--workers", "2"))
     trials = assert_exact_budget(run, 10)
-    assert {t.user_attrs.get(Attr.RERUN_OF) for t in trials} >= {t.number for t in running}
+    # each interrupted candidate was queued again (one asked but not yet sampled has nothing to queue)
+    assert {t.user_attrs.get(Attr.RERUN_OF) for t in trials} >= {t.number for t in running if t.params}
 
 
 def test_failing_candidates_come_back_as_failed_outcomes(tmp_path):
@@ -153,6 +155,7 @@ def test_failing_candidates_come_back_as_failed_outcomes(tmp_path):
         outcomes = dict(executor.wait_any() for _ in range(2))
         assert outcomes[1].result is None and "demo:sort" in outcomes[1].error
         assert outcomes[2].error is None and set(outcomes[2].result.examples["demo_add"]) == {0, 1}
-        assert executor.slots() == 2 and executor.busy() == 0  # the failure cost no worker
+        assert executor.slots() == 4 and executor.busy() == 0  # the failure cost no worker (2 jobs each)
+        assert executor.workers() == (0, 2)
     finally:
         executor.close()

@@ -7,7 +7,7 @@ from evomerge.checkpoint import open_checkpoint
 from evomerge.merge import resolve_params
 from evomerge.methods import get_method
 from evomerge.space import LayerLayout, SearchSpace, make_slots
-from evomerge.spec import SearchSpec
+from evomerge.spec import Granularity, SearchSpec
 
 LAYOUT = LayerLayout("model.layers.", 4)
 
@@ -24,11 +24,11 @@ def test_layout_of_llama_and_gpt2(llama_zoo, gpt2_zoo):
 
 
 def test_groups_split_layers_evenly():
-    slots = make_slots("groups:2", LAYOUT, [])
+    slots = make_slots(Granularity("groups", 2), LAYOUT, [])
     assert [s.filters for s in slots] == [("model.layers.0.", "model.layers.1."),
                                           ("model.layers.2.", "model.layers.3.")]
-    assert len(make_slots("layer_module", LAYOUT, ["self_attn", "mlp"])) == 12
-    assert len(make_slots("gradient:3", LAYOUT, [])) == 3
+    assert len(make_slots(Granularity("layer_module"), LAYOUT, ["self_attn", "mlp"])) == 12
+    assert len(make_slots(Granularity("gradient", 3), LAYOUT, [])) == 3
 
 
 @pytest.mark.parametrize("granularity", ["layer", "groups:2", "layer_module", "global"])

@@ -1,10 +1,14 @@
 """The shipped specs: all valid; the demo ones run (shrunk) through every sampler and objective."""
 
+import json
 from pathlib import Path
 
 import pytest
+import yaml
+from pydantic import ValidationError
 
 from evomerge.demo import DEMO_SPEC
+from evomerge.errors import SpecError
 from evomerge.search import RunFolder, Search, check_spec, counted, prepare_run
 from evomerge.spec import SearchSpec
 
@@ -38,3 +42,69 @@ def test_shrunk_spec_runs(name, tmp_path):
     summary = search.finalize()
     assert summary["winner_trial"] in {t.number for t in search.study.get_trials()}
     assert -1 <= summary["margin_vs_uniform_average"]["mean"] <= 1
+
+
+BASE_SPEC = {
+    "base_model": "demo:base", "models": ["demo:add", "demo:reverse"],
+    "space": {"methods": ["ties"], "granularity": "layer",
+              "parameters": {"weight": {"low": 0.0, "high": 1.0}, "density": {"low": 0.1, "high": 1.0}}},
+    "evaluation": {"tasks": [{"name": "demo_add"}, {"name": "demo_sort", "splits": {"search": "search[0:100]"}}],
+                   "include_paths": ["demo"]},
+}
+
+BAD_VALUES = {
+    "nan range": ("space.parameters.weight.low", float("nan"), "space.parameters.weight.low: Input should be a finite"),
+    "inf range": ("space.parameters.density.high", float("inf"), "density.high: Input should be a finite number"),
+    "range past declared limit": ("space.parameters.weight.high", 20.0, "weight=20.0 is outside [-10.0, 10.0]"),
+    "log range from 0": ("space.parameters.density", {"low": 0.0, "high": 1.0, "log": True},
+                         "a log range needs low > 0, got 0.0"),
+    "fixed out of range": ("space.fixed", {"density": 1.5}, "space.fixed.density: density=1.5 is outside [0.0, 1.0]"),
+    "fixed nan": ("space.fixed", {"lambda": float("nan")}, "space.fixed.lambda: Input should be a finite number"),
+    "fixed flag": ("space.fixed", {"normalize": 0.5}, "normalize must be true or false, got 0.5"),
+    "granularity": ("space.granularity", "gradient:1", "space.granularity 'gradient:1' is not"),
+    "no methods": ("space.methods", [], "space.methods: List should have at least 1 item"),
+    "no models": ("models", [], "models: List should have at least 1 item"),
+    "no tasks": ("evaluation.tasks", [], "evaluation.tasks: List should have at least 1 item"),
+    "task weight nan": ("evaluation.tasks.0.weight", float("nan"), "tasks.0.weight: Input should be a finite number"),
+    "task weight negative": ("evaluation.tasks.0.weight", -1.0, "tasks.0.weight: Input should be greater than"),
+    "task weights sum to 0": ("evaluation.tasks", [{"name": "demo_add", "weight": 0.0}],
+                              "the task weights must sum to more than 0"),
+    "split syntax": ("evaluation.tasks.1.splits.search", "search[a:b]",
+                     "tasks.1.splits: search: split 'search[a:b]' is not NAME or NAME[start:stop]"),
+    "empty split range": ("evaluation.tasks.1.splits.test", "test[5:5]", "test: split 'test[5:5]' is empty"),
+    "reversed split range": ("evaluation.tasks.1.splits.test", "test[9:3]", "start must be below stop"),
+    "search examples 0": ("evaluation.search_examples", 0, "evaluation.search_examples: Input should be greater than"),
+    "screen examples 0": ("evaluation.screen_examples", 0, "evaluation.screen_examples: Input should be greater"),
+    "top_k 0": ("evaluation.top_k", 0, "evaluation.top_k: Input should be greater than or equal to 1"),
+    "batch size 0": ("evaluation.batch_size", 0, "evaluation.batch_size: Input should be greater than or equal to 1"),
+    "batch size word": ("evaluation.batch_size", "big", "batch_size: Input should be a valid integer, unable to parse "
+                                                   "string as an integer or Input should be 'auto'"),
+}
+
+
+def with_value(key: str, value) -> dict:
+    doc = json.loads(json.dumps(BASE_SPEC))
+    *path, last = key.split(".")
+    target = doc
+    for part in path:
+        target = target[int(part)] if isinstance(target, list) else target.setdefault(part, {})
+    target[last] = value
+    return doc
+
+
+def test_base_spec_is_valid():
+    SearchSpec.model_validate(BASE_SPEC)
+
+
+@pytest.mark.parametrize("case", list(BAD_VALUES))
+def test_bad_spec_value_is_one_line(case, tmp_path):
+    key, value, expected = BAD_VALUES[case]
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(with_value(key, value)))
+    with pytest.raises(SpecError) as err:
+        SearchSpec.from_yaml(path)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and len(message.splitlines()) == 1, message
+    assert expected in message, message
+    with pytest.raises(ValidationError):
+        SearchSpec.model_validate(with_value(key, value))

@@ -8,6 +8,7 @@ from pathlib import Path
 DEMO_DIR = Path(__file__).resolve().parent
 MODELS_DIR = DEMO_DIR / "models"
 TASKS_DIR = DEMO_DIR / "tasks"
+DEMO_SPEC = DEMO_DIR / "search.yaml"
 SKILLS = ("add", "reverse", "sort")
 MODEL_NAMES = ("base", *SKILLS)
 
@@ -22,4 +23,3 @@ def model_path(name: str) -> Path:
 def task_name(skill: str) -> str:
     """lm-eval task name of one demo skill."""
     return f"demo_{skill}"
-DEMO_SPEC = DEMO_DIR / "search.yaml"
