@@ -7,13 +7,17 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import NoReturn
+from typing import TYPE_CHECKING, NoReturn
 
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 from evomerge.errors import SearchError, SpecError
+
+if TYPE_CHECKING:
+    from evomerge.search import Progress as SearchProgress
+    from evomerge.search import Search
 
 console = Console(stderr=True)
 
@@ -74,46 +78,48 @@ def _search(args: argparse.Namespace) -> None:
         budget = args.budget
         run = RunFolder(Path(args.run or Path("runs") / default_run_name(args.spec)))
     check_run_folder(spec, run, args.force, args.storage)
-    if args.storage:
-        check_storage(args.storage)
+    if args.storage or run.spec.exists():
+        check_storage(args.storage or run.storage_url())
     _quiet_libraries()
     check_spec(spec)
     kind = choose_executor(spec, args.executor, args.workers, args.ray_address, args.gpus_per_worker)
+    lock = run.lock() if run.root.is_dir() else None  # a run being searched is refused before models load
     try:
-        run.root.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise SpecError(f"cannot create the run folder {run.root}: {err.strerror}") from None
-    lock = run.lock()
-    try:
-        prepare_run(spec, run, budget, force=args.force, storage=args.storage)
-        console.print(Text(f"run folder: {run.root}"))
+        # the workers start (models load, a cluster is joined) before anything is written for a new run
         executor = make_executor(spec, kind, args.workers, args.ray_address, args.gpus_per_worker)
         try:
+            if lock is None:
+                run.root.mkdir(parents=True, exist_ok=True)
+                lock = run.lock()
+            prepare_run(spec, run, budget, force=args.force, storage=args.storage)
+            console.print(Text(f"run folder: {run.root}"))
             search = Search(spec, run, executor)
-            _run_with_progress(search, budget, run.root)
+            _run_with_progress(search, budget)
             console.print("re-scoring the best candidates on the validation split ...")
             _print_summary(search.finalize())
         finally:
             executor.close()
+    except KeyboardInterrupt:
+        if not run.spec.exists():
+            raise
+        raise _Interrupted(f"interrupted; the candidates in flight will run again: "
+                           f"evomerge search --resume {run.root}") from None
     finally:
-        lock.close()
+        if lock is not None:
+            lock.close()
 
 
-def _run_with_progress(search, budget: int, root: Path) -> None:
+def _run_with_progress(search: Search, budget: int) -> None:
     columns = (TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
                TextColumn("workers {task.fields[busy]}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("search", total=budget, best="-", busy="-")
 
-        def show(p) -> None:
+        def show(p: SearchProgress) -> None:
             progress.update(task, completed=p.done, best="-" if p.best is None else f"{p.best:.4f}",
                             busy=f"{p.busy}/{p.workers} busy")
 
-        try:
-            search.run_budget(budget, show)
-        except KeyboardInterrupt:
-            raise _Interrupted(f"interrupted; the candidates in flight will run again: "
-                               f"evomerge search --resume {root}") from None
+        search.run_budget(budget, show)
 
 
 class _Interrupted(Exception):

@@ -10,30 +10,21 @@ Everything that reaches into lm-eval beyond its public API sits in one section a
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from evomerge.errors import SpecError
+
+if TYPE_CHECKING:
+    from lm_eval.tasks import TaskManager
+from evomerge.scores import weighted_mean
 from evomerge.spec import TaskSpec, parse_split
 
 ROLES = ("search", "validation", "test")
-
-
-def task_shares(weights: Mapping[str, float]) -> dict[str, float]:
-    """Each task's weight over the sum of weights: the one normalization behind every weighted task mean."""
-    total = sum(weights.values())
-    if total <= 0:
-        raise SpecError(f"the task weights sum to {total:g}; they must sum to more than 0")
-    return {task: weight / total for task, weight in weights.items()}
-
-
-def weighted_mean(values: Mapping[str, float], weights: Mapping[str, float]) -> float:
-    """The weighted mean of per-task values (every task in ``weights`` must have one): the search's single
-    objective and the ranking of a Pareto front."""
-    return sum(share * values[task] for task, share in task_shares(weights).items())
 
 
 @dataclass
@@ -57,12 +48,12 @@ def _split_of(task: TaskSpec, role: str) -> str:
 def check_tasks(tasks: Sequence[TaskSpec], include_paths: Sequence[str | Path] = ()) -> None:
     """Every task problem that the YAML files show, found before any model or dataset is loaded: an unknown
     task, metric or split, a missing local data file, an empty doc range or (local JSONL) one past the end,
-    duplicate tasks, weights that do not sum above 0. A SpecError of one line names the first."""
+    duplicate tasks. A SpecError of one line names the first."""
     manager = find_tasks([t.name for t in tasks], include_paths)
     _check_configs(tasks, {t.name: _task_config(manager, t.name) for t in tasks})
 
 
-def find_tasks(names: Sequence[str], include_paths: Sequence[str | Path] = ()):
+def find_tasks(names: Sequence[str], include_paths: Sequence[str | Path] = ()) -> TaskManager:
     """A TaskManager that knows every named task: the include paths alone when they suffice (fast),
     else with lm-eval's bundled registry; SpecError naming the first task found nowhere."""
     from lm_eval.tasks import TaskManager
@@ -83,7 +74,6 @@ def find_tasks(names: Sequence[str], include_paths: Sequence[str | Path] = ()):
 
 def _check_configs(tasks: Sequence[TaskSpec], configs: dict[str, dict]) -> None:
     """The checks of ``check_tasks`` on the tasks' YAML configs."""
-    task_shares({t.name: t.weight for t in tasks})
     names = [t.name for t in tasks]
     twice = [n for n in names if names.count(n) > 1]
     if twice:

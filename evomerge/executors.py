@@ -61,6 +61,7 @@ class Outcome:
     eval_s: float
     worker: str
     error: str | None = None
+    worker_lost: bool = False  # failed because its worker process died, not because of the candidate
 
 
 class Executor(Protocol):
@@ -69,13 +70,16 @@ class Executor(Protocol):
     ``submit`` hands over a job under a key the caller chooses (a trial number) and returns at once;
     ``wait_any`` blocks until some submitted job is done and returns its key and Outcome, in whatever order
     jobs finish. A job that fails (raises, NaN, out of memory, its worker died) comes back as an Outcome
-    with ``error`` set, never as an exception. ``slots`` is how many jobs may be in flight at once now
-    (0: no worker left). ``busy`` is how many are in flight. ``workers`` is (workers with a job, workers
-    alive), for the progress display."""
+    with ``error`` set, never as an exception. ``slots`` is how many jobs may be in flight at once (0: no
+    worker left); ``can_submit`` says whether a job handed over now starts without waiting for a worker to
+    come back (a restarting one); ``busy`` is how many jobs are in flight, and callers keep it below
+    ``slots``. ``workers`` is (workers with a job, workers alive), for the progress display."""
 
     name: str
 
     def slots(self) -> int: ...
+
+    def can_submit(self) -> bool: ...
 
     def busy(self) -> int: ...
 
@@ -90,16 +94,22 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
-def run_all(executor: Executor, jobs: dict[int, Candidate]) -> dict[int, Outcome]:
-    """Run a batch of jobs with every slot busy; returns their outcomes by key."""
+def run_all(executor: Executor, jobs: dict[int, Candidate], retries: int = 2) -> dict[int, Outcome]:
+    """Run a batch of jobs with every slot busy; a job whose worker died runs again (``retries`` times at
+    most). Returns the outcomes by key (fewer when no worker is left)."""
     queue = list(jobs.items())
+    tries = dict.fromkeys(jobs, 0)
     done: dict[int, Outcome] = {}
     while queue or executor.busy():
-        while queue and executor.busy() < executor.slots():
+        while queue and executor.busy() < executor.slots() and (executor.can_submit() or not executor.busy()):
             executor.submit(*queue.pop(0))
         if not executor.busy():
             break
         key, outcome = executor.wait_any()
+        if outcome.worker_lost and tries[key] < retries:
+            tries[key] += 1
+            queue.append((key, jobs[key]))
+            continue
         done[key] = outcome
     return done
 
@@ -187,6 +197,9 @@ class InProcessExecutor:
 
     def busy(self) -> int:
         return len(self._pending)
+
+    def can_submit(self) -> bool:
+        return not self._pending
 
     def workers(self) -> tuple[int, int]:
         return len(self._pending), 1

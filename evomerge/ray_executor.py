@@ -37,13 +37,17 @@ class WorkerPlan:
     device: str  # what each worker puts its model on, as seen inside its actor
 
 
-def plan_workers(spec: SearchSpec, resources: dict[str, float], workers: int | None,
-                 gpus_per_worker: int) -> WorkerPlan:
+def plan_workers(spec: SearchSpec, resources: dict[str, float], workers: int | None, gpus_per_worker: int,
+                 largest_node_cpus: int | None = None) -> WorkerPlan:
     """One worker per ``gpus_per_worker`` GPUs when the spec runs on GPUs and the cluster has them; else
-    ``workers`` CPU workers (default 1) sharing the CPUs, each with its share of torch threads."""
+    ``workers`` CPU workers (default 1) sharing the CPUs, each with its share of torch threads (at most one
+    node's CPUs, so that every worker fits on a node)."""
+    if spec.device not in ("auto", "cpu", "cuda"):
+        raise SpecError(f"device {spec.device!r} with Ray workers: use auto, cpu or cuda (each worker is given "
+                        "its own GPUs)")
     gpus = int(resources.get("GPU", 0))
     cpus = int(resources.get("CPU", 1))
-    wants_gpu = spec.device == "auto" and gpus > 0 or spec.device.startswith("cuda")
+    wants_gpu = (spec.device == "auto" and gpus > 0) or spec.device == "cuda"
     if wants_gpu:
         if gpus < gpus_per_worker:
             raise SpecError(f"the Ray cluster has {gpus} GPU(s); gpus_per_worker is {gpus_per_worker}")
@@ -55,7 +59,7 @@ def plan_workers(spec: SearchSpec, resources: dict[str, float], workers: int | N
     count = workers or 1
     if count > cpus:
         raise SpecError(f"{count} CPU workers need at least {count} CPUs; the Ray cluster has {cpus}")
-    threads = max(1, cpus // count)
+    threads = max(1, min(largest_node_cpus or cpus, cpus // count))
     return WorkerPlan(count, threads, 0, threads, "cpu")
 
 
@@ -121,7 +125,8 @@ class RayExecutor:
         import ray
 
         try:
-            self.plan = plan_workers(spec, ray.cluster_resources(), workers, gpus_per_worker)
+            node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=None)
+            self.plan = plan_workers(spec, ray.cluster_resources(), workers, gpus_per_worker, node_cpus)
             device_spec = spec.model_copy(update={"device": self.plan.device})
             actor = ray.remote(Worker).options(num_cpus=self.plan.cpus, num_gpus=self.plan.gpus,
                                                max_restarts=MAX_RESTARTS, max_task_retries=0)
@@ -140,12 +145,16 @@ class RayExecutor:
         self._state: list[Literal["ready", "restarting", "dead"]] = ["ready"] * count
         self._load = [0] * count  # jobs in flight per actor
         self._deaths = [0] * count
-        self._flight: dict[Any, tuple[int, int]] = {}  # object ref -> (key, actor index)
+        self._life = [0] * count  # bumped at each death: a job of an earlier life failing is not a new death
+        self._flight: dict[Any, tuple[int, int, int]] = {}  # object ref -> (key, actor index, actor life)
         self._probes: dict[Any, int] = {}  # readiness probe of a restarting actor -> its index
 
     def slots(self) -> int:
         """Job places on workers alive or coming back (a restarting one takes jobs again once it is up)."""
         return PIPELINE * sum(state != "dead" for state in self._state)
+
+    def can_submit(self) -> bool:
+        return any(s == "ready" and self._load[i] < PIPELINE for i, s in enumerate(self._state))
 
     def busy(self) -> int:
         return len(self._flight)
@@ -163,7 +172,7 @@ class RayExecutor:
         """Hand the job to the least loaded ready worker; waits for a restarting one when none has room."""
         index = self._free_actor()
         self._load[index] += 1
-        self._flight[self._actors[index].run.remote(candidate)] = (key, index)
+        self._flight[self._actors[index].run.remote(candidate)] = (key, index, self._life[index])
 
     def wait_any(self) -> tuple[int, Outcome]:
         import ray
@@ -173,18 +182,19 @@ class RayExecutor:
             if ready[0] in self._probes:
                 self._probed(ready[0])
                 continue
-            key, index = self._flight.pop(ready[0])
+            key, index, life = self._flight.pop(ready[0])
             self._load[index] -= 1
             try:
                 return key, ray.get(ready[0])
             except ray.exceptions.RayActorError as err:  # the worker process died: Ray restarts it (bounded)
-                if self._state[index] == "ready":  # its other queued job fails too; count the death once
+                if life == self._life[index]:  # the job queued behind it fails too: one death, counted once
+                    self._life[index] += 1
                     self._deaths[index] += 1
                     self._state[index] = "restarting" if self._deaths[index] <= MAX_RESTARTS else "dead"
                     if self._state[index] == "restarting":
                         self._probe(index)
-                return key, Outcome(None, "full", None, 0.0, 0.0, f"ray{index}",
-                                    error=f"worker ray{index} died ({type(err).__name__}); candidate re-queued")
+                return key, Outcome(None, "full", None, 0.0, 0.0, f"ray{index}", worker_lost=True,
+                                    error=f"worker ray{index} died ({type(err).__name__})")
 
     def _free_actor(self) -> int:
         """A ready actor with room for another job (the least loaded); waits for restarting ones if needed."""
@@ -195,7 +205,7 @@ class RayExecutor:
             if free:
                 return min(free, key=self._load.__getitem__)
             if not self._probes:
-                raise SearchError("no Ray worker has room for a job")
+                raise SearchError("no Ray worker left")
             ready, _ = ray.wait(list(self._probes), num_returns=1)
             self._probed(ready[0])
 

@@ -17,7 +17,7 @@ from optuna.trial import TrialState
 from evomerge.checkpoint import atomic_write_text, layer_index, open_checkpoint
 from evomerge.merge import resolve_params
 from evomerge.run import Attr, RunFolder, counted, describe_margin, summary_table_markdown
-from evomerge.search import weighted_score
+from evomerge.scores import weighted_mean
 from evomerge.spec import Recipe, SearchSpec
 
 
@@ -32,7 +32,7 @@ class TrialPoint:
 
 def trial_points(spec: SearchSpec, trials: list[optuna.trial.FrozenTrial]) -> list[TrialPoint]:
     return [TrialPoint(t.number, t.user_attrs.get(Attr.FIDELITY, "full"),
-                       weighted_score(spec, t.user_attrs[Attr.SCORES]))
+                       weighted_mean(t.user_attrs[Attr.SCORES], spec.evaluation.weights))
             for t in trials if counted(t) and Attr.SCORES in t.user_attrs]
 
 

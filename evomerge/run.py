@@ -113,25 +113,45 @@ class RunFolder:
         """The study's storage: the URL recorded at creation (``--storage``), else the run's SQLite file."""
         return self.read_doc().get("storage") or self.default_storage()
 
-    def write_doc(self, spec_doc: dict[str, Any], digest: str, budget: int, storage: str | None) -> None:
+    def study_name(self) -> str:
+        """The study's name in its storage: ``evomerge`` in the run's own file; a name of its own in a
+        ``--storage`` database, which other runs may share."""
+        return self.read_doc().get("study") or STUDY_NAME
+
+    def write_doc(self, spec_doc: dict[str, Any], digest: str, budget: int, storage: str | None,
+                  study: str) -> None:
         from evomerge.checkpoint import atomic_write_text
 
-        doc = {"spec_hash": digest, "budget": budget, "storage": storage, "spec": spec_doc}
+        doc = {"spec_hash": digest, "budget": budget, "storage": storage, "study": study, "spec": spec_doc}
         atomic_write_text(self.spec, yaml.safe_dump(doc, sort_keys=False))
 
     # ------------------------------------------------------------------ the study, read-only
 
     def load_study(self) -> optuna.Study:
-        """The run's study for reading (status, report, export): opened read-only, never created."""
+        """The run's study for reading (status, report, export): opened read-only, never created. A SQLite
+        file must exist and is opened read-only; another database must already hold Optuna's tables."""
+        import sqlalchemy
+        from sqlalchemy.engine import make_url
+
         url = self.storage_url()
-        if url == self.default_storage():
-            db = self.root / STUDY_FILE
-            if not db.is_file():
-                raise SpecError(f"{self.root} has no study yet ({STUDY_FILE} is missing)")
-            url = sqlite_url(db, read_only=True)
         try:
+            parsed = make_url(url)
+            if parsed.get_backend_name() == "sqlite":
+                db = Path((parsed.database or "").removeprefix("file:").split("?")[0])
+                if not db.is_file():
+                    raise SpecError(f"{self.root} has no study yet ({db} is missing)")
+                url = sqlite_url(db, read_only=True)
+            else:
+                engine = sqlalchemy.create_engine(parsed)
+                try:
+                    if not sqlalchemy.inspect(engine).has_table("studies"):
+                        raise SpecError(f"{self.root} has no study yet (no Optuna tables at {url})")
+                finally:
+                    engine.dispose()
             storage = optuna.storages.RDBStorage(url, skip_compatibility_check=True)
-            return optuna.load_study(study_name=STUDY_NAME, storage=storage)
+            return optuna.load_study(study_name=self.study_name(), storage=storage)
+        except SpecError:
+            raise
         except Exception as err:  # corrupt file, unreachable database, no such study: one line, not a traceback
             raise SpecError(f"{self.root}: cannot read its study ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200]})") from None

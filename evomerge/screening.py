@@ -14,8 +14,9 @@ from collections.abc import Iterable, Sequence
 import optuna
 from scipy.stats import wilcoxon
 
-from evomerge.evaluate import EvalResult, task_shares
+from evomerge.evaluate import EvalResult
 from evomerge.run import Attr
+from evomerge.scores import task_shares
 
 P_THRESHOLD = 0.1
 

@@ -15,6 +15,7 @@ import json
 import math
 import os
 import time
+import uuid
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,9 +27,10 @@ from optuna.trial import TrialState
 
 from evomerge.checkpoint import atomic_write_text, open_checkpoint
 from evomerge.errors import SearchError, SpecError
-from evomerge.evaluate import EvalResult, task_shares, weighted_mean
+from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate, Executor, InProcessExecutor, Outcome, Worker, run_all
 from evomerge.run import STUDY_NAME, Attr, RunFolder, counted
+from evomerge.scores import task_shares, weighted_mean
 from evomerge.screening import Screen
 from evomerge.space import LayerLayout, SearchSpace
 from evomerge.spec import Recipe, SearchSpec
@@ -87,24 +89,30 @@ def check_storage(url: str) -> None:
 
 def check_run_folder(spec: SearchSpec, run: RunFolder, force: bool, storage: str | None = None) -> str | None:
     """Whether ``run`` may take this search (a new folder, or one made by the same spec and storage; another
-    spec only with ``force``); returns the storage URL to record. Reads only."""
+    spec only with ``force``); returns the ``--storage`` URL to record (None: the run's own file). Reads only."""
     if run.root.exists() and not run.root.is_dir():
         raise SpecError(f"run folder {run.root} is a file")
     if not run.spec.exists():
+        parent = next(p for p in run.root.absolute().parents if p.exists())
+        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+            raise SpecError(f"cannot create the run folder {run.root}: {parent} is not a writable folder")
         return storage
     doc = run.read_doc()
     if doc.get("spec_hash") != spec_hash(spec) and not force:
         raise SpecError(f"run {run.root} was made with a different spec; use another --run or pass --force")
-    if storage and doc.get("storage") not in (None, storage):
-        raise SpecError(f"run {run.root} keeps its study at {doc['storage']}, not {storage}")
-    return storage or doc.get("storage")
+    if storage and storage != run.storage_url():
+        raise SpecError(f"run {run.root} keeps its study at {run.storage_url()}, not {storage}")
+    return doc.get("storage")
 
 
 def prepare_run(spec: SearchSpec, run: RunFolder, budget: int, force: bool, storage: str | None = None) -> None:
-    """Create the run folder (or take over one made by the same spec) and record spec, budget and storage."""
+    """Create the run folder (or take over one made by the same spec) and record spec, budget, storage and
+    study name (a fresh one in a ``--storage`` database, so that runs sharing it never share a study)."""
     storage = check_run_folder(spec, run, force, storage)
+    study = run.study_name() if run.spec.exists() else \
+        (f"{run.root.name}-{uuid.uuid4().hex[:8]}" if storage else STUDY_NAME)
     run.root.mkdir(parents=True, exist_ok=True)
-    run.write_doc(spec.model_dump(mode="json"), spec_hash(spec), budget, storage)
+    run.write_doc(spec.model_dump(mode="json"), spec_hash(spec), budget, storage, study)
 
 
 def make_sampler(spec: SearchSpec, workers: int = 1, dimensions: int = 1) -> optuna.samplers.BaseSampler:
@@ -135,7 +143,7 @@ def open_study(spec: SearchSpec, run: RunFolder, space: SearchSpace, workers: in
     with warnings.catch_warnings():  # TPE's group is "experimental"; used knowingly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         sampler = make_sampler(spec, workers, len(probe.params))
-    return optuna.create_study(study_name=STUDY_NAME, storage=run.storage_url(), sampler=sampler,
+    return optuna.create_study(study_name=run.study_name(), storage=run.storage_url(), sampler=sampler,
                                pruner=optuna.pruners.NopPruner(), directions=directions, load_if_exists=True)
 
 
@@ -148,11 +156,14 @@ def _requeue(study: optuna.Study, trial: optuna.trial.BaseTrial, **attrs: Any) -
 
 def recover_interrupted(study: optuna.Study) -> int:
     """Trials left RUNNING by an interrupted search (killed, or stopped by an exception; one search per run
-    at a time, so they are all its own): mark them failed and queue their parameters again."""
+    at a time, so they are all its own): mark them failed and queue their parameters again, a bounded
+    number of times (a candidate that kills the driver must not be run again on every resume)."""
     stale = [t for t in study.get_trials(deepcopy=False) if t.state == TrialState.RUNNING]
     for t in stale:
         study.tell(t.number, state=TrialState.FAIL)
-        _requeue(study, t, **{Attr.RERUN_OF: t.number})
+        retry = t.user_attrs.get(Attr.RETRY, 0)
+        if retry < MAX_RETRIES:
+            _requeue(study, t, **{Attr.RERUN_OF: t.number, Attr.RETRY: retry + 1})
     return len(stale)
 
 
@@ -160,11 +171,6 @@ def _objective(spec: SearchSpec, result: EvalResult) -> list[float]:
     if spec.evaluation.objective == "pareto":
         return [result.scores[t.name] for t in spec.evaluation.tasks]
     return [result.score]
-
-
-def weighted_score(spec: SearchSpec, scores: dict[str, float]) -> float:
-    """The spec's weighted mean of per-task scores (the single objective; the ranking of a Pareto front)."""
-    return weighted_mean(scores, {t.name: t.weight for t in spec.evaluation.tasks})
 
 
 @dataclass
@@ -200,7 +206,7 @@ class Search:
         self.search_ids = {n: self.executor.doc_ids(n, "search")[: ev.search_examples] for n in names}
         screens = ev.screen_examples is not None and ev.objective == "weighted"
         self.screen = Screen({n: ids[: ev.screen_examples] for n, ids in self.search_ids.items()},
-                             {t.name: t.weight for t in ev.tasks}, self.study.get_trials(deepcopy=False)) \
+                             ev.weights, self.study.get_trials(deepcopy=False)) \
             if screens else None
         self._seen: dict[str, tuple[int, list[float], str]] = {}  # recipe hash -> (trial, values, fidelity)
         self._flight: dict[int, _Flight] = {}
@@ -230,7 +236,7 @@ class Search:
         self.seed_baselines()
         self._seen = {t.user_attrs[Attr.RECIPE_HASH]: (t.number, t.values, t.user_attrs.get(Attr.FIDELITY))
                       for t in self.study.get_trials(deepcopy=False)
-                      if t.state == TrialState.COMPLETE and Attr.RECIPE_HASH in t.user_attrs}
+                      if counted(t) and Attr.RECIPE_HASH in t.user_attrs}
         done = self.finished()
         try:
             while True:
@@ -250,7 +256,9 @@ class Search:
     def _dispatch(self, remaining: int) -> None:
         """Fill free slots with new candidates, at most ``remaining`` in flight."""
         duplicates = 0
-        while len(self._flight) < remaining and self.executor.busy() < self.executor.slots():
+        executor = self.executor
+        while len(self._flight) < remaining and executor.busy() < executor.slots() \
+                and (executor.can_submit() or not self._flight):  # wait for a restarting worker only when idle
             trial = self.study.ask()
             recipe = self.space.sample(trial)
             key = recipe_hash(recipe)
@@ -348,7 +356,7 @@ class Search:
         if self.spec.evaluation.objective == "pareto":
             front = {t.number for t in self.study.best_trials}
             full = [t for t in full if t.number in front]
-        return sorted(full, key=lambda t: weighted_score(self.spec, t.user_attrs[Attr.SCORES]),
+        return sorted(full, key=lambda t: weighted_mean(t.user_attrs[Attr.SCORES], self.spec.evaluation.weights),
                       reverse=True)[: self.spec.evaluation.top_k]
 
     def reference_recipes(self) -> dict[str, Recipe]:

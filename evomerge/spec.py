@@ -7,6 +7,7 @@ back as a mergekit YAML. ``seed`` (for DARE/DELLA masks) is our only addition.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from evomerge.errors import SpecError
 from evomerge.methods import MergeMethod, Param, get_method
+from evomerge.scores import task_shares
 
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # unknown keys, NaN and infinities are errors
 Scalar = bool | float
@@ -173,6 +175,12 @@ def load_yaml_model(cls: type[M], path: str | Path) -> M:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
         raise SpecError(f"file not found: {path}") from None
+    except IsADirectoryError:
+        raise SpecError(f"{path} is a folder, not a YAML file") from None
+    except UnicodeDecodeError:
+        raise SpecError(f"{path}: not a text file (not UTF-8)") from None
+    except OSError as err:
+        raise SpecError(f"{path}: cannot be read ({err.strerror})") from None
     except yaml.YAMLError as err:
         raise SpecError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
@@ -251,8 +259,9 @@ class SpaceSpec(BaseModel):
     fixed: dict[str, Scalar] = {}
     shared: list[str] = []  # searched once for the whole model instead of per layer slot
 
-    @property
+    @functools.cached_property
     def grain(self) -> Granularity:
+        """The granularity, parsed once (the string is what the YAML and the spec hash hold)."""
         return Granularity.parse(self.granularity)
 
     @field_validator("granularity")
@@ -327,10 +336,17 @@ class EvaluationSpec(BaseModel):
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 64
     top_k: int = Field(5, ge=1)  # re-scored on validation at the end
 
+    @property
+    def weights(self) -> dict[str, float]:
+        """Each task's weight by name (the weighted task mean's weights)."""
+        return {t.name: t.weight for t in self.tasks}
+
     @model_validator(mode="after")
     def _check(self) -> EvaluationSpec:
-        if sum(t.weight for t in self.tasks) <= 0:
-            raise ValueError("evaluation.tasks: the task weights must sum to more than 0")
+        try:
+            task_shares(self.weights)
+        except SpecError as err:
+            raise ValueError(f"evaluation.tasks: {err}") from None
         if self.screen_examples is not None and self.search_examples is not None \
                 and self.screen_examples >= self.search_examples:
             raise ValueError("evaluation.screen_examples must be below search_examples")

@@ -75,11 +75,11 @@ def recipe_scores(recipe: Recipe, tasks: list[str]) -> dict[str, float]:
 
 @dataclass
 class SleepExecutor:
-    """Implements the ``Executor`` protocol with ``workers`` simulated slots: a job's duration is drawn at
+    """Implements the ``Executor`` protocol with ``slot_count`` simulated workers: a job's duration is drawn at
     submit, it finishes at submit time + duration (real, monotonic clock), ``wait_any`` sleeps until the
     earliest finish and returns that job. Records every job's busy span and the time spent asleep."""
 
-    workers: int
+    slot_count: int
     low_s: float
     high_s: float
     tasks: list[str]
@@ -97,16 +97,22 @@ class SleepExecutor:
         self._jobs: dict[int, Candidate] = {}
 
     def slots(self) -> int:
-        return self.workers
+        return self.slot_count
+
+    def can_submit(self) -> bool:
+        return len(self._jobs) < self.slot_count
 
     def busy(self) -> int:
         return len(self._jobs)
+
+    def workers(self) -> tuple[int, int]:
+        return len(self._jobs), self.slot_count
 
     def doc_ids(self, task: str, role: str) -> list[int]:
         return list(range(self.examples))
 
     def submit(self, key: int, candidate: Candidate) -> None:
-        if key in self._jobs or len(self._jobs) >= self.workers:
+        if key in self._jobs or len(self._jobs) >= self.slot_count:
             raise RuntimeError(f"job {key} submitted twice or with every slot busy")
         now = time.monotonic()
         finish = now + self._rng.uniform(self.low_s, self.high_s)
@@ -263,7 +269,7 @@ def run_case(base: SearchSpec, sampler: str, workers: int, budget: int, low_s: f
     evaluation = base.evaluation.model_copy(update={"screen_examples": None})
     spec = base.model_copy(update={"sampler": sampler, "seed": seed, "evaluation": evaluation})
     tasks = [t.name for t in spec.evaluation.tasks]
-    executor = SleepExecutor(workers, low_s, high_s, tasks, {t.name: t.weight for t in spec.evaluation.tasks},
+    executor = SleepExecutor(workers, low_s, high_s, tasks, spec.evaluation.weights,
                              examples=spec.evaluation.search_examples or 500, seed=seed)
     run = RunFolder(root / f"{sampler}-{workers}")
     prepare_run(spec, run, budget, force=False)

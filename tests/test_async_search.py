@@ -35,6 +35,9 @@ class ShuffledExecutor:
     def busy(self) -> int:
         return len(self._jobs)
 
+    def can_submit(self) -> bool:
+        return len(self._jobs) < self.slots()
+
     def workers(self) -> tuple[int, int]:
         return len(self._jobs), self.slots()
 

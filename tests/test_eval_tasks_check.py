@@ -9,7 +9,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 import evomerge.evaluate
 from evomerge.demo import TASKS_DIR, model_path
 from evomerge.errors import SpecError
-from evomerge.evaluate import EvalResult, Evaluator, check_tasks, task_shares, weighted_mean
+from evomerge.evaluate import EvalResult, Evaluator, check_tasks
+from evomerge.scores import task_shares, weighted_mean
 from evomerge.spec import TaskSpec
 
 
@@ -48,7 +49,6 @@ def test_good_tasks_pass(task_dir):
      "task demo_add splits.search 'search[900:1001]' reaches past the end of split 'search' (1000 documents)"),
     ({"name": "demo_add", "splits": {"test": "test[500:]"}},
      "task demo_add splits.test 'test[500:]' selects no documents (split 'test' has 500)"),
-    ({"name": "demo_add", "weight": 0.0}, "the task weights sum to 0; they must sum to more than 0"),
 ])
 def test_bad_task_spec_is_one_line(task_dir, task, message):
     with pytest.raises(SpecError) as error:

@@ -25,7 +25,7 @@ from evomerge.run import Attr, RunFolder, counted
 from evomerge.spec import Recipe, SearchSpec
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
-SMALL = {**SPEC, "evaluation": {**SPEC["evaluation"], "top_k": 1}}
+SMALL = {**SPEC, "evaluation": {**SPEC["evaluation"], "top_k": 1}, "device": "cpu"}  # CPU workers, GPU or not
 
 
 @pytest.fixture
@@ -141,6 +141,31 @@ def test_driver_killed_then_resumed_finishes_exactly_the_budget(spec_file, tmp_p
     trials = assert_exact_budget(run, 10)
     # each interrupted candidate was queued again (one asked but not yet sampled has nothing to queue)
     assert {t.user_attrs.get(Attr.RERUN_OF) for t in trials} >= {t.number for t in running if t.params}
+
+
+def test_a_worker_is_restarted_twice_then_dropped(tmp_path):
+    """Each death of a worker fails the job it ran and the one queued behind it, and counts once: the
+    worker comes back after the first and second deaths and is out of the pool after the third."""
+    spec = SearchSpec.model_validate(SMALL)
+    executor = RayExecutor(spec, workers=1)
+    good = Recipe(merge_method="linear", models=[{"model": "demo:add"}, {"model": "demo:reverse"}])
+    job = Candidate(good, "search", {"demo_add": list(range(30)), "demo_reverse": list(range(30))})
+    try:
+        for death in range(1, 4):
+            executor.submit(0, job)  # waits for the restarted worker when it is still coming back
+            _, first = executor.wait_any()
+            assert first.error is None and executor.workers() == (0, 1)
+            pid = int(first.worker.rsplit("pid", 1)[1])
+            executor.submit(1, Candidate(good, "search"))  # the whole search split: seconds, not milliseconds
+            executor.submit(2, job)  # queued behind job 1 on the same worker
+            os.kill(pid, signal.SIGKILL)
+            outcomes = [executor.wait_any()[1] for _ in range(2)]
+            assert all(o.worker_lost and "died" in o.error for o in outcomes)
+            if death < 3:
+                assert executor.slots() == 2  # restarting: still counted, Ray brings it back
+        assert executor.slots() == 0 and executor.workers() == (0, 0)
+    finally:
+        executor.close()
 
 
 def test_failing_candidates_come_back_as_failed_outcomes(tmp_path):

@@ -4,12 +4,14 @@ Ctrl-C with a resumable run."""
 
 import hashlib
 import os
+import shutil
 import signal
 import subprocess
 import sys
 
 import optuna
 import pytest
+import torch
 import yaml
 from optuna.trial import TrialState
 from test_search import SPEC, wait_for
@@ -17,7 +19,8 @@ from test_search import SPEC, wait_for
 from evomerge.cli import main
 from evomerge.run import STUDY_NAME, RunFolder, counted, sqlite_url
 
-SMALL = {**SPEC, "evaluation": {**SPEC["evaluation"], "top_k": 1, "search_examples": 20, "screen_examples": 8}}
+SMALL = {**SPEC, "evaluation": {**SPEC["evaluation"], "top_k": 1, "search_examples": 20, "screen_examples": 8},
+         "device": "cpu"}
 
 
 def tree_digest(root) -> dict[str, str]:
@@ -67,6 +70,31 @@ def test_recorded_storage_serves_every_command(external_run, tmp_path, capsys):
     assert main(["search", "--resume", str(run), "--storage", sqlite_url(other)]) == 2
     one_line_error(capsys, "keeps its study at")
     assert not other.exists()
+
+
+def test_resume_cannot_move_a_run_to_another_storage(tmp_path, spec_file, capsys):
+    run = tmp_path / "run"
+    assert main(["search", str(spec_file), "--budget", "2", "--run", str(run)]) == 0
+    capsys.readouterr()
+    before = tree_digest(tmp_path)
+    other = tmp_path / "other.db"
+    assert main(["search", "--resume", str(run), "--budget", "3", "--storage", sqlite_url(other)]) == 2
+    one_line_error(capsys, f"keeps its study at {sqlite_url(run / 'study.db')}")
+    assert tree_digest(tmp_path) == before
+
+
+def test_reading_a_recorded_storage_that_is_gone_creates_nothing(external_run, tmp_path, capsys):
+    run, db = external_run
+    moved = tmp_path / "copy"
+    shutil.copytree(run, moved)
+    doc = yaml.safe_load((moved / "spec.yaml").read_text())
+    doc["storage"] = sqlite_url(tmp_path / "gone" / "study.db")
+    (moved / "spec.yaml").write_text(yaml.safe_dump(doc))
+    before = tree_digest(tmp_path)
+    for argv in (["status", str(moved)], ["report", str(moved)], ["search", "--resume", str(moved)]):
+        assert main(argv) == 2
+        one_line_error(capsys, "")
+    assert tree_digest(tmp_path) == before and not (tmp_path / "gone").exists()
 
 
 def test_error_text_is_printed_literally(external_run, capsys):
@@ -131,7 +159,8 @@ BAD_ARGS = {
     "storage folder missing": (["--budget", "2", "--storage", "sqlite:////no/such/folder/s.db"],
                                "folder /no/such/folder does not exist"),
     "local with workers": (["--budget", "2", "--executor", "local", "--workers", "2"], "need the Ray executor"),
-    "too many CPU workers": (["--budget", "2", "--workers", "64"], "64 CPU workers need at least 64 CPUs"),
+    "too many CPU workers": (["--budget", "2", "--workers", str(os.cpu_count() + 1)],
+                             f"{os.cpu_count() + 1} CPU workers need at least {os.cpu_count() + 1} CPUs"),
 }
 
 
@@ -150,9 +179,10 @@ def test_run_that_is_a_file_and_device_that_is_missing(tmp_path, spec_file, caps
     assert main(["search", str(spec_file), "--budget", "2", "--run", str(run)]) == 2
     one_line_error(capsys, "is a file")
     gpu = tmp_path / "gpu.yaml"
-    gpu.write_text(yaml.safe_dump({**SMALL, "device": "cuda:7"}))
+    missing = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU (cuda:0 without one)
+    gpu.write_text(yaml.safe_dump({**SMALL, "device": missing}))
     assert main(["search", str(gpu), "--budget", "2", "--run", str(tmp_path / "r")]) == 2
-    one_line_error(capsys, "device 'cuda:7'")
+    one_line_error(capsys, f"device '{missing}'")
     assert not (tmp_path / "r").exists()
 
 

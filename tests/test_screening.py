@@ -6,8 +6,9 @@ import pytest
 from optuna.trial import TrialState
 from test_search import SPEC
 
-from evomerge.evaluate import EvalResult, weighted_mean
+from evomerge.evaluate import EvalResult
 from evomerge.run import Attr, RunFolder
+from evomerge.scores import weighted_mean
 from evomerge.screening import P_THRESHOLD, Screen, significantly_worse
 from evomerge.search import Search, prepare_run
 from evomerge.spec import SearchSpec

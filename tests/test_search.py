@@ -109,8 +109,8 @@ def test_sigkill_ten_times_at_events_then_resume(spec_file, tmp_path):
         proc = subprocess.Popen(cmd if attempt == 0 else [*cmd[:4], "--resume", str(run.root)],
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         if attempt % 3 == 0:
-            def event(pid=proc.pid):
-                return run.lock_file.exists() and run.lock_file.read_text().strip() == str(pid)
+            def event(pid=proc.pid):  # the run's lock taken by this process (and the run recorded, on the first)
+                return run.spec.exists() and run.lock_file.exists() and run.lock_file.read_text().strip() == str(pid)
         else:
             def event(before=lines):
                 return len(run.log_rows()) > before

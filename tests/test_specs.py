@@ -68,7 +68,7 @@ BAD_VALUES = {
     "task weight nan": ("evaluation.tasks.0.weight", float("nan"), "tasks.0.weight: Input should be a finite number"),
     "task weight negative": ("evaluation.tasks.0.weight", -1.0, "tasks.0.weight: Input should be greater than"),
     "task weights sum to 0": ("evaluation.tasks", [{"name": "demo_add", "weight": 0.0}],
-                              "the task weights must sum to more than 0"),
+                              "the task weights sum to 0; they must sum to more than 0"),
     "split syntax": ("evaluation.tasks.1.splits.search", "search[a:b]",
                      "tasks.1.splits: search: split 'search[a:b]' is not NAME or NAME[start:stop]"),
     "empty split range": ("evaluation.tasks.1.splits.test", "test[5:5]", "test: split 'test[5:5]' is empty"),

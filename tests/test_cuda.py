@@ -1,0 +1,89 @@
+"""The GPU path: a worker whose model, base and task vectors live on the device (merge math there), its
+merge equal to the streamed CPU merge, a real device out-of-memory error returned as a failed candidate
+with the memory given back, and a Ray actor placed on a GPU. Skipped without CUDA (CI has none); run them
+wherever a GPU is present."""
+
+import pytest
+import torch
+from test_search import SPEC
+
+from evomerge.executors import Candidate, Worker
+from evomerge.merge import merge_to_folder
+from evomerge.ray_executor import plan_workers
+from evomerge.spec import Recipe, SearchSpec
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+IDS = {"demo_add": list(range(20)), "demo_reverse": list(range(20))}
+
+
+def test_worker_plan_follows_the_gpus():
+    spec = SearchSpec.model_validate(SPEC)  # device: auto
+    assert plan_workers(spec, {"CPU": 16, "GPU": 8}, None, 1).workers == 8
+    two = plan_workers(spec, {"CPU": 16, "GPU": 8}, None, 2)
+    assert (two.workers, two.gpus, two.device, two.threads) == (4, 2, "cuda", None)
+    cpu = plan_workers(spec.model_copy(update={"device": "cpu"}), {"CPU": 16, "GPU": 8}, 4, 1)
+    assert (cpu.workers, cpu.gpus, cpu.threads, cpu.device) == (4, 0, 4, "cpu")
+    assert plan_workers(spec, {"CPU": 2}, 2, 1).threads == 1
+
+
+@pytest.fixture(scope="module")
+def gpu_worker():
+    return Worker(SearchSpec.model_validate({**SPEC, "device": "cuda"}))
+
+
+@cuda
+def test_merge_runs_on_the_device_and_equals_the_streamed_merge(gpu_worker, tmp_path):
+    merger = gpu_worker.merger
+    assert {t.device.type for t in merger.base.values()} == {"cuda"}
+    recipe = Recipe(merge_method="task_arithmetic", base_model="demo:base", dtype="float32",
+                    models=[{"model": "demo:add", "parameters": {"weight": [0.3, 0.9]}},
+                            {"model": "demo:reverse", "parameters": {"weight": 0.6}}])
+    outcome = gpu_worker.run(Candidate(recipe, "search", IDS))
+    assert outcome.error is None and gpu_worker.name.split(":")[1] == "cuda"
+    from safetensors.torch import load_file
+
+    streamed = load_file(merge_to_folder(recipe, tmp_path / "cpu") / "model.safetensors")
+    live = dict(gpu_worker.model.named_parameters())
+    for name, tensor in streamed.items():
+        torch.testing.assert_close(live[name].detach().cpu(), tensor.to(torch.float32), atol=1e-5, rtol=1e-5)
+
+
+@cuda
+def test_device_out_of_memory_is_a_failed_candidate(gpu_worker, monkeypatch):
+    good = Recipe(merge_method="linear", models=[{"model": "demo:add"}, {"model": "demo:reverse"}])
+    before = gpu_worker.run(Candidate(good, "search", IDS))
+    torch.cuda.synchronize()
+    allocated = torch.cuda.memory_allocated()
+    real = gpu_worker.evaluator.evaluate
+
+    def greedy(role, doc_ids=None):
+        _ = torch.empty(1 << 30, device="cuda")  # 4 GiB that the failing frame (kept by its traceback) holds
+        free, _total = torch.cuda.mem_get_info()
+        torch.empty(free * 2, dtype=torch.uint8, device="cuda")  # more than the card has
+        return real(role, doc_ids)
+
+    monkeypatch.setattr(gpu_worker.evaluator, "evaluate", greedy)
+    failed = gpu_worker.run(Candidate(good, "search", IDS))
+    assert failed.result is None and "OutOfMemoryError" in failed.error
+    assert torch.cuda.memory_allocated() <= allocated + (1 << 20)  # the worker let the failed frame's memory go
+    monkeypatch.setattr(gpu_worker.evaluator, "evaluate", real)
+    again = gpu_worker.run(Candidate(good, "search", IDS))
+    torch.cuda.synchronize()
+    assert again.result.scores == before.result.scores
+    assert torch.cuda.memory_allocated() <= allocated + (1 << 20)  # what the failure held is given back
+
+
+@cuda
+def test_ray_actor_runs_on_a_gpu():
+    pytest.importorskip("ray")
+    from evomerge.ray_executor import RayExecutor
+
+    executor = RayExecutor(SearchSpec.model_validate(SPEC), workers=1)
+    try:
+        assert executor.plan.device == "cuda" and executor.plan.gpus == 1
+        good = Recipe(merge_method="linear", models=[{"model": "demo:add"}, {"model": "demo:reverse"}])
+        executor.submit(0, Candidate(good, "search", IDS))
+        key, outcome = executor.wait_any()
+        assert key == 0 and outcome.error is None and ":cuda" in outcome.worker
+    finally:
+        executor.close()
