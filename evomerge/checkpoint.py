@@ -9,29 +9,29 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import re
+import secrets
 import shutil
 import struct
-import tempfile
-from collections.abc import Iterator
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 
 from evomerge.errors import SpecError
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
-DTYPES = {
+SAFETENSORS_DTYPES = {
     "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
-DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+SAFETENSORS_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
@@ -52,10 +52,14 @@ class TensorInfo:
     shape: tuple[int, ...]
     dtype: torch.dtype
     file: Path
+    offset: int  # of the tensor's first byte in the file
 
 
 def read_header(path: Path) -> dict[str, TensorInfo]:
-    """Names, shapes and dtypes of one safetensors file, read from its header alone."""
+    """Names, shapes and dtypes of one safetensors file, read from its header alone.
+
+    The header is checked as strictly as the safetensors library checks it when the data is read (byte
+    ranges that fit each shape and dtype and tile the data area), so a bad file fails before compute."""
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -63,14 +67,29 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
             if length > size - 8:
                 raise ValueError("header longer than the file")
             header = json.loads(f.read(length))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
         infos: dict[str, TensorInfo] = {}
+        ranges: list[tuple[int, int, str]] = []
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
-            start, end = entry["data_offsets"]
-            if end > size - 8 - length or start > end:
-                raise ValueError(f"tensor {name} lies past the end of the file")
-            infos[name] = TensorInfo(tuple(entry["shape"]), DTYPES[entry["dtype"]], path)
+            shape, dtype, (start, end) = entry["shape"], SAFETENSORS_DTYPES[entry["dtype"]], entry["data_offsets"]
+            if not all(isinstance(v, int) and v >= 0 for v in [*shape, start, end]):
+                raise ValueError(f"tensor {name} has a bad shape or data_offsets")
+            if end - start != _nbytes(tuple(shape), dtype):
+                raise ValueError(f"tensor {name}: data_offsets [{start}, {end}] do not match shape {shape} "
+                                 f"of {entry['dtype']}")
+            infos[name] = TensorInfo(tuple(shape), dtype, path, 8 + length + start)
+            ranges.append((start, end, name))
+        covered = 0
+        for start, end, name in sorted(ranges):
+            if start != covered:
+                raise ValueError(f"tensor {name}: data_offsets [{start}, {end}] overlap or leave a gap "
+                                 f"(previous data ends at {covered})")
+            covered = end
+        if covered != size - 8 - length:
+            raise ValueError(f"tensor data ends at byte {covered} but the data area holds {size - 8 - length}")
         return infos
     except (OSError, ValueError, KeyError, TypeError, struct.error) as err:
         raise SpecError(f"{path}: not a readable safetensors file ({err})") from None
@@ -83,7 +102,6 @@ class Checkpoint:
     path: Path
     config: dict
     tensors: dict[str, TensorInfo]
-    _handles: dict[Path, object] = field(default_factory=dict, repr=False)
 
     @property
     def vocab_size(self) -> int | None:
@@ -101,41 +119,70 @@ class Checkpoint:
         return max((i for i in indices if i is not None), default=-1) + 1
 
     def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
+        """One tensor, read with plain file reads into memory we own (safetensors is little-endian, as is
+        every platform torch supports): no memory map, so input pages never count against our RSS and a
+        tensor's memory is gone as soon as it is dropped."""
         info = self.tensors[name]
-        handle = self._handles.get(info.file)
-        if handle is None:
-            handle = self._handles[info.file] = safe_open(str(info.file), framework="pt", device="cpu")
-        tensor = handle.get_tensor(name)
+        tensor = torch.empty(info.shape, dtype=info.dtype)
+        buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+        with info.file.open("rb", buffering=0) as f:
+            f.seek(info.offset)
+            done = 0
+            while done < len(buffer):
+                got = f.readinto(buffer[done:])
+                if not got:
+                    raise SpecError(f"{info.file}: ends inside tensor {name}")
+                done += got
         return tensor if str(device) == "cpu" else tensor.to(device, non_blocking=True)
 
 
+def _read_json_object(file: Path) -> dict:
+    try:
+        data = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise SpecError(f"{file}: invalid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{file}: expected a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _index_files(index: Path) -> dict[str, str]:
+    """The weight map of a sharded checkpoint: tensor name -> shard file name in the same folder."""
+    weight_map = _read_json_object(index).get("weight_map")
+    if not isinstance(weight_map, dict) or not all(
+            isinstance(k, str) and isinstance(v, str) and v == Path(v).name for k, v in weight_map.items()):
+        raise SpecError(f"{index}: weight_map must map tensor names to shard file names")
+    return weight_map
+
+
 def open_checkpoint(ref: str) -> Checkpoint:
-    """Open a Hugging Face model folder; SpecError if it is missing, has no weights or is corrupt."""
+    """Open a Hugging Face model folder; SpecError if it is missing, has no config or weights, or is corrupt."""
     path = resolve_model_path(ref)
     if not path.is_dir():
         raise SpecError(f"model folder not found: {ref}")
     config_file = path / "config.json"
-    try:
-        config = json.loads(config_file.read_text()) if config_file.exists() else {}
-    except json.JSONDecodeError as err:
-        raise SpecError(f"{config_file}: invalid JSON ({err})") from None
+    if not config_file.is_file():
+        raise SpecError(f"no config.json in {path}")
+    config = _read_json_object(config_file)
     index = path / INDEX_FILE
     if index.exists():
-        try:
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError) as err:
-            raise SpecError(f"{index}: not a safetensors index ({err})") from None
-        paths = [path / f for f in files]
-    elif (path / SINGLE_FILE).exists():
-        paths = [path / SINGLE_FILE]
-    else:
-        paths = sorted(path.glob("*.safetensors"))
+        weight_map = _index_files(index)
+        if not weight_map:
+            raise SpecError(f"no safetensors weights in {path}")
+        headers = {}
+        for file in sorted(set(weight_map.values())):
+            if not (path / file).is_file():
+                raise SpecError(f"{index}: shard {file} is missing")
+            headers[file] = read_header(path / file)
+        missing = next((n for n, f in weight_map.items() if n not in headers[f]), None)
+        if missing is not None:
+            raise SpecError(f"{index}: tensor {missing} is not in its shard {weight_map[missing]}")
+        return Checkpoint(path=path, config=config, tensors={n: headers[f][n] for n, f in weight_map.items()})
+    paths = [path / SINGLE_FILE] if (path / SINGLE_FILE).exists() else sorted(path.glob("*.safetensors"))
     if not paths:
         raise SpecError(f"no safetensors weights in {path}")
     tensors: dict[str, TensorInfo] = {}
     for file in paths:
-        if not file.exists():
-            raise SpecError(f"{index}: shard {file.name} is missing")
         tensors.update(read_header(file))
     return Checkpoint(path=path, config=config, tensors=tensors)
 
@@ -214,7 +261,8 @@ class ShardedWriter:
         for i in indices:
             name, shape, dtype = self.entries[i]
             size = _nbytes(shape, dtype)
-            header[name] = {"dtype": DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[name] = {"dtype": SAFETENSORS_CODES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + size]}
             offset += size
         raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
@@ -259,20 +307,72 @@ def copy_side_files(source: Path, target: Path, dtype: torch.dtype) -> None:
         config_file.write_text(json.dumps(config, indent=2) + "\n")
 
 
-def check_output_folder(out: Path, force: bool) -> None:
-    """Refuse an existing output folder unless forced (checked before any compute)."""
+def shard_bytes(gib: float) -> int:
+    """``--shard-size`` in GiB as bytes; SpecError unless it is a finite number above zero."""
+    if not math.isfinite(gib) or gib <= 0:
+        raise SpecError(f"--shard-size must be a positive number of GiB, got {gib}")
+    return max(1, int(gib * 1024**3))
+
+
+def check_output_folder(out: Path, force: bool, protected: Sequence[Path] = ()) -> None:
+    """Refuse, before any compute, an output that would destroy or nest with a ``protected`` folder (the
+    inputs, a run folder being exported), an existing one unless forced, and a location we cannot write."""
+    target = out.resolve()
+    for folder in protected:
+        keep = folder.resolve()
+        if target == keep or target in keep.parents or keep in target.parents:
+            relation = "is" if target == keep else "contains" if target in keep.parents else "lies inside"
+            raise SpecError(f"output folder {out} {relation} {folder}, which must stay untouched; choose another")
     if out.exists() and not force:
         raise SpecError(f"output folder {out} exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise SpecError(f"output path {out} exists and is not a folder")
+    parent = next(p for p in target.parents if p.exists())
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise SpecError(f"cannot write output folder {out}: {parent} is not a writable folder")
+
+
+def _temp_sibling(target: Path) -> Path:
+    """A hidden name beside ``target`` that records the writing process, so a later run can tell a stale
+    leftover (its writer is dead) from another run's work in progress."""
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def _remove_stale_temps(target: Path) -> None:
+    """Delete temporary siblings of ``target`` left by killed writers; nothing else."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.tmp-(\d+)-[0-9a-f]{{8}}$")
+    for item in target.parent.iterdir():
+        match = pattern.match(item.name)
+        if match and not _alive(int(match.group(1))):
+            if item.is_dir() and not item.is_symlink():
+                shutil.rmtree(item, ignore_errors=True)
+            else:
+                item.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
 
 
 @contextlib.contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder; on success it replaces ``out`` in one rename."""
+    """Yield a temporary sibling folder (normal permissions); on success it replaces ``out`` in one rename.
+
+    A killed merge leaves only its hidden temporary sibling, which the next run into ``out`` removes."""
     out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _remove_stale_temps(out)
+        tmp = _temp_sibling(out)
+        tmp.mkdir()  # mode 0o777 less the umask, like any folder the user makes
+    except OSError as err:
+        raise SpecError(f"cannot write output folder {out}: {err.strerror or err}") from None
     try:
         yield tmp
         if out.exists():
@@ -288,9 +388,13 @@ def atomic_folder(out: Path) -> Iterator[Path]:
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file through a temporary file and a rename."""
+    """Write a small file through a temporary sibling and a rename (mode 0o666 less the umask)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    _remove_stale_temps(path)
+    tmp = _temp_sibling(path)
+    try:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666), "w") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -3,8 +3,11 @@ in-place merge into a live model (the search's hot path: nothing reloaded, nothi
 
 from __future__ import annotations
 
+import math
 import zlib
-from collections.abc import Callable
+from collections import deque
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +23,7 @@ from evomerge.checkpoint import (
     copy_side_files,
     layer_index,
     open_checkpoint,
+    resolve_model_path,
 )
 from evomerge.errors import SpecError
 from evomerge.methods import MergeMethod
@@ -27,6 +31,7 @@ from evomerge.spec import Recipe, resolve_setting
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
+DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
 
 
 def layer_position(name: str, num_layers: int) -> float:
@@ -86,8 +91,9 @@ def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Genera
 
 def merge_tensor(method: MergeMethod, params: TensorParams, base: torch.Tensor | None,
                  inputs: list[torch.Tensor], *, deltas: list[torch.Tensor] | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Merge one tensor in float32 (float64 stays float64). ``deltas`` may be passed precomputed."""
+                 generator: torch.Generator | None = None, stacked: torch.Tensor | None = None) -> torch.Tensor:
+    """Merge one tensor in float32 (float64 stays float64). ``deltas`` may be passed precomputed, or
+    ``stacked``: the deltas as the rows of one work-dtype tensor the merge may overwrite."""
     work = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
     kwargs: dict = {("lambda_" if k == "lambda" else k): v for k, v in params.shared.items()}
     kwargs.update(params.per_model)
@@ -95,10 +101,27 @@ def merge_tensor(method: MergeMethod, params: TensorParams, base: torch.Tensor |
         kwargs["generator"] = generator
     base_w = base.to(work) if base is not None else None
     if method.uses_deltas and base_w is not None:
+        if method.stacks:
+            if stacked is None:
+                stacked = stack_deltas(base_w, inputs if deltas is None else deltas, subtract=deltas is None)
+            # base + merged delta, added in place: IEEE addition commutes, so the bits are base_w + merged's
+            return method.fn(base_w, list(stacked), stacked=stacked, **kwargs).add_(base_w)
         if deltas is None:
-            deltas = [x.to(work) - base_w for x in inputs]
+            deltas = [x.to(work) - base_w for x in inputs] if stacked is None else list(stacked)
         return base_w + method.fn(base_w, deltas, **kwargs)
     return method.fn(base_w, [x.to(work) for x in inputs], **kwargs)
+
+
+def stack_deltas(base_w: torch.Tensor, tensors: Sequence[torch.Tensor], *, subtract: bool) -> torch.Tensor:
+    """One ``(n, *shape)`` tensor in ``base_w``'s dtype whose rows are ``x - base_w`` (exactly
+    ``x.to(work) - base_w``: the widening is exact), or copies of already computed deltas."""
+    stacked = torch.empty((len(tensors), *base_w.shape), dtype=base_w.dtype, device=base_w.device)
+    for row, x in zip(stacked, tensors, strict=True):
+        if subtract:
+            torch.sub(x, base_w, out=row)
+        else:
+            row.copy_(x)
+    return stacked
 
 
 @dataclass
@@ -135,38 +158,84 @@ def output_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
     return DTYPES[recipe.output_dtype]
 
 
+def _read_tensor(opened: MergeInputs, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The base's and every input's copy of one tensor, read from the files."""
+    return (opened.base.read(name) if opened.base else None), [c.read(name) for c in opened.inputs]
+
+
+def _streamed_tensor(opened: MergeInputs, name: str, num_layers: int,
+                     read: tuple[torch.Tensor | None, list[torch.Tensor]] | None = None) -> torch.Tensor:
+    """One merged tensor read from the files (or from ``read``); the inputs are dropped as soon as they
+    are turned into task vectors, so at most one float32 stack of them is alive."""
+    recipe, method = opened.recipe, opened.recipe.method
+    base, inputs = read if read is not None else _read_tensor(opened, name)
+    del read
+    if not inputs[0].is_floating_point():
+        return base if base is not None else inputs[0]
+    gen = tensor_generator(recipe.seed, name, inputs[0].device) if method.seeded else None
+    params = resolve_params(recipe, name, num_layers)
+    if method.uses_deltas and method.stacks and base is not None:
+        work = torch.float64 if inputs[0].dtype == torch.float64 else torch.float32
+        base_w = base.to(work)
+        stacked = stack_deltas(base_w, inputs, subtract=True)
+        first = inputs[0][:0]  # keeps the dtype, not the data
+        inputs.clear()
+        return merge_tensor(method, params, base_w, [first], generator=gen, stacked=stacked)
+    return merge_tensor(method, params, base, inputs, generator=gen)
+
+
 def merge_to_folder(recipe: Recipe, out: Path, *, force: bool = False, max_shard_bytes: int = 2 * 1024**3,
                     on_progress: Callable[[int, int], None] | None = None,
-                    extra_files: dict[str, str] | None = None) -> Path:
+                    extra_files: dict[str, str] | None = None, protected: Sequence[Path] = ()) -> Path:
     """Stream a merge from checkpoint files to a Hugging Face folder, a few tensors in memory at a time.
 
-    Everything is validated before the first tensor is read; the folder appears only when complete.
+    Everything is validated before the first tensor is read; the folder appears only when complete. The
+    input model folders and ``protected`` (e.g. the run folder an export reads) are never touched: ``out``
+    may not be, contain or lie inside any of them, ``force`` or not.
     """
-    check_output_folder(out, force)
+    if max_shard_bytes < 1:
+        raise SpecError(f"the shard size must be at least one byte, got {max_shard_bytes}")
+    refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
+    check_output_folder(out, force, protected=[*(resolve_model_path(r) for r in refs), *protected])
     opened = open_inputs(recipe)
     ref = opened.reference
-    method = recipe.method
     num_layers = ref.num_layers
     entries = [(n, ref.tensors[n].shape, output_dtype(recipe, ref.tensors[n].dtype)) for n in opened.names]
     with atomic_folder(out) as tmp:
         writer = ShardedWriter(tmp, entries, max_shard_bytes)
-        for done, (name, _, dtype) in enumerate(entries, start=1):
-            base = opened.base.read(name) if opened.base else None
-            inputs = [c.read(name) for c in opened.inputs]
-            if inputs[0].is_floating_point():
-                params = resolve_params(recipe, name, num_layers)
-                gen = tensor_generator(recipe.seed, name, inputs[0].device) if method.seeded else None
-                merged = merge_tensor(method, params, base, inputs, generator=gen)
-            else:
-                merged = base if base is not None else inputs[0]
-            writer.write(name, merged.to(dtype))
-            if on_progress:
-                on_progress(done, len(entries))
+        # two tensors merge at once (each reads its own inputs, so reading overlaps compute), unless
+        # together they hold more elements than the largest tensor does alone: memory stays near the
+        # sequential peak; outputs are written in order
+        largest = max((math.prod(shape) for _, shape, _ in entries), default=0)
+        flight: deque[tuple[str, torch.dtype, int, Future]] = deque()
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="evomerge-merge") as pool:
+            todo = iter(entries)
+            following = next(todo, None)
+            done = 0
+            while following is not None or flight:
+                while following is not None and (not flight or (
+                        len(flight) < 2 and sum(f[2] for f in flight) + math.prod(following[1]) <= largest)):
+                    name, shape, dtype = following
+                    flight.append((name, dtype, math.prod(shape),
+                                   pool.submit(_streamed_tensor, opened, name, num_layers)))
+                    following = next(todo, None)
+                name, dtype, _, future = flight.popleft()
+                try:
+                    merged = future.result()
+                except BaseException:
+                    for *_, other in flight:
+                        other.cancel()
+                    raise
+                writer.write(name, merged.to(dtype))  # freed once written
+                del merged, future
+                done += 1
+                if on_progress:
+                    on_progress(done, len(entries))
         writer.finish()
-        float_dtypes = [d for _, _, d in entries if d.is_floating_point]
-        copy_side_files(ref.path, tmp, float_dtypes[0] if float_dtypes else torch.float32)
+        float_dtype = next((d for _, _, d in entries if d.is_floating_point), torch.float32)
+        copy_side_files(ref.path, tmp, float_dtype)
         atomic_write_text(tmp / "evomerge_recipe.yaml", recipe.to_yaml())
-        atomic_write_text(tmp / "mergekit_config.yml", recipe.to_mergekit_yaml())
+        atomic_write_text(tmp / "mergekit_config.yml", recipe.to_mergekit_yaml(DTYPE_NAMES.get(float_dtype)))
         for name, text in (extra_files or {}).items():
             atomic_write_text(tmp / name, text)
     return out
@@ -188,10 +257,9 @@ class LiveMerger:
         missing = [n for n in ckpts[0].tensors if n not in params]
         if missing:
             raise SpecError(f"tensor {missing[0]} of {base} is not a parameter of the live model")
-        device = next(model.parameters()).device
-        self.device = device
-        self.base = {n: ckpts[0].read(n, device).to(torch.float32) for n in ckpts[0].tensors}
-        self.weights = {ref: {n: c.read(n, device).to(torch.float32) for n in c.tensors}
+        # each tensor on its parameter's device: a model spread over several GPUs merges where it lives
+        self.base = {n: ckpts[0].read(n, params[n].device).to(torch.float32) for n in ckpts[0].tensors}
+        self.weights = {ref: {n: c.read(n, params[n].device).to(torch.float32) for n in c.tensors}
                         for ref, c in zip(models, ckpts[1:], strict=True)}
         self.deltas = {ref: {n: w[n] - self.base[n] for n in w} for ref, w in self.weights.items()}
 
@@ -206,7 +274,7 @@ class LiveMerger:
         use_base = method.base != "none" and recipe.base_model is not None
         for name, base in self.base.items():
             params = resolve_params(recipe, name, self.num_layers)
-            gen = tensor_generator(recipe.seed, name, self.device) if method.seeded else None
+            gen = tensor_generator(recipe.seed, name, base.device) if method.seeded else None
             inputs = [self.weights[r][name] for r in refs]
             deltas = [self.deltas[r][name] for r in refs] if method.uses_deltas and use_base else None
             merged = merge_tensor(method, params, base if use_base else None, inputs, deltas=deltas, generator=gen)

@@ -8,7 +8,9 @@ and returns raw weights. All arithmetic is float32 (float64 if the inputs are).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -22,24 +24,28 @@ BasePolicy = Literal["none", "optional", "required"]
 
 @dataclass(frozen=True)
 class Param:
-    """One tunable parameter: its default and the closed range it must lie in."""
+    """One tunable parameter: its default and the closed range it must lie in (ignored for flags)."""
 
-    default: float | bool | None
-    low: float | None = None
-    high: float | None = None
+    default: float | bool
+    low: float = 0.0
+    high: float = 1.0
 
     def check(self, name: str, value: float | bool, where: str) -> None:
+        """SpecError naming ``where`` unless ``value`` is a flag for a flag, else a finite number in range."""
         if isinstance(self.default, bool):
             if not isinstance(value, bool):
                 raise SpecError(f"{where}: {name} must be true or false, got {value!r}")
             return
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise SpecError(f"{where}: {name} must be a number, got {value!r}")
-        if (self.low is not None and value < self.low) or (self.high is not None and value > self.high):
+        if not math.isfinite(value):
+            raise SpecError(f"{where}: {name}={value} is not a finite number")
+        if not self.low <= value <= self.high:
             raise SpecError(f"{where}: {name}={value} is outside [{self.low}, {self.high}]")
 
 
-WEIGHT = Param(1.0)
+# No natural limit, but beyond +/-10 a merge is a blow-up, not a recipe: the range says so up front.
+WEIGHT = Param(1.0, -10.0, 10.0)
 DENSITY = Param(1.0, 0.0, 1.0)
 
 
@@ -57,6 +63,12 @@ class MergeMethod:
     shared: dict[str, Param] = field(default_factory=dict)
     seeded: bool = False  # draws random masks: needs a generator
     check: Callable[[dict[str, float]], str | None] | None = None  # joint limits on one model's values
+    stacks: bool = False  # fn also takes ``stacked=``: the deltas as rows of one scratch tensor
+
+    @property
+    def parameters(self) -> dict[str, Param]:
+        """Every parameter the method takes, shared or per model (per-model ones may also be set globally)."""
+        return {**self.shared, **self.per_model}
 
     def check_model_count(self, n: int) -> None:
         if n < self.min_models or (self.max_models is not None and n > self.max_models):
@@ -78,21 +90,73 @@ def rescale_l1(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor:
     return kept * (before / after)
 
 
+def _desc_order_int32_ok() -> bool:
+    """Whether, on this build, sorting the int32 bits of non-negative float32 values descending gives
+    exactly the permutation of sorting the floats (same order, same tie order, cheaper: no NaN passes).
+    Checked once per process on tied data of the sizes where the sort's strategy changes."""
+    global _INT32_ORDER_OK
+    if _INT32_ORDER_OK is None:
+        ok = True
+        gen = torch.Generator().manual_seed(1234)
+        for n in (1000, 70_000, 300_000):
+            base = torch.randn(n, generator=gen).to(torch.bfloat16).float()
+            w = ((base + 0.01 * torch.randn(n, generator=gen)).to(torch.bfloat16).float() - base).abs()
+            ok = ok and torch.equal(torch.argsort(w, descending=True),
+                                    torch.argsort(w.view(torch.int32), descending=True))
+        _INT32_ORDER_OK = ok
+    return _INT32_ORDER_OK
+
+
+_INT32_ORDER_OK: bool | None = None
+_FLOAT32_INF_BITS = 0x7F800000
+
+
+def _descending_order(magnitude: Tensor) -> Tensor:
+    """``torch.argsort(magnitude, descending=True)`` (float32, flat), the identical permutation; the input
+    is used as scratch. On CPU, non-negative non-NaN floats sort as their int32 bits, which is faster."""
+    order = torch.empty(magnitude.numel(), dtype=torch.long, device=magnitude.device)
+    if magnitude.device.type == "cpu" and magnitude.dtype == torch.float32 and _desc_order_int32_ok():
+        bits = magnitude.view(torch.int32)
+        low, high = torch.aminmax(bits)
+        if int(low) >= 0 and int(high) <= _FLOAT32_INF_BITS:  # no sign bit set (not even -0.0), no NaN
+            torch.sort(bits, descending=True, out=(bits, order))
+            return order
+    torch.sort(magnitude, descending=True, out=(magnitude, order))
+    return order
+
+
+def _ties_likely(magnitude: Tensor) -> bool:
+    """A cheap guess (speed only, never the result): repeated values in a strided sample of 2048 entries
+    mean the top-k cut very likely falls inside a run of ties (fp16/bf16 task vectors), so the sort will
+    be needed anyway and a kthvalue pass first is wasted."""
+    sample = magnitude[:: max(1, magnitude.numel() // 2048)]
+    return sample.unique().numel() < sample.numel()
+
+
+def _top_k_mask_(magnitude: Tensor, k: int) -> Tensor:
+    """``top_k_mask`` on a flat float32 tensor that may be overwritten."""
+    n = magnitude.numel()
+    if not _ties_likely(magnitude):
+        mask = magnitude >= torch.kthvalue(magnitude, n - k + 1).values
+        if int(mask.sum()) == k:
+            return mask
+    mask = torch.zeros(n, dtype=torch.bool, device=magnitude.device)
+    mask[_descending_order(magnitude)[:k]] = True
+    return mask
+
+
 def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
-    """Mask of ``k`` largest entries of a flat tensor in O(n): a kthvalue threshold, then entries equal to
-    it (common in bf16 task vectors) taken in index order until exactly ``k`` are kept."""
+    """Mask of the ``k`` largest entries of a flat tensor, the ones mergekit keeps: the first ``k`` of
+    ``argsort(magnitude.float(), descending=True)``. A kthvalue threshold settles it in O(n) unless more
+    entries equal the threshold than fit (common in fp16/bf16 task vectors); which of those an unstable
+    sort puts first depends on the whole tensor, so then the same sort decides."""
     n = magnitude.numel()
     if k >= n:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
-    magnitude = magnitude.float()
-    threshold = torch.kthvalue(magnitude, n - k + 1).values
-    mask = magnitude > threshold
-    missing = k - int(mask.sum())
-    if missing > 0:
-        mask[(magnitude == threshold).nonzero().squeeze(1)[:missing]] = True
-    return mask
+    scratch = magnitude.float()
+    return _top_k_mask_(scratch.clone() if scratch.data_ptr() == magnitude.data_ptr() else scratch, k)
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
@@ -100,7 +164,10 @@ def magnitude_mask(delta: Tensor, density: float) -> Tensor:
     if density <= 0 or delta.numel() == 0:
         return torch.zeros_like(delta, dtype=torch.bool)
     k = max(1, int(density * delta.numel()))
-    return top_k_mask(delta.abs().reshape(-1), k).reshape(delta.shape)
+    if k >= delta.numel():
+        return torch.ones_like(delta, dtype=torch.bool)
+    magnitude = delta.abs().reshape(-1).float()  # a fresh tensor: the sort may use it as scratch
+    return _top_k_mask_(magnitude, k).reshape(delta.shape)
 
 
 def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -166,28 +233,63 @@ def combine_deltas(stacked: Tensor, weight: list[float], *, consensus: bool, nor
     weighted = stacked.mul_(w)
     if consensus:
         mask = elect_sign_mask(weighted)
-        divisor = mask.to(weighted.dtype).mul_(w).sum(dim=0)
+        divisor = mask.to(weighted.dtype).mul_(w).sum(dim=0) if normalize else None
         merged = weighted.mul_(mask).sum(dim=0)
-        divisor[divisor == 0] = 1
+        if divisor is not None:
+            divisor[divisor == 0] = 1
     else:
         merged = weighted.sum(dim=0)
-        divisor = w.sum(dim=0).expand_as(merged).clone()
-        divisor[divisor.abs() < 1e-8] = 1
-    if normalize:
-        merged = merged / divisor
-    return merged * lam if lam != 1 else merged
+        divisor = None
+        if normalize:
+            divisor = w.sum(dim=0).expand_as(merged).clone()
+            divisor[divisor.abs() < 1e-8] = 1
+    if divisor is not None:
+        merged.div_(divisor)
+    return merged.mul_(lam) if lam != 1 else merged
+
+
+_POOL: ThreadPoolExecutor | None = None
+_PARALLEL_MIN_NUMEL = 1 << 16
+
+
+def _pool() -> ThreadPoolExecutor:
+    """Two workers: torch's sort runs on one core, so two task vectors' trims run side by side."""
+    global _POOL
+    if _POOL is None:
+        _POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="evomerge-trim")
+    return _POOL
 
 
 def _task_vector_method(how: Sparsifier, consensus: bool) -> Callable[..., Tensor]:
-    """Build the function of one task-vector method (task arithmetic, TIES, DARE, breadcrumbs, DELLA)."""
+    """Build the function of one task-vector method (task arithmetic, TIES, DARE, breadcrumbs, DELLA).
+    ``stacked`` may pass the deltas already stacked (they are then its rows, and are overwritten)."""
 
     def merge(base: Tensor, deltas: list[Tensor], *, weight: list[float], density: list[float],
               normalize: bool, rescale: bool, lambda_: float, gamma: list[float] | None = None,
-              epsilon: list[float] | None = None, generator: torch.Generator | None = None) -> Tensor:
-        stacked = deltas[0].new_empty((len(deltas), *deltas[0].shape))
-        for i, d in enumerate(deltas):
-            stacked[i] = sparsify(d, how, density[i], rescale, gamma=gamma[i] if gamma else 0.0,
-                                  epsilon=epsilon[i] if epsilon else 0.0, generator=generator)
+              epsilon: list[float] | None = None, generator: torch.Generator | None = None,
+              stacked: Tensor | None = None) -> Tensor:
+        if stacked is None:
+            stacked = torch.stack(deltas)
+
+        def trim(i: int) -> None:
+            row = stacked[i]
+            if how in ("magnitude", "outliers") and not rescale and density[i] < 1:
+                mask = magnitude_mask(row, density[i]) if how == "magnitude" else \
+                    outlier_mask(row, density[i], gamma[i] if gamma else 0.0)
+                row.mul_(mask)  # the same products as ``row * mask``, without a copy
+            else:
+                row.copy_(sparsify(row, how, density[i], rescale, gamma=gamma[i] if gamma else 0.0,
+                                   epsilon=epsilon[i] if epsilon else 0.0, generator=generator))
+
+        if how != "none":
+            # deterministic trims of large CPU tensors run two at a time; seeded ones keep the generator's order
+            if (how in ("magnitude", "outliers") and len(deltas) > 1 and stacked.device.type == "cpu"
+                    and stacked[0].numel() >= _PARALLEL_MIN_NUMEL):
+                for future in [_pool().submit(trim, i) for i in range(len(deltas))]:
+                    future.result()
+            else:
+                for i in range(len(deltas)):
+                    trim(i)
         return combine_deltas(stacked, weight, consensus=consensus, normalize=normalize, lam=lambda_)
 
     return merge
@@ -263,7 +365,7 @@ def model_stock(base: Tensor, deltas: list[Tensor], *, filter_wise: bool) -> Ten
 
 _GAMMA = Param(0.01, 0.0, 1.0)
 _EPSILON = Param(0.15, 0.0, 0.5)
-_LAMBDA = Param(1.0)
+_LAMBDA = Param(1.0, -10.0, 10.0)  # as WEIGHT: no natural limit, a declared sane one
 
 
 def _della_limits(values: dict[str, float]) -> str | None:
@@ -285,6 +387,7 @@ def _task_vector_entry(name: str, sparsify: Sparsifier, consensus: bool, normali
         per_model=per_model,
         shared={"lambda": _LAMBDA, "normalize": Param(normalize), "rescale": Param(rescale)},
         seeded=sparsify in ("random", "rank"), check=_della_limits if sparsify == "rank" else None,
+        stacks=True,
     )
 
 

@@ -1,17 +1,19 @@
-"""Benchmark `evomerge merge` against `mergekit-yaml` on a ~300M-parameter random Llama in bf16.
+"""Benchmark `evomerge merge` against `mergekit-yaml` on random Llamas in bf16.
 
-Builds the base and three perturbed "fine-tunes" once (cached in /tmp/evomerge-bench-merge), then runs
-ties and task_arithmetic merges of the three with both tools, each in a fresh process, and prints wall
-time, peak RSS and the ratios (mergekit / evomerge: above 1 means evomerge is faster or smaller).
+Two models: ``llama-322m`` (20 layers, hidden 1024, vocab 32000) and ``large-vocab`` (4 layers, hidden
+1024, vocab 128256: embeddings and head dominate). For each, builds the base and three perturbed
+"fine-tunes" once (cached in /tmp/evomerge-bench-merge/NAME), then runs ties and task_arithmetic merges of
+the three with both tools, each in a fresh process, and prints wall time, peak RSS and the ratios
+(mergekit / evomerge: above 1 means evomerge is faster or smaller).
 
-    python scripts/bench_merge.py [--repeat 2] [--cache DIR]
+    python scripts/bench_merge.py [--models llama-322m large-vocab] [--repeat 2] [--cache DIR]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -24,22 +26,24 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from evomerge.spec import Recipe
 
-CONFIG = dict(vocab_size=32000, hidden_size=1024, intermediate_size=2816, num_hidden_layers=20,
-              num_attention_heads=16, num_key_value_heads=16, tie_word_embeddings=False)
+COMMON = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
+              tie_word_embeddings=False)
+CONFIGS = {"llama-322m": dict(COMMON, vocab_size=32000, num_hidden_layers=20),
+           "large-vocab": dict(COMMON, vocab_size=128256, num_hidden_layers=4)}
 MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
            "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode; "
            "dt = time.perf_counter() - t; "
            "print(rc, dt, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024)")
 
 
-def build_models(cache: Path) -> dict[str, Path]:
+def build_models(cache: Path, config: dict) -> dict[str, Path]:
     """The base (random init) and three fine-tunes (base + small noise), bf16 safetensors."""
     names = ["base", "ft1", "ft2", "ft3"]
     paths = {n: cache / n for n in names}
     if all((p / "model.safetensors").exists() for p in paths.values()):
         return paths
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).to(torch.bfloat16)
+    model = LlamaForCausalLM(LlamaConfig(**config)).to(torch.bfloat16)
     print(f"building a {sum(p.numel() for p in model.parameters()) / 1e6:.0f}M-parameter Llama in {cache}")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     for i, name in enumerate(names):
@@ -70,32 +74,37 @@ def measure(cmd: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--methods", nargs="+", default=["ties", "task_arithmetic"])
     parser.add_argument("--repeat", type=int, default=1, help="runs per tool and method (best time kept)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench-merge")
     args = parser.parse_args()
-    paths = build_models(args.cache)
     rows = []
-    with tempfile.TemporaryDirectory(dir=args.cache) as work:
-        work = Path(work)
-        for method in ("ties", "task_arithmetic"):
-            rec = recipe(method, paths)
-            (work / "ours.yaml").write_text(rec.to_yaml())
-            (work / "theirs.yaml").write_text(rec.to_mergekit_yaml())
-            tools = {
-                "evomerge": ["evomerge", "merge", str(work / "ours.yaml"), "--out", str(work / "o"), "--force"],
-                "mergekit": ["mergekit-yaml", str(work / "theirs.yaml"), str(work / "t"), "--allow-crimes"],
-            }
-            result = {}
-            for tool, cmd in tools.items():
-                runs = [measure(cmd) for _ in range(args.repeat)]
-                result[tool] = (min(r[0] for r in runs), max(r[1] for r in runs))
-                os.system(f"rm -rf {work / 'o'} {work / 't'}")
-            rows.append((method, result))
-    print("\n| method | evomerge s | mergekit s | speed-up | evomerge peak RSS MB | mergekit peak RSS MB | RSS ratio |")
-    print("|---|---|---|---|---|---|---|")
-    for method, r in rows:
+    for model in args.models:
+        paths = build_models(args.cache / model, CONFIGS[model])
+        with tempfile.TemporaryDirectory(dir=args.cache) as work:
+            work = Path(work)
+            for method in args.methods:
+                rec = recipe(method, paths)
+                (work / "ours.yaml").write_text(rec.to_yaml())
+                (work / "theirs.yaml").write_text(rec.to_mergekit_yaml())
+                tools = {
+                    "evomerge": ["evomerge", "merge", str(work / "ours.yaml"), "--out", str(work / "o"), "--force"],
+                    "mergekit": ["mergekit-yaml", str(work / "theirs.yaml"), str(work / "t"), "--allow-crimes"],
+                }
+                result = {}
+                for tool, cmd in tools.items():
+                    runs = [measure(cmd) for _ in range(args.repeat)]
+                    result[tool] = (min(r[0] for r in runs), max(r[1] for r in runs))
+                    shutil.rmtree(work / "o", ignore_errors=True)
+                    shutil.rmtree(work / "t", ignore_errors=True)
+                rows.append((model, method, result))
+    print("\n| model | method | evomerge s | mergekit s | speed-up | evomerge peak RSS MB | mergekit peak RSS MB "
+          "| RSS ratio |")
+    print("|---|---|---|---|---|---|---|---|")
+    for model, method, r in rows:
         (es, em), (ms, mm) = r["evomerge"], r["mergekit"]
-        print(f"| {method} | {es:.1f} | {ms:.1f} | {ms / es:.2f}x | {em:.0f} | {mm:.0f} | {mm / em:.2f}x |")
+        print(f"| {model} | {method} | {es:.1f} | {ms:.1f} | {ms / es:.2f}x | {em:.0f} | {mm:.0f} | {mm / em:.2f}x |")
     print(json.dumps({"torch_threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d")}))
 
 

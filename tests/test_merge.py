@@ -1,24 +1,53 @@
 """`evomerge merge`: streamed output that loads, per-layer values checked by hand, sharding, in-place merge."""
 
 import json
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM, LlamaConfig
 
 from evomerge.checkpoint import open_checkpoint
 from evomerge.cli import main
-from evomerge.merge import LiveMerger
+from evomerge.demo import model_path
+from evomerge.merge import LiveMerger, merge_to_folder
 from evomerge.spec import Recipe
 
 
 def weights(path):
     ckpt = open_checkpoint(str(path))
     return {n: ckpt.read(n) for n in ckpt.tensors}
+
+
+def build_tied_zoo(root, dtype_name: str):
+    """A 3-layer Llama base and three experts in fp16 or bf16 whose task vectors take only the magnitudes
+    0, 1, 2, 3 / 512 (all exact in both dtypes): the top-k cut of TIES falls inside thousands of ties."""
+    dtype = getattr(torch, dtype_name)
+    config = LlamaConfig(vocab_size=46, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
+                         architectures=["LlamaForCausalLM"], torch_dtype=dtype_name)
+    shapes = {n: p.shape for n, p in AutoModelForCausalLM.from_config(config).named_parameters()}
+    gen = torch.Generator().manual_seed(0)
+    base = {n: (torch.randint(-32, 33, s, generator=gen) / 256).to(dtype) for n, s in shapes.items()}
+    paths = {}
+    for name in ("base", "a", "b", "c"):
+        tensors = base if name == "base" else {
+            n: (t.float() + torch.randint(-3, 4, t.shape, generator=gen) / 512).to(dtype) for n, t in base.items()}
+        paths[name] = root / name
+        config.save_pretrained(paths[name])
+        save_file(tensors, paths[name] / "model.safetensors", metadata={"format": "pt"})
+        for f in ("tokenizer.json", "tokenizer_config.json"):
+            shutil.copy(model_path("base") / f, paths[name] / f)
+    return paths
+
+
+@pytest.fixture(params=["float16", "bfloat16"])
+def tied_zoo(request, tmp_path_factory):
+    return build_tied_zoo(tmp_path_factory.mktemp(f"tied-{request.param}"), request.param)
 
 
 def write_recipe(tmp_path, doc) -> str:
@@ -107,11 +136,23 @@ def test_live_merge_equals_streamed_merge(llama_zoo, tmp_path, method):
                             for m in models],
                     parameters={"density": 0.5} if "ties" in method else {})
     out = tmp_path / method
-    from evomerge.merge import merge_to_folder
-
     merge_to_folder(recipe, out)
     model = AutoModelForCausalLM.from_pretrained(llama_zoo["base"])
     LiveMerger(model, str(llama_zoo["base"]), models).apply(recipe)
     streamed = weights(out)
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), streamed[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["ties", "breadcrumbs_ties"])
+def test_live_merge_equals_streamed_merge_with_ties(tied_zoo, tmp_path, method):
+    """Where the top-k cut falls among equal magnitudes, both paths keep the same entries."""
+    models = [str(tied_zoo[m]) for m in ("a", "b", "c")]
+    recipe = Recipe(merge_method=method, base_model=str(tied_zoo["base"]), dtype="float32",
+                    models=[{"model": m, "parameters": {"weight": 1.0, "density": [0.3, 0.8]}} for m in models])
+    merge_to_folder(recipe, tmp_path / "out")
+    model = AutoModelForCausalLM.from_pretrained(tied_zoo["base"], dtype=torch.float32)
+    LiveMerger(model, str(tied_zoo["base"]), models).apply(recipe)
+    streamed = weights(tmp_path / "out")
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), streamed[name], rtol=0, atol=0)

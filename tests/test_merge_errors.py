@@ -1,13 +1,34 @@
-"""Bad input fails before any compute: one line naming what and where, exit code 2, nothing written."""
+"""Bad input fails before any compute: one line naming what and where, exit code 2, nothing written or
+removed (the input folders' checksums and the output's parent listing are the same before and after)."""
 
+import hashlib
 import json
+import os
 import shutil
+import struct
+import subprocess
+import sys
 
 import pytest
 import yaml
 from safetensors.torch import load_file, save_file
 
+from evomerge.checkpoint import check_output_folder, shard_bytes
 from evomerge.cli import main
+from evomerge.errors import SpecError
+from evomerge.merge import merge_to_folder
+from evomerge.spec import Recipe
+
+
+def write_safetensors(path, header, data: bytes) -> None:
+    raw = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
+
+
+def checksums(*folders) -> dict[str, str]:
+    """Every file under the folders, by path: its content hash (and nothing else may appear or vanish)."""
+    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest()
+            for folder in folders for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 @pytest.fixture
@@ -40,7 +61,40 @@ def broken(llama_zoo, tmp_path):
     empty = tmp_path / "empty"
     empty.mkdir()
     (empty / "config.json").write_text("{}")
-    return {"renamed": renamed, "reshaped": reshaped, "vocab": vocab, "corrupt": corrupt, "empty": empty}
+
+    damaged = {"renamed": renamed, "reshaped": reshaped, "vocab": vocab, "corrupt": corrupt, "empty": empty}
+    f32 = {"dtype": "F32", "shape": [2]}
+    headers = {
+        "list_header": ([f32], bytes(8)),
+        "offsets_size": ({"x": {**f32, "data_offsets": [0, 12]}}, bytes(12)),
+        "offsets_overlap": ({"x": {**f32, "data_offsets": [0, 8]}, "y": {**f32, "data_offsets": [4, 12]}}, bytes(12)),
+        "offsets_gap": ({"x": {**f32, "data_offsets": [0, 8]}, "y": {**f32, "data_offsets": [12, 20]}}, bytes(20)),
+        "negative_shape": ({"x": {"dtype": "F32", "shape": [-2], "data_offsets": [0, 8]}}, bytes(8)),
+    }
+    for name, (header, data) in headers.items():
+        damaged[name] = copy(name)
+        write_safetensors(damaged[name] / "model.safetensors", header, data)
+
+    damaged["config_list"] = copy("config_list")
+    (damaged["config_list"] / "config.json").write_text("[1, 2]")
+    damaged["no_config"] = copy("no_config")
+    (damaged["no_config"] / "config.json").unlink()
+
+    tensors = load_file(llama_zoo["base"] / "model.safetensors")
+    names = sorted(tensors)
+    shards = {"model-1.safetensors": names[: len(names) // 2], "model-2.safetensors": names[len(names) // 2 :]}
+    for case, weight_map in {
+        "index_list": list(names),
+        "index_values": dict.fromkeys(names, 3),
+        "index_wrong_shard": {n: "model-1.safetensors" for n in names},
+        "index_path": {n: "../model-1.safetensors" for n in names},
+    }.items():
+        damaged[case] = copy(case)
+        (damaged[case] / "model.safetensors").unlink()
+        for file, members in shards.items():
+            save_file({n: tensors[n] for n in members}, damaged[case] / file, metadata={"format": "pt"})
+        (damaged[case] / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return damaged
 
 
 def ties(base, *models, **params):
@@ -69,6 +123,37 @@ CASES = {
     "missing base": (lambda z, b: {k: v for k, v in ties(z["base"], z["a"]).items() if k != "base_model"},
                      "method ties needs a base_model"),
     "unsupported key": (lambda z, b: {**ties(z["base"], z["a"]), "slices": []}, "slices: Extra inputs"),
+    # parameters: finite, inside declared ranges, no empty lists
+    "nan density": (lambda z, b: ties(z["base"], z["a"], density=float("nan")),
+                    "models.0.parameters.density: Input should be a finite number"),
+    "inf weight": (lambda z, b: {**ties(z["base"], z["a"]), "models": [
+        {"model": str(z["a"]), "parameters": {"weight": [1.0, float("inf")]}}]},
+        "models.0.parameters.weight.1: Input should be a finite number"),
+    "nan in filter": (lambda z, b: ties(z["base"], z["a"], density=[{"filter": "mlp", "value": float("nan")}]),
+                      "models.0.parameters.density.0.value: Input should be a finite number"),
+    "weight range": (lambda z, b: {**ties(z["base"], z["a"]), "models": [
+        {"model": str(z["a"]), "parameters": {"weight": 20}}]}, "weight=20.0 is outside [-10.0, 10.0]"),
+    "lambda range": (lambda z, b: {**ties(z["base"], z["a"]), "parameters": {"lambda": -11}},
+                     "lambda=-11.0 is outside [-10.0, 10.0]"),
+    "empty gradient": (lambda z, b: ties(z["base"], z["a"], density=[]),
+                       "models.0.parameters.density: List should have at least 1 item"),
+    "empty filtered value": (lambda z, b: ties(z["base"], z["a"], density=[{"filter": "mlp", "value": []}]),
+                             "models.0.parameters.density.0.value: List should have at least 1 item"),
+    # input folders
+    "no config": (lambda z, b: ties(z["base"], b["no_config"]), "no config.json in"),
+    "config not an object": (lambda z, b: ties(z["base"], b["config_list"]),
+                             "config.json: expected a JSON object, got list"),
+    "header is a list": (lambda z, b: ties(z["base"], b["list_header"]), "header is not a JSON object"),
+    "offsets vs shape": (lambda z, b: ties(z["base"], b["offsets_size"]),
+                         "tensor x: data_offsets [0, 12] do not match shape [2] of F32"),
+    "overlapping offsets": (lambda z, b: ties(z["base"], b["offsets_overlap"]),
+                            "tensor y: data_offsets [4, 12] overlap or leave a gap (previous data ends at 8)"),
+    "gap in offsets": (lambda z, b: ties(z["base"], b["offsets_gap"]), "tensor y: data_offsets [12, 20] overlap"),
+    "negative shape": (lambda z, b: ties(z["base"], b["negative_shape"]), "tensor x has a bad shape"),
+    "index not a map": (lambda z, b: ties(z["base"], b["index_list"]), "weight_map must map tensor names"),
+    "index values": (lambda z, b: ties(z["base"], b["index_values"]), "weight_map must map tensor names"),
+    "index escapes folder": (lambda z, b: ties(z["base"], b["index_path"]), "weight_map must map tensor names"),
+    "index wrong shard": (lambda z, b: ties(z["base"], b["index_wrong_shard"]), "is not in its shard model-1"),
 }
 
 
@@ -77,12 +162,110 @@ def test_bad_recipe_fails_fast(case, llama_zoo, broken, tmp_path, capsys):
     make, expected = CASES[case]
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(make(llama_zoo, broken)))
-    before = set(tmp_path.iterdir())
+    before = set(tmp_path.iterdir()), checksums(tmp_path, *llama_zoo.values())
     assert main(["merge", str(recipe), "--out", str(tmp_path / "out")]) == 2
     err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
     assert expected in err
-    assert set(tmp_path.iterdir()) == before  # no output folder, no temp folder left behind
+    assert (set(tmp_path.iterdir()), checksums(tmp_path, *llama_zoo.values())) == before  # nothing written
+
+
+@pytest.fixture
+def own_zoo(llama_zoo, tmp_path):
+    """Copies of the zoo (so that a failure here cannot spoil the session's models) under tmp/models."""
+    for name in ("base", "a"):
+        shutil.copytree(llama_zoo[name], tmp_path / "models" / name)
+    recipe = tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(ties(tmp_path / "models" / "base", tmp_path / "models" / "a")))
+    return recipe
+
+
+@pytest.mark.parametrize(("out", "relation"), [("models/base", "is"), ("models/a", "is"), ("models", "contains"),
+                                               (".", "contains"), ("models/base/merged", "lies inside")])
+def test_force_never_touches_an_input(own_zoo, tmp_path, out, relation, capsys):
+    out = tmp_path / out
+    parent = out.parent
+    before = sorted(parent.iterdir()), checksums(tmp_path)
+    assert main(["merge", str(own_zoo), "--out", str(out), "--force"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and f"output folder {out} {relation} " in err and "must stay untouched" in err
+    assert (sorted(parent.iterdir()), checksums(tmp_path)) == before
+
+
+def test_input_reached_through_a_symlink_is_protected(own_zoo, tmp_path, capsys):
+    (tmp_path / "link").symlink_to(tmp_path / "models" / "a")
+    assert main(["merge", str(own_zoo), "--out", str(tmp_path / "link"), "--force"]) == 2
+    assert "must stay untouched" in capsys.readouterr().err
+    assert (tmp_path / "models" / "a" / "model.safetensors").exists()
+
+
+def test_protected_folder_for_export(tmp_path):
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)
+    for out in (run, tmp_path / "runs", run / "merged"):
+        with pytest.raises(SpecError, match="must stay untouched"):
+            check_output_folder(out, True, protected=[run])
+    check_output_folder(tmp_path / "runs" / "r2", True, protected=[run])  # a sibling is fine
+
+
+def test_merge_protects_extra_folders(own_zoo, tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "study.db").write_text("keep")
+    with pytest.raises(SpecError, match=f"output folder {run} is {run}, which must stay untouched"):
+        merge_to_folder(Recipe.from_yaml(own_zoo), run, force=True, protected=[run])
+    assert (run / "study.db").read_text() == "keep"
+
+
+def test_unwritable_location_fails_up_front(own_zoo, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    assert main(["merge", str(own_zoo), "--out", str(tmp_path / "file" / "out")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is not a writable folder" in err
+    assert (tmp_path / "file").read_text() == "x"
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_parent_fails_up_front(own_zoo, tmp_path, capsys):
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    assert main(["merge", str(own_zoo), "--out", str(locked / "out")]) == 2
+    assert "is not a writable folder" in capsys.readouterr().err
+    assert list(locked.iterdir()) == []
+
+
+@pytest.mark.parametrize("size", ["nan", "inf", "-inf", "0", "-1"])
+def test_shard_size_must_be_positive(size):
+    with pytest.raises(SpecError, match="--shard-size must be a positive number of GiB"):
+        shard_bytes(float(size))
+
+
+def test_merge_refuses_empty_shards(own_zoo, tmp_path):
+    with pytest.raises(SpecError, match="shard size must be at least one byte"):
+        merge_to_folder(Recipe.from_yaml(own_zoo), tmp_path / "out", max_shard_bytes=0)
+    assert not (tmp_path / "out").exists()
+
+
+def test_killed_merge_leftovers_are_removed_and_modes_are_normal(own_zoo, tmp_path):
+    out = tmp_path / "out"
+    kill = ("import os, sys; from pathlib import Path; from evomerge.checkpoint import atomic_folder\n"
+            "with atomic_folder(Path(sys.argv[1])) as tmp:\n    (tmp / 'half').write_text('x'); os._exit(9)")
+    assert subprocess.run([sys.executable, "-c", kill, str(out)]).returncode == 9
+    stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(stale) == 1 and (stale[0] / "half").exists()  # what a killed writer leaves
+    ours = tmp_path / f".out.tmp-{os.getpid()}-0123abcd"  # a live writer's: not ours to remove
+    others = [tmp_path / ".other.tmp-1-0123abcd", tmp_path / ".out.tmp-x", tmp_path / "out.tmp-1-0123abcd"]
+    for folder in [ours, *others]:
+        folder.mkdir()
+    old = os.umask(0o027)
+    try:
+        assert main(["merge", str(own_zoo), "--out", str(out)]) == 0
+    finally:
+        os.umask(old)
+    assert not stale[0].exists() and ours.exists() and all(p.exists() for p in others)
+    assert out.stat().st_mode & 0o777 == 0o750
+    assert {f.name: f.stat().st_mode & 0o777 for f in out.iterdir() if f.suffix in (".yml", ".yaml", ".safetensors")} \
+        == dict.fromkeys(["model.safetensors", "evomerge_recipe.yaml", "mergekit_config.yml"], 0o640)
 
 
 def test_existing_output_needs_force(llama_zoo, tmp_path, capsys):
@@ -96,6 +279,17 @@ def test_existing_output_needs_force(llama_zoo, tmp_path, capsys):
     assert (out / "keep.txt").read_text() == "user data"
     assert main(["merge", str(recipe), "--out", str(out), "--force"]) == 0
     assert not (out / "keep.txt").exists() and (out / "model.safetensors").exists()
+
+
+def test_recipe_that_is_a_folder_or_binary(tmp_path, capsys):
+    binary = tmp_path / "recipe.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    for path, expected in ((tmp_path, "is a folder, not a YAML file"), (binary, "not a text file")):
+        for argv in (["merge", str(path), "--out", str(tmp_path / "o")], ["search", str(path), "--budget", "2"]):
+            assert main(argv) == 2
+            err = capsys.readouterr().err.strip()
+            assert len(err.splitlines()) == 1 and expected in err, err
+    assert not (tmp_path / "o").exists()
 
 
 def test_invalid_yaml_and_missing_recipe(tmp_path, capsys):

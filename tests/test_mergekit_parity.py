@@ -8,7 +8,7 @@ import torch
 
 from evomerge.merge import merge_to_folder
 from evomerge.spec import Recipe
-from tests.test_merge import weights
+from tests.test_merge import build_tied_zoo, weights
 
 pytestmark = pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit is not installed")
 
@@ -37,9 +37,9 @@ def cases(zoo):
 
 
 def run_both(recipe: Recipe, tmp_path):
+    """Our merge, and mergekit-yaml's on the mergekit_config.yml our merge wrote."""
     ours = merge_to_folder(recipe, tmp_path / "ours")
-    config = tmp_path / "mergekit.yml"
-    config.write_text(recipe.to_mergekit_yaml())
+    config = ours / "mergekit_config.yml"
     done = subprocess.run(["mergekit-yaml", str(config), str(tmp_path / "theirs")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-2000:]
     return weights(ours), weights(tmp_path / "theirs")
@@ -72,3 +72,29 @@ def test_random_methods_agree_statistically(method, llama_zoo, tmp_path):
             sure = (kept != 0) & (delta.abs() > 1e-3)  # tiny deltas lose digits in (base + d) - base
             ratio = kept[sure] / delta[sure]
             torch.testing.assert_close(ratio, torch.full_like(ratio, ratio.median().item()), rtol=1e-3, atol=0)
+
+
+TIED_CASES = {
+    "ties": dict(weight=1.0, density=[0.15, 0.5, 0.85]),
+    "ties filtered": dict(weight=[0.5, 1.0], density=[{"filter": "mlp", "value": 0.4}, {"value": [0.3, 0.7]}]),
+    "breadcrumbs_ties": dict(weight=1.0, density=[0.3, 0.8], gamma=0.05),
+    "ties in the input dtype": dict(weight=1.0, density=[0.15, 0.5, 0.85]),  # no recipe dtype: fp16/bf16 out
+}
+
+
+@pytest.fixture(scope="module", params=["float16", "bfloat16"])
+def tied_zoo(request, tmp_path_factory):
+    return build_tied_zoo(tmp_path_factory.mktemp(f"tied-{request.param}"), request.param)
+
+
+@pytest.mark.parametrize("case", list(TIED_CASES))
+def test_ties_among_equal_magnitudes_match_mergekit(case, tied_zoo, tmp_path):
+    """fp16/bf16 task vectors with few distinct magnitudes: the entries kept at the top-k cut are mergekit's."""
+    method = case.split()[0]
+    base, *models = (str(tied_zoo[k]) for k in ("base", "a", "b", "c"))
+    recipe = Recipe(merge_method=method, base_model=base, dtype=None if "input dtype" in case else "float32",
+                    models=per_model(models, **TIED_CASES[case]))
+    ours, theirs = run_both(recipe, tmp_path)
+    assert {n: t.dtype for n, t in ours.items()} == {n: t.dtype for n, t in theirs.items()}
+    worst = max((ours[n] - theirs[n]).abs().max().item() for n in ours)
+    assert worst <= 1e-5, f"{case}: max abs difference {worst}"

@@ -7,7 +7,7 @@ import torch
 
 from evomerge.errors import SpecError
 from evomerge.merge import TensorParams, merge_tensor
-from evomerge.methods import METHODS, get_method, magnitude_mask, top_k_mask
+from evomerge.methods import METHODS, get_method, magnitude_mask, outlier_mask, top_k_mask
 
 
 def run(method: str, base, inputs, shared=None, per_model=None, seed=0):
@@ -123,3 +123,56 @@ def test_top_k_mask_exact_count_with_many_ties():
         mask = top_k_mask(mags, k)
         assert int(mask.sum()) == k
         assert mags[mask].min() >= mags[~mask].max()  # nothing dropped is larger than what is kept
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_trims_keep_mergekits_entries_among_ties(dtype):
+    """Task vectors of fp16/bf16 models repeat magnitudes; the entries kept at a cut through equal
+    magnitudes must be the ones mergekit's sparsifiers keep (their sort order, not index order)."""
+    sparsify = pytest.importorskip("mergekit.sparsify")
+    gen = torch.Generator().manual_seed(0)
+    for shape in [(64,), (96, 80), (300, 257)]:
+        base = (torch.randint(-32, 33, shape, generator=gen) / 256).to(dtype).float()
+        delta = (base + torch.randint(-3, 4, shape, generator=gen) / 512).to(dtype).float() - base
+        for density in (0.05, 0.3, 0.5, 0.77):
+            ours = delta * magnitude_mask(delta, density)
+            assert torch.equal(ours, sparsify.magnitude(delta, density)), (shape, density)
+            ours = delta * outlier_mask(delta, density, 0.05)
+            assert torch.equal(ours, sparsify.magnitude_outliers(delta, density, gamma=0.05)), (shape, density)
+
+
+def test_descending_order_is_torchs_argsort_among_ties():
+    """The faster sort behind the TIES trim (int32 bits of non-negative floats, sorted in place) gives the
+    very permutation ``torch.argsort(w.float(), descending=True)`` gives, ties included, at sizes on both
+    sides of the sort's strategy changes; NaN and negative inputs take the plain float sort."""
+    from evomerge.methods import _descending_order
+
+    gen = torch.Generator().manual_seed(3)
+    for n in (1, 7, 16, 255, 257, 1025, 65_537, 400_000):
+        base = torch.randn(n, generator=gen).to(torch.bfloat16).float()
+        w = ((base + 0.01 * torch.randn(n, generator=gen)).to(torch.bfloat16).float() - base).abs()
+        assert torch.equal(_descending_order(w.clone()), torch.argsort(w, descending=True)), n
+    odd = torch.tensor([1.0, float("nan"), -2.0, 1.0, 0.0, -0.0, float("inf")]).repeat(50)
+    assert torch.equal(_descending_order(odd.clone()), torch.argsort(odd, descending=True))
+
+
+def test_parallel_trims_equal_sequential_ones():
+    """TIES on a tensor large enough for the trims to run two at a time gives the sequential result."""
+    import evomerge.methods as methods
+
+    gen = torch.Generator().manual_seed(4)
+    base = torch.randn(300, 400, generator=gen).to(torch.bfloat16).float()
+    deltas = [(base + 0.01 * torch.randn(300, 400, generator=gen)).to(torch.bfloat16).float() - base
+              for _ in range(3)]
+    kwargs = dict(weight=[1.0, 0.5, 0.7], density=[0.3, 0.5, 0.9], normalize=True, rescale=False, lambda_=1.0)
+    fn = get_method("ties").fn
+    parallel = fn(base, [d.clone() for d in deltas], **kwargs)
+    limit, methods._PARALLEL_MIN_NUMEL = methods._PARALLEL_MIN_NUMEL, 10**12
+    try:
+        sequential = fn(base, [d.clone() for d in deltas], **kwargs)
+    finally:
+        methods._PARALLEL_MIN_NUMEL = limit
+    assert torch.equal(parallel, sequential)
+    mergekit = pytest.importorskip("mergekit.sparsify")
+    for d, density in zip(deltas, kwargs["density"], strict=True):
+        assert torch.equal(d * magnitude_mask(d, density), mergekit.magnitude(d, density))
