@@ -10,7 +10,7 @@ import gc
 import math
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -114,6 +114,29 @@ def run_all(executor: Executor, jobs: dict[int, Candidate], retries: int = 2) ->
     return done
 
 
+Scorer = Callable[[Recipe, str, "dict[str, Sequence[int]] | None"], tuple[EvalResult, float, float]]
+
+
+def screen_then_rest(job: Candidate, score: Scorer, worker: str) -> Outcome:
+    """A job on a scorer (recipe, role, doc ids -> result, merge s, eval s): with a screen, its subset first,
+    stopping there when the paired test prunes, else the rest of the documents; without, all at once."""
+    screen = job.screen
+    if screen is None:
+        result, merge_s, eval_s = score(job.recipe, job.role, job.doc_ids)
+        return Outcome(result, "full", None, merge_s, eval_s, worker)
+    first, merge_s, eval_s = score(job.recipe, job.role, screen.doc_ids)
+    vector = screen.vector(first)
+    if screen.prunes(vector):
+        return Outcome(first, "screen", vector, merge_s, eval_s, worker)
+    rest_ids = {t: ids[len(screen.doc_ids[t]):] for t, ids in (job.doc_ids or {}).items()}
+    if not any(rest_ids.values()):
+        return Outcome(first, "full", vector, merge_s, eval_s, worker)
+    rest, rest_merge_s, rest_eval_s = score(job.recipe, job.role, rest_ids)
+    examples = {t: {**first.examples[t], **rest.examples[t]} for t in first.examples}
+    result = EvalResult({t: sum(v.values()) / len(v) for t, v in examples.items()}, examples, first.weights)
+    return Outcome(result, "full", vector, merge_s + rest_merge_s, eval_s + rest_eval_s, worker)
+
+
 class Worker:
     """One live model: merge a recipe into it in place, then score it on chosen documents."""
 
@@ -158,30 +181,15 @@ class Worker:
     def run(self, job: Candidate) -> Outcome:
         """Do one job; any failure (an exception, NaN scores, device out of memory) is returned, not raised,
         after freeing what it held, so the worker carries on with the next candidate."""
-        merge_s = eval_s = 0.0
         try:
-            screen = job.screen
-            if screen is None:
-                result, merge_s, eval_s = self._score(job.recipe, job.role, job.doc_ids)
-                return Outcome(result, "full", None, merge_s, eval_s, self.name)
-            first, merge_s, eval_s = self._score(job.recipe, job.role, screen.doc_ids)
-            vector = screen.vector(first)
-            if screen.prunes(vector):
-                return Outcome(first, "screen", vector, merge_s, eval_s, self.name)
-            rest_ids = {t: ids[len(screen.doc_ids[t]):] for t, ids in (job.doc_ids or {}).items()}
-            if not any(rest_ids.values()):
-                return Outcome(first, "full", vector, merge_s, eval_s, self.name)
-            rest, rest_merge_s, rest_eval_s = self._score(job.recipe, job.role, rest_ids)
-            examples = {t: {**first.examples[t], **rest.examples[t]} for t in first.examples}
-            result = EvalResult({t: sum(v.values()) / len(v) for t, v in examples.items()}, examples, first.weights)
-            return Outcome(result, "full", vector, merge_s + rest_merge_s, eval_s + rest_eval_s, self.name)
+            return screen_then_rest(job, self._score, self.name)
         except Exception as err:  # noqa: BLE001 — a candidate's failure is data for the search, not a crash
             error = f"{type(err).__name__}: {err}"[:500]
             del err
             gc.collect()
             if self.device.type == "cuda":
                 torch.cuda.empty_cache()
-            return Outcome(None, "full", None, merge_s, eval_s, self.name, error=error)
+            return Outcome(None, "full", None, 0.0, 0.0, self.name, error=error)
 
 
 class InProcessExecutor:

@@ -9,15 +9,18 @@ from optuna.trial import TrialState
 from test_search import SPEC
 
 from evomerge.errors import SearchError
-from evomerge.executors import Candidate, InProcessExecutor, Outcome, Worker, run_all
+from evomerge.evaluate import EvalResult
+from evomerge.executors import Candidate, InProcessExecutor, Outcome, Worker, run_all, screen_then_rest
 from evomerge.run import Attr, RunFolder, counted
 from evomerge.search import Search, prepare_run
 from evomerge.spec import Recipe, SearchSpec
 
 
 class ShuffledExecutor:
-    """Holds up to ``slots`` jobs and finishes a random one of them on each ``wait_any``; the score of a
-    recipe is a fixed function of its weights; jobs whose key is in ``fail`` come back failed."""
+    """Holds up to ``slots`` jobs and finishes a random one of them on each ``wait_any``, through the workers'
+    own screen-then-rest logic; a recipe's quality is a fixed function of its weights and a document is
+    answered right when its difficulty is below that quality; jobs whose key is in ``fail`` come back
+    failed."""
 
     def __init__(self, slots: int, seed: int = 0, fail: set[int] = frozenset(), die_after: int | None = None):
         self.name = "shuffled"
@@ -49,21 +52,22 @@ class ShuffledExecutor:
         self._jobs[key] = candidate
         self.max_busy = max(self.max_busy, len(self._jobs))
 
-    def wait_any(self) -> tuple[int, Outcome]:
-        from evomerge.evaluate import EvalResult
+    def _score(self, recipe: Recipe, role: str, doc_ids: dict | None) -> tuple[EvalResult, float, float]:
+        weights = [e.parameters["weight"] for e in recipe.models]
+        flat = [v.value if hasattr(v, "value") else v for w in weights for v in (w if isinstance(w, list) else [w])]
+        quality = 1.0 - 2 * sum((x - 0.6) ** 2 for x in flat) / len(flat)
+        ids = doc_ids or {t: self.doc_ids(t, role) for t in ("demo_add", "demo_reverse")}
+        examples = {t: {d: float((d * 0.618034 + len(t)) % 1 < quality) for d in docs} for t, docs in ids.items()}
+        scores = {t: sum(v.values()) / len(v) for t, v in examples.items()}
+        return EvalResult(scores, examples, {"demo_add": 1.0, "demo_reverse": 2.0}), 0.0, 0.0
 
+    def wait_any(self) -> tuple[int, Outcome]:
         key = self._rng.choice(sorted(self._jobs))
         job = self._jobs.pop(key)
         self.finished += 1
         if key in self.fail:
             return key, Outcome(None, "full", None, 0.0, 0.0, "shuffled", error="RuntimeError: planted")
-        weights = [e.parameters["weight"] for e in job.recipe.models]
-        flat = [v.value if hasattr(v, "value") else v for w in weights for v in (w if isinstance(w, list) else [w])]
-        score = 1.0 - sum((x - 0.6) ** 2 for x in flat) / len(flat)
-        ids = job.doc_ids or {t: self.doc_ids(t, job.role) for t in ("demo_add", "demo_reverse")}
-        examples = {t: dict.fromkeys(d, score) for t, d in ids.items()}
-        result = EvalResult({t: score for t in examples}, examples, {"demo_add": 1.0, "demo_reverse": 2.0})
-        return key, Outcome(result, "full", None, 0.0, 0.0, "shuffled")
+        return key, screen_then_rest(job, self._score, "shuffled")
 
     def close(self) -> None:
         self._jobs.clear()
@@ -92,6 +96,24 @@ def test_out_of_order_results_count_exactly_the_budget(tmp_path):
     log = [row["trial"] for row in run.log_rows()]
     assert sorted(log) == sorted({*log}) and len(log) == 14  # one line per finished or failed trial
     assert not [t for t in trials if t.state == TrialState.RUNNING]
+
+
+def test_screening_reference_follows_results_in_any_order(tmp_path):
+    spec = SearchSpec.model_validate(SPEC)  # 15 screening examples of 40 per task
+    run = RunFolder(tmp_path / "run")
+    prepare_run(spec, run, 30, force=False)
+    search = Search(spec, run, ShuffledExecutor(slots=3, seed=2))
+    search.run_budget(30)
+    trials = [t for t in search.study.get_trials() if counted(t)]
+    full = [t for t in trials if t.user_attrs[Attr.FIDELITY] == "full"]
+    screened = [t for t in trials if t.user_attrs[Attr.FIDELITY] == "screen"]
+    assert len(trials) == 30 and full and screened
+    assert all(len(t.user_attrs[Attr.SCREEN]) == 30 and t.user_attrs[Attr.EXAMPLES] == 30 for t in screened)
+    assert all(t.user_attrs[Attr.EXAMPLES] == 80 for t in full)
+    best = max(full, key=lambda t: t.value)  # the reference is the best full trial, whatever the arrival order
+    assert search.screen.best_value == best.value and search.screen.best == best.user_attrs[Attr.SCREEN]
+    resumed = Search(spec, run, ShuffledExecutor(slots=3))
+    assert resumed.screen.best_value == best.value and resumed.screen.best == best.user_attrs[Attr.SCREEN]
 
 
 def test_duplicate_of_a_candidate_in_flight_waits_for_it(tmp_path):
