@@ -94,6 +94,12 @@ class Executor(Protocol):
     def close(self) -> None: ...
 
 
+def has_room(executor: Executor) -> bool:
+    """Whether to hand over another job now: a free slot, on a worker that is up (waiting for a restarting
+    one only when nothing else is in flight, so finished results are never left waiting)."""
+    return executor.busy() < executor.slots() and (executor.can_submit() or not executor.busy())
+
+
 def run_all(executor: Executor, jobs: dict[int, Candidate], retries: int = 2) -> dict[int, Outcome]:
     """Run a batch of jobs with every slot busy; a job whose worker died runs again (``retries`` times at
     most). Returns the outcomes by key (fewer when no worker is left)."""
@@ -101,7 +107,7 @@ def run_all(executor: Executor, jobs: dict[int, Candidate], retries: int = 2) ->
     tries = dict.fromkeys(jobs, 0)
     done: dict[int, Outcome] = {}
     while queue or executor.busy():
-        while queue and executor.busy() < executor.slots() and (executor.can_submit() or not executor.busy()):
+        while queue and has_room(executor):
             executor.submit(*queue.pop(0))
         if not executor.busy():
             break

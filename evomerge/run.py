@@ -22,6 +22,8 @@ from optuna.trial import FrozenTrial, TrialState
 from evomerge.errors import SpecError
 
 if TYPE_CHECKING:
+    from sqlalchemy.engine import URL
+
     from evomerge.spec import SearchSpec
 
 STUDY_NAME = "evomerge"
@@ -52,6 +54,14 @@ def counted(trial: FrozenTrial) -> bool:
 def sqlite_url(path: Path, read_only: bool = False) -> str:
     path = path.resolve()
     return f"sqlite:///file:{path}?mode=ro&uri=true" if read_only else f"sqlite:///{path}"
+
+
+def sqlite_file(url: URL) -> Path | None:
+    """The database file a SQLite URL names (its ``file:`` URI form included); None for an in-memory one."""
+    database = url.database or ""
+    if database in ("", ":memory:"):
+        return None
+    return Path(database.removeprefix("file:").split("?")[0]).expanduser()
 
 
 @dataclass(frozen=True)
@@ -137,9 +147,9 @@ class RunFolder:
         try:
             parsed = make_url(url)
             if parsed.get_backend_name() == "sqlite":
-                db = Path((parsed.database or "").removeprefix("file:").split("?")[0])
-                if not db.is_file():
-                    raise SpecError(f"{self.root} has no study yet ({db} is missing)")
+                db = sqlite_file(parsed)
+                if db is None or not db.is_file():
+                    raise SpecError(f"{self.root} has no study yet ({db or url} is missing)")
                 url = sqlite_url(db, read_only=True)
             else:
                 engine = sqlalchemy.create_engine(parsed)

@@ -28,8 +28,8 @@ from optuna.trial import TrialState
 from evomerge.checkpoint import atomic_write_text, open_checkpoint
 from evomerge.errors import SearchError, SpecError
 from evomerge.evaluate import EvalResult
-from evomerge.executors import Candidate, Executor, InProcessExecutor, Outcome, Worker, run_all
-from evomerge.run import STUDY_NAME, Attr, RunFolder, counted
+from evomerge.executors import Candidate, Executor, InProcessExecutor, Outcome, Worker, has_room, run_all
+from evomerge.run import STUDY_NAME, Attr, RunFolder, counted, sqlite_file
 from evomerge.scores import task_shares, weighted_mean
 from evomerge.screening import Screen
 from evomerge.space import LayerLayout, SearchSpace
@@ -72,10 +72,9 @@ def check_storage(url: str) -> None:
     try:
         parsed = make_url(url)
         if parsed.get_backend_name() == "sqlite":
-            database = parsed.database or ""
-            folder = Path(database.removeprefix("file:").split("?")[0]).expanduser().resolve().parent
-            if database not in ("", ":memory:") and not folder.is_dir():
-                raise SpecError(f"--storage {url}: folder {folder} does not exist")
+            db = sqlite_file(parsed)
+            if db is not None and not db.resolve().parent.is_dir():
+                raise SpecError(f"--storage {url}: folder {db.resolve().parent} does not exist")
             return
         engine = sqlalchemy.create_engine(parsed)
         with engine.connect():
@@ -100,8 +99,9 @@ def check_run_folder(spec: SearchSpec, run: RunFolder, force: bool, storage: str
     doc = run.read_doc()
     if doc.get("spec_hash") != spec_hash(spec) and not force:
         raise SpecError(f"run {run.root} was made with a different spec; use another --run or pass --force")
-    if storage and storage != run.storage_url():
-        raise SpecError(f"run {run.root} keeps its study at {run.storage_url()}, not {storage}")
+    recorded = run.storage_url()
+    if storage and storage != recorded:
+        raise SpecError(f"run {run.root} keeps its study at {recorded}, not {storage}")
     return doc.get("storage")
 
 
@@ -256,9 +256,7 @@ class Search:
     def _dispatch(self, remaining: int) -> None:
         """Fill free slots with new candidates, at most ``remaining`` in flight."""
         duplicates = 0
-        executor = self.executor
-        while len(self._flight) < remaining and executor.busy() < executor.slots() \
-                and (executor.can_submit() or not self._flight):  # wait for a restarting worker only when idle
+        while len(self._flight) < remaining and has_room(self.executor):
             trial = self.study.ask()
             recipe = self.space.sample(trial)
             key = recipe_hash(recipe)
