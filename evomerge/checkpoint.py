@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from evomerge import hub
 from evomerge.errors import SpecError
 
 SINGLE_FILE = "model.safetensors"
@@ -36,7 +37,12 @@ LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
 
 
 def resolve_model_path(ref: str) -> Path:
-    """A model reference as a folder: a path, or ``demo:NAME`` for the built-in zoo."""
+    """A model reference as a folder: ``demo:NAME`` for the built-in zoo, an existing path, or a Hugging
+    Face Hub id ``org/name[@revision]`` (its snapshot in the local HF cache, see :mod:`evomerge.hub`).
+
+    An existing local path always wins over the Hub, so a folder that happens to be named like a Hub id
+    is never shadowed. Any other reference is returned as a path, and open_checkpoint reports it missing.
+    """
     if ref.startswith("demo:"):
         from evomerge.demo import model_path
 
@@ -44,7 +50,15 @@ def resolve_model_path(ref: str) -> Path:
             return model_path(ref.removeprefix("demo:"))
         except KeyError as err:
             raise SpecError(str(err.args[0])) from None
-    return Path(ref).expanduser()
+    hub_id = hub_id_of(ref)
+    return Path(ref).expanduser() if hub_id is None else hub.resolve_hub_model(*hub_id)
+
+
+def hub_id_of(ref: str) -> tuple[str, str | None] | None:
+    """``(repo_id, revision)`` when ``ref`` names a Hub model rather than a demo model or an existing path."""
+    if ref.startswith("demo:") or Path(ref).expanduser().exists():
+        return None
+    return hub.parse_hub_id(ref)
 
 
 @dataclass(frozen=True)
@@ -117,6 +131,15 @@ class Checkpoint:
                 return cfg[key]
         indices = [layer_index(n) for n in self.tensors]
         return max((i for i in indices if i is not None), default=-1) + 1
+
+    @property
+    def layer_prefix(self) -> str:
+        """What block tensor names start with before the block number (``model.layers.``; "" without blocks)."""
+        for name in self.tensors:
+            match = LAYER_PATTERN.search(name)
+            if match:
+                return name[: match.start(1)]
+        return ""
 
     def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         """One tensor, read with plain file reads into memory we own (safetensors is little-endian, as is

@@ -45,10 +45,10 @@ def _positive_int(text: str) -> int:
 def _merge(args: argparse.Namespace) -> None:
     from evomerge.checkpoint import shard_bytes
     from evomerge.merge import merge_to_folder
-    from evomerge.spec import Recipe
+    from evomerge.spec import recipe_from_yaml
 
     shard = shard_bytes(args.shard_size)
-    recipe = Recipe.from_yaml(args.recipe)
+    recipe = recipe_from_yaml(args.recipe)
     with Progress(TextColumn("merging tensors"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("merge", total=None)

@@ -10,7 +10,8 @@ Everything that reaches into lm-eval beyond its public API sits in one section a
 from __future__ import annotations
 
 from array import array
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -169,6 +170,11 @@ class Evaluator:
         self._loaded: dict[str, dict] = {}
         self._doc_ids: dict[tuple[str, str], list[int]] = {}
         self._keys: dict[str, tuple[str, str]] = {}
+        with _quiet_datasets():
+            self._load_roles(manager, tasks, configs)
+
+    def _load_roles(self, manager: TaskManager, tasks: Sequence[TaskSpec], configs: dict[str, dict]) -> None:
+        """Each role's tasks loaded with that role's split as their test split, documents and requests built."""
         for role in ROLES:
             specs = [{**configs[t.name], "task": self.task_key(t.name, role),
                       "test_split": parse_split(_split_of(t, role))[0],
@@ -256,6 +262,44 @@ def score_continuations(model: torch.nn.Module, requests: Sequence[tuple[list[in
     for j, i in enumerate(order):
         out[i] = (sums[j], greedy[j])
     return out
+
+
+@contextmanager
+def _quiet_datasets() -> Iterator[None]:
+    """No progress bars from ``datasets`` and ``huggingface_hub`` while tasks load (lm-eval's ``load_dataset``
+    draws "Generating search split", "Map", "Downloading data" bars per task and split) and no warnings from
+    their loggers; errors still raise. The progress bars' state is restored afterwards (an environment
+    variable that forces them on or off keeps priority)."""
+    import logging
+    import warnings
+
+    import datasets
+    from huggingface_hub import utils as hub_utils
+
+    loggers = [logging.getLogger(name) for name in ("datasets", "huggingface_hub")]
+    levels = [logger.level for logger in loggers]
+    with warnings.catch_warnings():  # "Cannot disable progress bars: HF_..._DISABLE_PROGRESS_BARS=0 is set"
+        warnings.simplefilter("ignore")
+        datasets_on = not datasets.are_progress_bars_disabled()
+        hub_on = not hub_utils.are_progress_bars_disabled()
+        if datasets_on:
+            datasets.disable_progress_bars()
+        if hub_on:
+            hub_utils.disable_progress_bars()
+    for logger in loggers:
+        logger.setLevel(max(logger.getEffectiveLevel(), logging.ERROR))
+    try:
+        yield
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.setLevel(level)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            if datasets_on:
+                datasets.enable_progress_bars()
+            if hub_on:
+                hub_utils.enable_progress_bars()
+
 
 
 # ----------------------------------------------------------------------------------------------------------

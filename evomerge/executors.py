@@ -21,7 +21,7 @@ from evomerge.errors import SpecError
 from evomerge.evaluate import EvalResult, Evaluator
 from evomerge.merge import DTYPES, LiveMerger
 from evomerge.screening import Screen
-from evomerge.spec import Recipe, SearchSpec
+from evomerge.spec import MergeRecipe, SearchSpec
 
 Fidelity = Literal["full", "screen"]
 
@@ -44,7 +44,7 @@ class Candidate:
     """One job for a worker: merge ``recipe``, score it on ``doc_ids`` of ``role`` (None: every document of
     the role). With ``screen``, score its subset first and stop there when the paired test prunes."""
 
-    recipe: Recipe
+    recipe: MergeRecipe
     role: str = "search"
     doc_ids: dict[str, list[int]] | None = None
     screen: Screen | None = None
@@ -120,7 +120,7 @@ def run_all(executor: Executor, jobs: dict[int, Candidate], retries: int = 2) ->
     return done
 
 
-Scorer = Callable[[Recipe, str, "dict[str, Sequence[int]] | None"], tuple[EvalResult, float, float]]
+Scorer = Callable[[MergeRecipe, str, "dict[str, Sequence[int]] | None"], tuple[EvalResult, float, float]]
 
 
 def screen_then_rest(job: Candidate, score: Scorer, worker: str) -> Outcome:
@@ -171,7 +171,7 @@ class Worker:
     def doc_ids(self, task: str, role: str) -> list[int]:
         return self.evaluator.doc_ids(task, role)
 
-    def _score(self, recipe: Recipe, role: str, doc_ids: dict[str, Sequence[int]] | None) -> tuple[EvalResult,
+    def _score(self, recipe: MergeRecipe, role: str, doc_ids: dict[str, Sequence[int]] | None) -> tuple[EvalResult,
                                                                                                    float, float]:
         start = time.perf_counter()
         self.merger.apply(recipe)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from evomerge.checkpoint import hub_id_of
 from evomerge.errors import SpecError
 from evomerge.merge import merge_to_folder
 from evomerge.run import Attr, RunFolder, summary_table_markdown
-from evomerge.spec import Recipe
+from evomerge.spec import MergeRecipe, parse_recipe
 
 
-def trial_recipe(run: RunFolder, trial: int | None) -> tuple[int, Recipe, dict]:
+def trial_recipe(run: RunFolder, trial: int | None) -> tuple[int, MergeRecipe, dict]:
     """The chosen trial's number, recipe and recorded scores (default: the validated winner). Reads only."""
     summary = run.read_summary()
     if trial is None:
@@ -23,18 +24,35 @@ def trial_recipe(run: RunFolder, trial: int | None) -> tuple[int, Recipe, dict]:
     scores = {"search": chosen.user_attrs[Attr.SCORES], "fidelity": chosen.user_attrs.get(Attr.FIDELITY)}
     if summary and summary["winner_trial"] == trial:
         scores["summary"] = summary["table"]
-    return trial, Recipe.model_validate(chosen.user_attrs[Attr.RECIPE]), scores
+    return trial, parse_recipe(chosen.user_attrs[Attr.RECIPE]), scores
 
 
-def model_card(run: RunFolder, trial: int, recipe: Recipe, scores: dict) -> str:
+CARD_TAGS = ["merge", "mergekit", "evomerge"]
+
+
+def card_metadata(recipe: MergeRecipe) -> str:
+    """The model card's Hugging Face metadata header (YAML front matter between ``---`` lines, as the Hub reads
+    it), written by huggingface_hub's ``ModelCardData``: the Hub models the recipe reads as ``base_model``
+    (the Hub links only repository ids, so local folders and demo models are left out),
+    ``library_name: transformers`` and the merge tags."""
+    from huggingface_hub import ModelCardData
+
+    hub_models = [hub_id[0] for hub_id in map(hub_id_of, recipe.model_refs) if hub_id is not None]
+    data = ModelCardData(base_model=list(dict.fromkeys(hub_models)) or None, library_name="transformers",
+                         tags=list(CARD_TAGS))
+    return f"---\n{data.to_yaml().rstrip()}\n---\n"
+
+
+def model_card(run: RunFolder, trial: int, recipe: MergeRecipe, scores: dict) -> str:
+    """README.md of an export: the metadata header, then the recipe, its scores and the mergekit command."""
     lines = [f"# Merged with evomerge (run `{run.root.name}`, trial {trial})", "",
              "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Scores", "",
              f"Search split ({scores['fidelity']} fidelity): " +
              ", ".join(f"{k} {v:.4f}" for k, v in scores["search"].items()), ""]
     if "summary" in scores:
         lines += summary_table_markdown(scores["summary"])
-    lines += ["", "`mergekit_config.yml` reproduces this merge with `mergekit-yaml`.", ""]
-    return "\n".join(lines)
+    lines += ["", f"`{recipe.mergekit_file}` reproduces this merge with mergekit: `{recipe.mergekit_command}`.", ""]
+    return card_metadata(recipe) + "\n".join(lines)
 
 
 def export_trial(run_dir: Path, out: Path, trial: int | None = None, force: bool = False) -> tuple[int, Path]:

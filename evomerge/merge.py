@@ -1,5 +1,6 @@
-"""Applying a Recipe: per-tensor parameters, then either a streaming merge from files to a folder or an
-in-place merge into a live model (the search's hot path: nothing reloaded, nothing written)."""
+"""Applying a recipe: per-tensor parameters, then either a streaming merge from files to a folder or an
+in-place merge into a live model (the search's hot path: nothing reloaded, nothing written). A layer-wise
+recipe merges each tensor by the single-method recipe of its block's group (``MergeRecipe.part_for``)."""
 
 from __future__ import annotations
 
@@ -27,7 +28,7 @@ from evomerge.checkpoint import (
 )
 from evomerge.errors import SpecError
 from evomerge.methods import MergeMethod
-from evomerge.spec import Recipe, resolve_setting
+from evomerge.spec import MergeRecipe, Recipe, resolve_setting
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -69,15 +70,15 @@ def resolve_params(recipe: Recipe, name: str, num_layers: int) -> TensorParams:
     return TensorParams(shared, per_model)
 
 
-def check_resolved(recipe: Recipe, names: list[str], num_layers: int) -> None:
+def check_resolved(recipe: MergeRecipe, names: list[str], num_layers: int) -> None:
     """Joint limits that only hold per resolved value (e.g. DELLA's density +/- epsilon)."""
-    method = recipe.method
-    if method.check is None:
-        return
     for name in names:
-        params = resolve_params(recipe, name, num_layers)
-        for i, entry in enumerate(recipe.inputs):
-            problem = method.check({k: v[i] for k, v in params.per_model.items()})
+        part = recipe.part_for(layer_index(name))
+        if part.method.check is None:
+            continue
+        params = resolve_params(part, name, num_layers)
+        for i, entry in enumerate(part.inputs):
+            problem = part.method.check({k: v[i] for k, v in params.per_model.items()})
             if problem:
                 raise SpecError(f"{entry.model}, tensor {name}: {problem}")
 
@@ -124,52 +125,59 @@ def stack_deltas(base_w: torch.Tensor, tensors: Sequence[torch.Tensor], *, subtr
     return stacked
 
 
+def uses_base(part: Recipe) -> bool:
+    """Whether a single-method recipe reads its base model (linear, say, merges without one)."""
+    return part.base_model is not None and part.method.base != "none"
+
+
 @dataclass
 class MergeInputs:
-    """The opened, mutually compatible checkpoints of a recipe."""
+    """The opened, mutually compatible checkpoints of a recipe, by model reference."""
 
-    recipe: Recipe
+    recipe: MergeRecipe
     base: Checkpoint | None
-    inputs: list[Checkpoint]
+    inputs: dict[str, Checkpoint]
 
     @property
     def reference(self) -> Checkpoint:
-        return self.base or self.inputs[0]
+        return self.base or next(iter(self.inputs.values()))
 
     @property
     def names(self) -> list[str]:
         return list(self.reference.tensors)
 
 
-def open_inputs(recipe: Recipe) -> MergeInputs:
+def open_inputs(recipe: MergeRecipe) -> MergeInputs:
     """Open every model of a recipe and check them against each other; reads headers only."""
-    base = open_checkpoint(recipe.base_model) if recipe.base_model and recipe.method.base != "none" else None
-    inputs = [open_checkpoint(m.model) for m in recipe.inputs]
-    check_compatible(([base] if base else []) + inputs)
+    base = open_checkpoint(recipe.base_model) if any(uses_base(p) for p in recipe.parts) else None
+    refs = dict.fromkeys(m.model for part in recipe.parts for m in part.inputs)
+    inputs = {ref: open_checkpoint(ref) for ref in refs}
+    check_compatible(([base] if base else []) + list(inputs.values()))
     merged = MergeInputs(recipe, base, inputs)
+    recipe.check_layers(merged.reference.num_layers)
     check_resolved(recipe, merged.names, merged.reference.num_layers)
     return merged
 
 
-def output_dtype(recipe: Recipe, source: torch.dtype) -> torch.dtype:
+def output_dtype(recipe: MergeRecipe, source: torch.dtype) -> torch.dtype:
     """The recipe's dtype for floating tensors; other tensors keep theirs."""
     if not source.is_floating_point or recipe.output_dtype is None:
         return source
     return DTYPES[recipe.output_dtype]
 
 
-def _read_tensor(opened: MergeInputs, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """The base's and every input's copy of one tensor, read from the files."""
-    return (opened.base.read(name) if opened.base else None), [c.read(name) for c in opened.inputs]
+def _read_tensor(opened: MergeInputs, part: Recipe, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    """The base's and every input's copy of one tensor as ``part`` merges it, read from the files."""
+    base = opened.base.read(name) if opened.base and uses_base(part) else None
+    return base, [opened.inputs[m.model].read(name) for m in part.inputs]
 
 
-def _streamed_tensor(opened: MergeInputs, name: str, num_layers: int,
-                     read: tuple[torch.Tensor | None, list[torch.Tensor]] | None = None) -> torch.Tensor:
-    """One merged tensor read from the files (or from ``read``); the inputs are dropped as soon as they
-    are turned into task vectors, so at most one float32 stack of them is alive."""
-    recipe, method = opened.recipe, opened.recipe.method
-    base, inputs = read if read is not None else _read_tensor(opened, name)
-    del read
+def _streamed_tensor(opened: MergeInputs, name: str, num_layers: int) -> torch.Tensor:
+    """One merged tensor read from the files; the inputs are dropped as soon as they are turned into
+    task vectors, so at most one float32 stack of them is alive."""
+    recipe = opened.recipe.part_for(layer_index(name))
+    method = recipe.method
+    base, inputs = _read_tensor(opened, recipe, name)
     if not inputs[0].is_floating_point():
         return base if base is not None else inputs[0]
     gen = tensor_generator(recipe.seed, name, inputs[0].device) if method.seeded else None
@@ -184,7 +192,7 @@ def _streamed_tensor(opened: MergeInputs, name: str, num_layers: int,
     return merge_tensor(method, params, base, inputs, generator=gen)
 
 
-def merge_to_folder(recipe: Recipe, out: Path, *, force: bool = False, max_shard_bytes: int = 2 * 1024**3,
+def merge_to_folder(recipe: MergeRecipe, out: Path, *, force: bool = False, max_shard_bytes: int = 2 * 1024**3,
                     on_progress: Callable[[int, int], None] | None = None,
                     extra_files: dict[str, str] | None = None, protected: Sequence[Path] = ()) -> Path:
     """Stream a merge from checkpoint files to a Hugging Face folder, a few tensors in memory at a time.
@@ -195,8 +203,7 @@ def merge_to_folder(recipe: Recipe, out: Path, *, force: bool = False, max_shard
     """
     if max_shard_bytes < 1:
         raise SpecError(f"the shard size must be at least one byte, got {max_shard_bytes}")
-    refs = ([recipe.base_model] if recipe.base_model else []) + [m.model for m in recipe.models]
-    check_output_folder(out, force, protected=[*(resolve_model_path(r) for r in refs), *protected])
+    check_output_folder(out, force, protected=[*(resolve_model_path(r) for r in recipe.model_refs), *protected])
     opened = open_inputs(recipe)
     ref = opened.reference
     num_layers = ref.num_layers
@@ -235,7 +242,8 @@ def merge_to_folder(recipe: Recipe, out: Path, *, force: bool = False, max_shard
         float_dtype = next((d for _, _, d in entries if d.is_floating_point), torch.float32)
         copy_side_files(ref.path, tmp, float_dtype)
         atomic_write_text(tmp / "evomerge_recipe.yaml", recipe.to_yaml())
-        atomic_write_text(tmp / "mergekit_config.yml", recipe.to_mergekit_yaml(DTYPE_NAMES.get(float_dtype)))
+        atomic_write_text(tmp / recipe.mergekit_file,
+                          recipe.to_mergekit_yaml(DTYPE_NAMES.get(float_dtype), ref.layer_prefix))
         for name, text in (extra_files or {}).items():
             atomic_write_text(tmp / name, text)
     return out
@@ -262,19 +270,22 @@ class LiveMerger:
         self.weights = {ref: {n: c.read(n, params[n].device).to(torch.float32) for n in c.tensors}
                         for ref, c in zip(models, ckpts[1:], strict=True)}
         self.deltas = {ref: {n: w[n] - self.base[n] for n in w} for ref, w in self.weights.items()}
+        self.layers = {n: layer_index(n) for n in self.base}
 
     @torch.no_grad()
-    def apply(self, recipe: Recipe) -> None:
+    def apply(self, recipe: MergeRecipe) -> None:
         """Overwrite the live parameters with ``recipe``'s merge (its models must be among ours)."""
-        method = recipe.method
-        refs = [m.model for m in recipe.inputs]
-        unknown = [r for r in refs if r not in self.weights]
-        if unknown or (recipe.base_model and method.base != "none" and recipe.base_model != self.base_ref):
-            raise SpecError(f"recipe uses models this merger was not built with: {unknown or recipe.base_model}")
-        use_base = method.base != "none" and recipe.base_model is not None
+        recipe.check_layers(self.num_layers)
+        for part in recipe.parts:
+            unknown = [m.model for m in part.inputs if m.model not in self.weights]
+            if unknown or (uses_base(part) and part.base_model != self.base_ref):
+                raise SpecError(f"recipe uses models this merger was not built with: {unknown or part.base_model}")
         for name, base in self.base.items():
-            params = resolve_params(recipe, name, self.num_layers)
-            gen = tensor_generator(recipe.seed, name, base.device) if method.seeded else None
+            part = recipe.part_for(self.layers[name])
+            method, use_base = part.method, uses_base(part)
+            params = resolve_params(part, name, self.num_layers)
+            gen = tensor_generator(part.seed, name, base.device) if method.seeded else None
+            refs = [m.model for m in part.inputs]
             inputs = [self.weights[r][name] for r in refs]
             deltas = [self.deltas[r][name] for r in refs] if method.uses_deltas and use_base else None
             merged = merge_tensor(method, params, base if use_base else None, inputs, deltas=deltas, generator=gen)

@@ -2,7 +2,7 @@
 
 The page says how the budget was spent (full vs screened trials, failures, duplicates, time), how the
 best search score grew, the winner's validation/test table when the search was finalized, and the
-winner's parameters per layer (each layer's mean over its tensors, as the merge resolves them).
+winner's method and parameters per layer (each layer's mean over its tensors, as the merge resolves them).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ from evomerge.checkpoint import atomic_write_text, layer_index, open_checkpoint
 from evomerge.merge import resolve_params
 from evomerge.run import Attr, RunFolder, counted, describe_margin, summary_table_markdown
 from evomerge.scores import weighted_mean
-from evomerge.spec import Recipe, SearchSpec
+from evomerge.spec import MergeRecipe, SearchSpec, parse_recipe
 
 
 @dataclass(frozen=True)
@@ -47,24 +47,32 @@ def best_so_far(points: list[TrialPoint]) -> list[float | None]:
     return out
 
 
-def layer_parameters(recipe: Recipe) -> dict[str, dict[str, list[float]]]:
-    """Per-model parameters of ``recipe`` per layer: ``{param: {model: [mean over layer i's tensors]}}``."""
-    ckpt = open_checkpoint(recipe.base_model or recipe.inputs[0].model)
+def layer_methods(recipe: MergeRecipe, num_layers: int) -> list[str]:
+    """The merge method of each block (one name repeated, unless the recipe is layer-wise)."""
+    return [recipe.part_for(layer).merge_method for layer in range(num_layers)]
+
+
+def layer_parameters(recipe: MergeRecipe) -> dict[str, dict[str, list[float | None]]]:
+    """Per-model parameters of ``recipe`` per layer: ``{param: {model: [mean over layer i's tensors]}}``,
+    None for a layer whose method does not take the parameter (or does not merge that model)."""
+    ckpt = open_checkpoint(recipe.model_refs[0])
     sums: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for name in ckpt.tensors:
         layer = layer_index(name)
         if layer is None:
             continue
-        for param, values in resolve_params(recipe, name, ckpt.num_layers).per_model.items():
-            for entry, value in zip(recipe.inputs, values, strict=True):
+        part = recipe.part_for(layer)
+        for param, values in resolve_params(part, name, ckpt.num_layers).per_model.items():
+            for entry, value in zip(part.inputs, values, strict=True):
                 sums[param][entry.model][layer].append(float(value))
-    return {param: {model: [sum(v) / len(v) for _, v in sorted(layers.items())] for model, layers in by_model.items()}
+    return {param: {model: [sum(layers[i]) / len(layers[i]) if i in layers else None for i in range(ckpt.num_layers)]
+                    for model, layers in by_model.items()}
             for param, by_model in sums.items()}
 
 
 def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna.trial.FrozenTrial],
-              points: list[TrialPoint], curve: list[float | None], chosen: tuple[str, Recipe] | None,
-              per_layer: dict[str, dict[str, list[float]]], summary: dict | None, png: Path) -> str:
+              points: list[TrialPoint], curve: list[float | None], chosen: tuple[str, MergeRecipe] | None,
+              per_layer: dict[str, dict[str, list[float | None]]], summary: dict | None, png: Path) -> str:
     full = sum(p.fidelity == "full" for p in points)
     failed = sum(t.state == TrialState.FAIL for t in trials)
     duplicates = sum(Attr.DUPLICATE_OF in t.user_attrs for t in trials)
@@ -72,7 +80,8 @@ def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna
     examples = sum(t.user_attrs.get(Attr.EXAMPLES, 0) for t in trials if counted(t))
     lines = [f"# evomerge run `{run.root.name}`", "",
              f"- models: {', '.join(spec.models)} (base {spec.base_model})",
-             f"- space: methods {', '.join(spec.space.methods)}, granularity {spec.space.granularity}; "
+             f"- space: methods {', '.join(spec.space.methods)} (chosen per {spec.space.method_granularity}), "
+             f"granularity {spec.space.granularity}; "
              f"sampler {spec.sampler or 'default'}, seed {spec.seed}",
              f"- budget {budget}: {len(points)} finished ({full} full, {len(points) - full} screened), "
              f"{failed} failed, {duplicates} duplicates; {examples} examples scored, {seconds:.0f} s in candidate "
@@ -91,11 +100,15 @@ def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna
         lines += [f"## {chosen[0]} (not finalized: no validation re-check yet)", ""]
     if chosen is not None:
         lines += ["Recipe:", "", "```yaml", chosen[1].to_yaml().rstrip(), "```", ""]
+        methods = layer_methods(chosen[1], open_checkpoint(chosen[1].model_refs[0]).num_layers)
+        if len(set(methods)) > 1:
+            lines += ["Method per layer:", "", "| " + " | ".join(f"L{i}" for i in range(len(methods))) + " |",
+                      "|" + "---|" * len(methods), "| " + " | ".join(methods) + " |", ""]
         for param, by_model in per_layer.items():
             n = len(next(iter(by_model.values())))
             lines += [f"`{param}` per layer (mean over the layer's tensors):", "",
                       "| model | " + " | ".join(f"L{i}" for i in range(n)) + " |", "|---|" + "---|" * n]
-            lines += [f"| {model} | " + " | ".join(f"{v:.3f}" for v in values) + " |"
+            lines += [f"| {model} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |"
                       for model, values in by_model.items()]
             lines.append("")
     lines += [f"![search]({png.name})", ""]
@@ -103,7 +116,7 @@ def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna
 
 
 def _plot(points: list[TrialPoint], curve: list[float | None], label: str,
-          per_layer: dict[str, dict[str, list[float]]], png: Path) -> None:
+          per_layer: dict[str, dict[str, list[float | None]]], png: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -124,7 +137,7 @@ def _plot(points: list[TrialPoint], curve: list[float | None], label: str,
         param, by_model = next(iter(per_layer.items()))
         ax = axes[0][1]
         for model, values in by_model.items():
-            ax.plot(range(len(values)), values, marker="o", label=model)
+            ax.plot(range(len(values)), [float("nan") if v is None else v for v in values], marker="o", label=model)
         ax.set_xticks(range(len(values)))
         ax.set_xlabel("layer")
         ax.set_ylabel(param)
@@ -148,10 +161,10 @@ def write_report(run_dir: Path) -> Path:
     full = [p for p in points if p.fidelity == "full"]
     chosen = None
     if summary:
-        chosen = (f"winner: trial {summary['winner_trial']}", Recipe.model_validate(summary["winner_recipe"]))
+        chosen = (f"winner: trial {summary['winner_trial']}", parse_recipe(summary["winner_recipe"]))
     elif full:
         best = max(full, key=lambda p: p.score)
-        recipe = Recipe.model_validate(trials[best.number].user_attrs[Attr.RECIPE])
+        recipe = parse_recipe(trials[best.number].user_attrs[Attr.RECIPE])
         chosen = (f"best trial so far: {best.number}", recipe)
     per_layer = layer_parameters(chosen[1]) if chosen is not None else {}
     png = run.root / "report.png"

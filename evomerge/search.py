@@ -33,7 +33,7 @@ from evomerge.run import STUDY_NAME, Attr, RunFolder, counted, sqlite_file
 from evomerge.scores import task_shares, weighted_mean
 from evomerge.screening import Screen
 from evomerge.space import LayerLayout, SearchSpace
-from evomerge.spec import Recipe, SearchSpec
+from evomerge.spec import MergeRecipe, Recipe, SearchSpec, parse_recipe
 
 MAX_RETRIES = 2
 MAX_FAILURES_IN_ROW = 5
@@ -44,7 +44,7 @@ def spec_hash(spec: SearchSpec) -> str:
     return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
 
 
-def recipe_hash(recipe: Recipe) -> str:
+def recipe_hash(recipe: MergeRecipe) -> str:
     return hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:16]
 
 
@@ -187,7 +187,7 @@ class _Flight:
     """A candidate handed to the executor and not yet told."""
 
     trial: optuna.Trial
-    recipe: Recipe
+    recipe: MergeRecipe
     key: str
     start: float
 
@@ -333,7 +333,7 @@ class Search:
         self._flight.clear()
         self._waiting.clear()
 
-    def _log(self, number: int, state: str, result: EvalResult | None, recipe: Recipe, seconds: float,
+    def _log(self, number: int, state: str, result: EvalResult | None, recipe: MergeRecipe, seconds: float,
              **extra: Any) -> None:
         """Append one JSON line per trial (a line cut by a kill is skipped by readers)."""
         row = {"trial": number, "state": state, "score": result.score if result else None,
@@ -366,7 +366,7 @@ class Search:
                                          dtype=spec.dtype)
         return refs
 
-    def _score_all(self, jobs: list[tuple[Recipe, str]]) -> list[EvalResult]:
+    def _score_all(self, jobs: list[tuple[MergeRecipe, str]]) -> list[EvalResult]:
         """Score (recipe, role) pairs on every document of the role, spread over the workers."""
         outcomes = run_all(self.executor, {i: Candidate(recipe, role) for i, (recipe, role) in enumerate(jobs)})
         failed = [o.error for o in outcomes.values() if o.result is None]
@@ -404,8 +404,8 @@ class Search:
         return summary
 
 
-def _recipe_of(trial: optuna.trial.FrozenTrial) -> Recipe:
-    return Recipe.model_validate(trial.user_attrs[Attr.RECIPE])
+def _recipe_of(trial: optuna.trial.FrozenTrial) -> MergeRecipe:
+    return parse_recipe(trial.user_attrs[Attr.RECIPE])
 
 
 def paired_margin(a: EvalResult, b: EvalResult) -> dict[str, float]:

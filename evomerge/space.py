@@ -1,4 +1,5 @@
-"""Turning an Optuna trial into a Recipe: method choice, layer granularity, ranges, shared parameters.
+"""Turning an Optuna trial into a recipe: method choice (global or per layer group), layer granularity,
+ranges, shared parameters.
 
 Coefficients vary over *slots*: one (global), K gradient control points, N layer groups, every layer,
 or every layer x module filter. Slot values become recipe settings mergekit understands: a scalar, a
@@ -12,9 +13,9 @@ from typing import Any
 
 import optuna
 
-from evomerge.checkpoint import LAYER_PATTERN, Checkpoint
+from evomerge.checkpoint import Checkpoint
 from evomerge.methods import MergeMethod, get_method
-from evomerge.spec import Filtered, Granularity, Recipe, SearchSpec, Setting
+from evomerge.spec import Filtered, Granularity, LayerGroup, LayerwiseRecipe, Recipe, SearchSpec, Setting
 
 
 @dataclass(frozen=True)
@@ -26,11 +27,8 @@ class LayerLayout:
 
     @classmethod
     def of(cls, ckpt: Checkpoint) -> LayerLayout:
-        for name in ckpt.tensors:
-            match = LAYER_PATTERN.search(name)
-            if match:
-                return cls(name[: match.start(1)], ckpt.num_layers)
-        return cls("", 0)
+        prefix = ckpt.layer_prefix
+        return cls(prefix, ckpt.num_layers if prefix else 0)
 
 
 @dataclass(frozen=True)
@@ -41,23 +39,47 @@ class Slot:
     filters: tuple[str, ...]
 
 
-def make_slots(granularity: Granularity, layout: LayerLayout, modules: list[str]) -> list[Slot]:
+def make_slots(granularity: Granularity, layout: LayerLayout, modules: list[str],
+               within: range | None = None) -> list[Slot]:
+    """The coefficient slots of the whole model, or of the blocks ``within`` (a method group's range):
+    layer groups are cut on the whole model, then clipped to the range."""
     n = layout.num_layers
     if granularity.kind == "global" or n == 0:
         return [Slot("all", ())]
     if granularity.kind == "gradient":
         return [Slot(f"g{i}", ()) for i in range(granularity.count)]
+    within = range(n) if within is None else within
     if granularity.kind == "layer_module":
-        return [Slot(f"L{i}.{m}", (f"{layout.prefix}{i}.{m}",)) for i in range(n) for m in [*modules, ""]]
+        return [Slot(f"L{i}.{m}", (f"{layout.prefix}{i}.{m}",)) for i in within for m in [*modules, ""]]
     groups = n if granularity.kind == "layer" else min(n, granularity.count)
     bounds = [round(g * n / groups) for g in range(groups + 1)]
-    return [Slot(f"L{bounds[g]}-{bounds[g + 1] - 1}", tuple(f"{layout.prefix}{i}." for i in
-                                                        range(bounds[g], bounds[g + 1])))
-            for g in range(groups)]
+    slots = []
+    for g in range(groups):
+        layers = [i for i in range(bounds[g], bounds[g + 1]) if i in within]
+        if layers:
+            slots.append(Slot(f"L{layers[0]}-{layers[-1]}", tuple(f"{layout.prefix}{i}." for i in layers)))
+    return slots
+
+
+def method_ranges(count: int | None, num_layers: int) -> list[range] | None:
+    """The blocks of each method group (``count`` even ranges), or None for one method everywhere."""
+    if count is None or num_layers == 0:
+        return None
+    groups = min(count, num_layers)
+    bounds = [round(g * num_layers / groups) for g in range(groups + 1)]
+    return [range(bounds[g], bounds[g + 1]) for g in range(groups)]
+
+
+Values = dict[str, list[list[float]]]  # parameter -> [model][slot] (per-model) or [[slot]] (shared)
 
 
 class SearchSpace:
-    """Samples recipes from a SearchSpec; also builds the parameter dicts of known baselines."""
+    """Samples recipes from a SearchSpec; also builds the parameter dicts of known baselines.
+
+    With ``space.method_granularity: groups:N`` each group of blocks picks its own method (parameter
+    ``method[G<g>]``) and then only that method's coefficients, named ``G<g>.<method>.<param>[..][..]``
+    (a conditional space); the recipe is then a LayerwiseRecipe whose outer tensors follow group 0.
+    """
 
     def __init__(self, spec: SearchSpec, layout: LayerLayout) -> None:
         self.spec = spec
@@ -65,64 +87,93 @@ class SearchSpace:
         self.slots = make_slots(grain, layout, spec.space.modules)
         self.gradient = grain.kind == "gradient"
         self.model_labels = [f"m{i}" for i in range(len(spec.models))]
+        self.method_ranges = method_ranges(spec.space.method_groups, layout.num_layers)
+        self.group_slots = [self.slots] if self.method_ranges is None else [
+            make_slots(grain, layout, spec.space.modules, within=r) for r in self.method_ranges]
 
-    def _names(self, method: MergeMethod, param: str) -> list[list[str]]:
+    def _method_param(self, group: int | None) -> str:
+        return "method" if group is None else f"method[G{group}]"
+
+    def _names(self, method: MergeMethod, param: str, group: int | None = None) -> list[list[str]]:
         """Optuna parameter names: [model][slot] for per-model params, [[slot...]] for shared ones."""
-        slots = ["all"] if param in self.spec.space.shared else [s.label for s in self.slots]
+        slots = ["all"] if param in self.spec.space.shared else [s.label for s in self.group_slots[group or 0]]
         owners = self.model_labels if param in method.per_model else ["shared"]
-        prefix = f"{method.name}." if len(self.spec.space.methods) > 1 else ""
+        prefix = (f"G{group}." if group is not None else "") + \
+            (f"{method.name}." if len(self.spec.space.methods) > 1 else "")
         return [[f"{prefix}{param}[{o}][{s}]" for s in slots] for o in owners]
 
     def searched(self, method: MergeMethod) -> list[str]:
         return [p for p in self.spec.space.parameters if p in method.parameters]
 
-    def sample(self, trial: optuna.trial.BaseTrial) -> Recipe:
+    def _sample_group(self, trial: optuna.trial.BaseTrial, group: int | None) -> tuple[MergeMethod, Values]:
         methods = self.spec.space.methods
-        method = get_method(trial.suggest_categorical("method", methods) if len(methods) > 1 else methods[0])
-        values: dict[str, list[list[float]]] = {}
+        method = get_method(trial.suggest_categorical(self._method_param(group), methods)
+                            if len(methods) > 1 else methods[0])
+        values: Values = {}
         for param in self.searched(method):
             rng = self.spec.space.parameters[param]
             values[param] = [[trial.suggest_float(n, rng.low, rng.high, log=rng.log) for n in row]
-                             for row in self._names(method, param)]
-        return self.recipe(method, values)
+                             for row in self._names(method, param, group)]
+        return method, values
 
-    def _setting(self, row: list[float]) -> Setting:
+    def sample(self, trial: optuna.trial.BaseTrial) -> Recipe | LayerwiseRecipe:
+        if self.method_ranges is None:
+            return self.recipe(*self._sample_group(trial, None))
+        return self.layerwise([self._sample_group(trial, g) for g in range(len(self.method_ranges))])
+
+    def _setting(self, row: list[float], slots: list[Slot]) -> Setting:
         if len(row) == 1:
             return row[0]
         if self.gradient:
             return row
-        entries = [Filtered(filter=f, value=v) for slot, v in zip(self.slots, row, strict=True) for f in slot.filters]
+        entries = [Filtered(filter=f, value=v) for slot, v in zip(slots, row, strict=True) for f in slot.filters]
         return [*entries, Filtered(value=row[0])]
 
-    def recipe(self, method: MergeMethod, values: dict[str, list[list[float]]]) -> Recipe:
-        """The recipe for given slot values ([model][slot] per-model, [[slot]] shared)."""
-        spec = self.spec
-        fixed = {k: v for k, v in spec.space.fixed.items() if k in method.parameters}
-        shared = {p: self._setting(v[0]) for p, v in values.items() if p not in method.per_model}
-        models = [{"model": m, "parameters": {p: self._setting(v[i]) for p, v in values.items()
+    def _fields(self, method: MergeMethod, values: Values, slots: list[Slot]) -> dict[str, Any]:
+        """merge_method, models and parameters of one method's part for given slot values."""
+        fixed = {k: v for k, v in self.spec.space.fixed.items() if k in method.parameters}
+        shared = {p: self._setting(v[0], slots) for p, v in values.items() if p not in method.per_model}
+        models = [{"model": m, "parameters": {p: self._setting(v[i], slots) for p, v in values.items()
                                               if p in method.per_model}}
-                  for i, m in enumerate(spec.models)]
-        return Recipe(merge_method=method.name, base_model=spec.base_model, models=models,
-                      parameters={**fixed, **shared}, dtype=spec.dtype, seed=spec.seed)
+                  for i, m in enumerate(self.spec.models)]
+        return {"merge_method": method.name, "models": models, "parameters": {**fixed, **shared}}
+
+    def recipe(self, method: MergeMethod, values: Values) -> Recipe:
+        """The single-method recipe for given slot values."""
+        spec = self.spec
+        return Recipe(**self._fields(method, values, self.slots), base_model=spec.base_model, dtype=spec.dtype,
+                      seed=spec.seed)
+
+    def layerwise(self, parts: list[tuple[MergeMethod, Values]]) -> LayerwiseRecipe:
+        """The layer-wise recipe for each method group's method and slot values."""
+        assert self.method_ranges is not None
+        groups = [LayerGroup(layers=(r.start, r.stop), **self._fields(method, values, slots))
+                  for r, slots, (method, values) in zip(self.method_ranges, self.group_slots, parts, strict=True)]
+        return LayerwiseRecipe(base_model=self.spec.base_model, groups=groups, dtype=self.spec.dtype,
+                               seed=self.spec.seed)
 
     def point(self, method_name: str, per_model: dict[str, list[float]] | None = None,
               shared: dict[str, float] | None = None) -> dict[str, Any] | None:
-        """Optuna params of a recipe with one value per model (or shared) in every slot; None if a value
-        lies outside the space or the method is not in it. Unnamed parameters take range midpoints."""
+        """Optuna params of a recipe with one method everywhere and one value per model (or shared) in
+        every slot; None if a value lies outside the space or the method is not in it. Unnamed parameters
+        take range midpoints."""
         if method_name not in self.spec.space.methods:
             return None
         method = get_method(method_name)
-        params: dict[str, Any] = {"method": method_name} if len(self.spec.space.methods) > 1 else {}
-        for param in self.searched(method):
-            rng = self.spec.space.parameters[param]
-            mid = (rng.low * rng.high) ** 0.5 if rng.log else (rng.low + rng.high) / 2
-            for i, row in enumerate(self._names(method, param)):
-                value = (per_model or {}).get(param, [None] * len(self.spec.models))[i] \
-                    if param in method.per_model else (shared or {}).get(param)
-                value = mid if value is None else value
-                if not rng.low <= value <= rng.high:
-                    return None
-                params.update(dict.fromkeys(row, value))
+        params: dict[str, Any] = {}
+        for group in [None] if self.method_ranges is None else range(len(self.method_ranges)):
+            if len(self.spec.space.methods) > 1:
+                params[self._method_param(group)] = method_name
+            for param in self.searched(method):
+                rng = self.spec.space.parameters[param]
+                mid = (rng.low * rng.high) ** 0.5 if rng.log else (rng.low + rng.high) / 2
+                for i, row in enumerate(self._names(method, param, group)):
+                    value = (per_model or {}).get(param, [None] * len(self.spec.models))[i] \
+                        if param in method.per_model else (shared or {}).get(param)
+                    value = mid if value is None else value
+                    if not rng.low <= value <= rng.high:
+                        return None
+                    params.update(dict.fromkeys(row, value))
         return params
 
     def baselines(self) -> list[tuple[str, dict[str, Any]]]:

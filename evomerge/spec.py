@@ -1,8 +1,9 @@
-"""Pydantic models of a Recipe (one concrete merge), checked before any tensor is read.
+"""Pydantic models of recipes (concrete merges) and search specs, checked before any tensor is read.
 
 A recipe uses mergekit's own keys (``merge_method``, ``base_model``, ``models``, ``parameters``,
 ``dtype``) so that a mergekit YAML with the features we support loads as it is, and ours can be written
-back as a mergekit YAML. ``seed`` (for DARE/DELLA masks) is our only addition.
+back as a mergekit YAML. ``seed`` (for DARE/DELLA masks) is our only addition. A layer-wise recipe
+(``groups``: a method per range of blocks) is written back as a ``mergekit-multi`` document.
 """
 
 from __future__ import annotations
@@ -11,10 +12,19 @@ import functools
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Literal, TypeVar
+from typing import Annotated, Any, ClassVar, Literal, Protocol, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    NonNegativeInt,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from evomerge.errors import SpecError
 from evomerge.methods import MergeMethod, Param, get_method
@@ -112,7 +122,24 @@ class Recipe(BaseModel):
                 _check_setting(method, name, setting, method.per_model, f"models[{i}] ({entry.model})")
         return self
 
-    # ------------------------------------------------------------------ YAML
+    # ------------------------------------------------------------------ the MergeRecipe contract
+
+    mergekit_file: ClassVar[str] = "mergekit_config.yml"
+    mergekit_command: ClassVar[str] = "mergekit-yaml mergekit_config.yml OUT"
+
+    @property
+    def parts(self) -> list[Recipe]:
+        return [self]
+
+    @property
+    def model_refs(self) -> list[str]:
+        return list(dict.fromkeys(([self.base_model] if self.base_model else []) + [m.model for m in self.models]))
+
+    def part_for(self, layer: int | None) -> Recipe:
+        return self
+
+    def check_layers(self, num_layers: int) -> None:
+        """Every block count suits a single-method recipe."""
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> Recipe:
@@ -121,27 +148,190 @@ class Recipe(BaseModel):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 
-    def to_mergekit_yaml(self, out_dtype: DType | None = None) -> str:
+    def to_mergekit_yaml(self, out_dtype: DType | None = None, layer_prefix: str = "") -> str:
         """The same merge for ``mergekit-yaml``: absolute paths, base listed, float32 arithmetic, and the
         output dtype (``out_dtype``: the one our merge wrote when the recipe names none)."""
-        from evomerge.checkpoint import resolve_model_path
+        return yaml.safe_dump(self._mergekit_doc(self.output_dtype or out_dtype), sort_keys=False)
 
-        def path(ref: str) -> str:
-            return str(resolve_model_path(ref).resolve())
-
-        models = [{"model": path(m.model), **({"parameters": _plain(m.parameters)} if m.parameters else {})}
+    def _mergekit_doc(self, out_dtype: DType | None) -> dict[str, Any]:
+        # a method without a base (linear) merges only `models`: mergekit would want a weight for a listed base
+        base = self.base_model if self.method.base != "none" else None
+        models = [{"model": _abs_path(m.model), **({"parameters": _plain(m.parameters)} if m.parameters else {})}
                   for m in self.models]
-        if self.base_model and self.base_model not in [m.model for m in self.models]:
-            models.append({"model": path(self.base_model)})
+        if base and base not in [m.model for m in self.models]:
+            models.append({"model": _abs_path(base)})
         doc: dict[str, Any] = {"merge_method": self.merge_method, "models": models}
-        if self.base_model:
-            doc["base_model"] = path(self.base_model)
+        if base:
+            doc["base_model"] = _abs_path(base)
         if self.parameters:
             doc["parameters"] = _plain(self.parameters)
         doc["dtype"] = "float32"
+        if out_dtype:
+            doc["out_dtype"] = out_dtype
+        return doc
+
+
+class LayerGroup(BaseModel):
+    """A range of blocks ``layers: [start, end)`` (mergekit's ``layer_range``) merged by its own method."""
+
+    model_config = STRICT
+    layers: tuple[NonNegativeInt, NonNegativeInt]
+    merge_method: str
+    models: list[ModelEntry]
+    parameters: dict[str, Setting] = {}
+
+
+class LayerwiseRecipe(BaseModel):
+    """A merge with a method per layer group. Each tensor of a block is merged exactly as the single-method
+    recipe of its group would merge it; the tensors outside the blocks (embeddings, final norm, head)
+    follow group ``outer``. Parameter gradients keep their whole-model layer positions."""
+
+    model_config = STRICT
+    base_model: str | None = None
+    groups: list[LayerGroup] = Field(min_length=1)
+    outer: NonNegativeInt = 0
+    dtype: DType | None = None
+    out_dtype: DType | None = None
+    seed: int = 0
+    _parts: list[Recipe] = PrivateAttr()
+
+    mergekit_file: ClassVar[str] = "mergekit_multi.yml"
+    mergekit_command: ClassVar[str] = ("mergekit-multi mergekit_multi.yml --intermediate-dir /ABSOLUTE/WORK/DIR "
+                                       "--out-path OUT")
+
+    @model_validator(mode="after")
+    def _check(self) -> LayerwiseRecipe:
+        end = 0
+        for i, group in enumerate(self.groups):
+            start, stop = group.layers
+            if start != end:
+                gap = f"block {end}" if start == end + 1 else f"blocks {end}-{start - 1}"
+                what = "overlaps the group before" if start < end else f"leaves {gap} to no group"
+                raise ValueError(f"groups[{i}].layers {[start, stop]} {what} (groups must cover the blocks in order)")
+            if stop <= start:
+                raise ValueError(f"groups[{i}].layers {[start, stop]} is empty (start must be below end)")
+            end = stop
+        if self.outer >= len(self.groups):
+            raise ValueError(f"outer {self.outer} names no group (there are {len(self.groups)})")
+        parts = []
+        for i, group in enumerate(self.groups):
+            try:
+                parts.append(Recipe(merge_method=group.merge_method, base_model=self.base_model, models=group.models,
+                                    parameters=group.parameters, dtype=self.dtype, out_dtype=self.out_dtype,
+                                    seed=self.seed))
+            except ValidationError as err:
+                raise ValueError(f"groups[{i}]: {describe_error(err)}") from None
+            except SpecError as err:
+                raise ValueError(f"groups[{i}]: {err}") from None
+        self._parts = parts
+        return self
+
+    @property
+    def parts(self) -> list[Recipe]:
+        """One single-method recipe per group, in group order."""
+        return self._parts
+
+    @property
+    def model_refs(self) -> list[str]:
+        return list(dict.fromkeys(ref for part in self._parts for ref in part.model_refs))
+
+    @property
+    def output_dtype(self) -> str | None:
+        return self.out_dtype or self.dtype
+
+    def part_for(self, layer: int | None) -> Recipe:
+        """The recipe that merges block ``layer``'s tensors (None: a tensor outside the blocks)."""
+        if layer is None:
+            return self._parts[self.outer]
+        for group, part in zip(self.groups, self._parts, strict=True):
+            if group.layers[0] <= layer < group.layers[1]:
+                return part
+        raise SpecError(f"block {layer} is in no layer group (the groups end at block {self.groups[-1].layers[1] - 1})")
+
+    def check_layers(self, num_layers: int) -> None:
+        """The groups must end at the model's last block."""
+        end = self.groups[-1].layers[1]
+        if end != num_layers:
+            raise SpecError(f"the layer groups cover blocks 0-{end - 1}, but the model has {num_layers} blocks "
+                            f"(0-{num_layers - 1})")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> LayerwiseRecipe:
+        return load_yaml_model(cls, path)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+
+    def to_mergekit_yaml(self, out_dtype: DType | None = None, layer_prefix: str = "model.layers.") -> str:
+        """A ``mergekit-multi`` document: one float32 intermediate merge per group (``evomerge-group-I``),
+        then a ``linear`` merge that takes every tensor from its group's intermediate with weight 1 (and 0
+        from the others), which mergekit computes exactly. ``layer_prefix`` names the blocks' tensors."""
+        docs: list[dict[str, Any]] = []
+        for i, part in enumerate(self._parts):
+            docs.append({"name": f"evomerge-group-{i}", **part._mergekit_doc("float32")})
+        picks = []
+        for i, group in enumerate(self.groups):  # every block named in every list: the last entry is the outer's
+            weight = [{"filter": f"{layer_prefix}{layer}.", "value": float(group.layers[0] <= layer < group.layers[1])}
+                      for layer in range(self.groups[-1].layers[1])]
+            picks.append({"model": f"evomerge-group-{i}",
+                          "parameters": {"weight": [*weight, {"value": float(i == self.outer)}]}})
+        final: dict[str, Any] = {"merge_method": "linear", "models": picks, "parameters": {"normalize": True},
+                                 "dtype": "float32"}
         if self.output_dtype or out_dtype:
-            doc["out_dtype"] = self.output_dtype or out_dtype
-        return yaml.safe_dump(doc, sort_keys=False)
+            final["out_dtype"] = self.output_dtype or out_dtype
+        return yaml.safe_dump_all([*docs, final], sort_keys=False)
+
+
+class MergeRecipe(Protocol):
+    """What the merge engine, the search and the exports need of a recipe, single-method or layer-wise:
+    the single-method recipe for each block (``part_for``), all its parts, the models it reads, and its
+    YAML forms (ours, and mergekit's in the file ``mergekit_file``)."""
+
+    base_model: str | None
+    seed: int
+    mergekit_file: ClassVar[str]
+    mergekit_command: ClassVar[str]
+
+    @property
+    def parts(self) -> list[Recipe]: ...
+
+    @property
+    def model_refs(self) -> list[str]: ...
+
+    @property
+    def output_dtype(self) -> str | None: ...
+
+    def part_for(self, layer: int | None) -> Recipe: ...
+
+    def check_layers(self, num_layers: int) -> None: ...
+
+    def to_yaml(self) -> str: ...
+
+    def to_mergekit_yaml(self, out_dtype: DType | None = None, layer_prefix: str = ...) -> str: ...
+
+    def model_dump(self, **kwargs: Any) -> dict[str, Any]: ...
+
+    def model_dump_json(self, **kwargs: Any) -> str: ...
+
+
+def parse_recipe(data: dict[str, Any]) -> Recipe | LayerwiseRecipe:
+    """A recipe mapping as stored or written by a user: layer-wise when it has ``groups``."""
+    return (LayerwiseRecipe if "groups" in data else Recipe).model_validate(data)
+
+
+def recipe_from_yaml(path: str | Path) -> Recipe | LayerwiseRecipe:
+    """A recipe file of either form, with the same one-line errors as any YAML we read."""
+    data = _read_yaml_mapping(Path(path))
+    return _validate(LayerwiseRecipe if "groups" in data else Recipe, data, Path(path))
+
+
+def _abs_path(ref: str) -> str:
+    """A reference mergekit resolves anywhere: an absolute folder, or a Hub id pinned to the cached commit."""
+    from evomerge.checkpoint import hub_id_of, resolve_model_path
+
+    folder = resolve_model_path(ref)
+    hub_id = hub_id_of(ref)
+    return str(folder.resolve()) if hub_id is None else f"{hub_id[0]}@{folder.name}"  # snapshots: named by commit
 
 
 def _plain(params: dict[str, Setting]) -> dict[str, Any]:
@@ -170,7 +360,10 @@ M = TypeVar("M", bound=BaseModel)
 
 def load_yaml_model(cls: type[M], path: str | Path) -> M:
     """Parse and validate a YAML file; any problem becomes one SpecError line naming file and field."""
-    path = Path(path)
+    return _validate(cls, _read_yaml_mapping(Path(path)), Path(path))
+
+
+def _read_yaml_mapping(path: Path) -> dict[str, Any]:
     try:
         data = yaml.safe_load(path.read_text())
     except FileNotFoundError:
@@ -185,6 +378,10 @@ def load_yaml_model(cls: type[M], path: str | Path) -> M:
         raise SpecError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def _validate(cls: type[M], data: dict[str, Any], path: Path) -> M:
     try:
         return cls.model_validate(data)
     except ValidationError as err:
@@ -257,17 +454,31 @@ class SpaceSpec(BaseModel):
     modules: list[str] = ["self_attn", "mlp"]
     parameters: dict[str, Range] = {"weight": Range(low=0.0, high=1.0)}
     fixed: dict[str, Scalar] = {}
-    shared: list[str] = []  # searched once for the whole model instead of per layer slot
+    shared: list[str] = []  # searched once for the whole model (once per method group) instead of per slot
+    method_granularity: str = "global"  # or groups:N: each range of blocks picks its own method
 
     @functools.cached_property
     def grain(self) -> Granularity:
         """The granularity, parsed once (the string is what the YAML and the spec hash hold)."""
         return Granularity.parse(self.granularity)
 
+    @functools.cached_property
+    def method_groups(self) -> int | None:
+        """How many layer groups choose their own method (None: one method for the whole model)."""
+        grain = Granularity.parse(self.method_granularity)
+        return grain.count if grain.kind == "groups" else None
+
     @field_validator("granularity")
     @classmethod
     def _granularity(cls, value: str) -> str:
         Granularity.parse(value)
+        return value
+
+    @field_validator("method_granularity")
+    @classmethod
+    def _method_granularity(cls, value: str) -> str:
+        if not re.fullmatch(r"global|groups:[1-9]\d*", value):
+            raise ValueError(f"space.method_granularity {value!r} is not global or groups:N")
         return value
 
     @model_validator(mode="after")
@@ -285,6 +496,9 @@ class SpaceSpec(BaseModel):
         unknown = [p for p in [*self.parameters, *self.fixed] if p not in every]
         if unknown:
             raise ValueError(f"space: no chosen method takes parameter {unknown[0]!r}")
+        if self.method_groups is not None and len(self.methods) < 2:
+            raise ValueError(f"space.method_granularity {self.method_granularity} needs at least two space.methods "
+                             "to choose from")
         missing = [s for s in self.shared if s not in self.parameters]
         if missing:
             raise ValueError(f"space.shared names {missing[0]!r}, which is not in space.parameters")

@@ -28,7 +28,8 @@ def run_table(run_dir: Path, limit: int = 20) -> Table:
     ranked = sorted(finished, key=lambda t: (t.user_attrs.get(Attr.FIDELITY) == "full", t.values[0]), reverse=True)
     for t in ranked[:limit]:
         note = t.user_attrs.get(Attr.BASELINE) or ("winner" if t.number == winner else "")
-        method = t.user_attrs.get(Attr.RECIPE, {}).get("merge_method", "")
+        recipe = t.user_attrs.get(Attr.RECIPE, {})  # layer-wise: the groups' methods, first block's first
+        method = recipe.get("merge_method") or "/".join(g["merge_method"] for g in recipe.get("groups", []))
         table.add_row(str(t.number), t.user_attrs.get(Attr.FIDELITY, ""), " ".join(f"{v:.4f}" for v in t.values),
                       method, Text(note))
     return table

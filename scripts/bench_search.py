@@ -23,12 +23,12 @@ from evomerge.demo import DEMO_SPEC  # noqa: E402
 from evomerge.executors import Candidate, InProcessExecutor, Worker  # noqa: E402
 from evomerge.run import Attr, RunFolder, counted  # noqa: E402
 from evomerge.search import Search, prepare_run  # noqa: E402
-from evomerge.spec import Recipe, SearchSpec  # noqa: E402
+from evomerge.spec import MergeRecipe, Recipe, SearchSpec, parse_recipe  # noqa: E402
 
 SAMPLERS = ("cmaes", "tpe", "random")
 
 
-def test_score(worker: Worker, recipe: Recipe) -> float:
+def test_score(worker: Worker, recipe: MergeRecipe) -> float:
     outcome = worker.run(Candidate(recipe, "test"))
     if outcome.result is None:
         raise RuntimeError(outcome.error)
@@ -51,7 +51,7 @@ def curve(spec: SearchSpec, executor: InProcessExecutor, budget: int, step: int)
             full = [t for t in trials[:k] if t.user_attrs.get(Attr.FIDELITY) == "full"]
             best = max(full, key=lambda t: t.value)
             if best.number not in cache:
-                recipe = Recipe.model_validate(best.user_attrs[Attr.RECIPE])
+                recipe = parse_recipe(best.user_attrs[Attr.RECIPE])
                 cache[best.number] = test_score(executor.worker, recipe)
             points.append(cache[best.number])
         return points, seconds

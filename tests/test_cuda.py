@@ -1,7 +1,7 @@
 """The GPU path: a worker whose model, base and task vectors live on the device (merge math there), its
-merge equal to the streamed CPU merge, a real device out-of-memory error returned as a failed candidate
-with the memory given back, and a Ray actor placed on a GPU. Skipped without CUDA (CI has none); run them
-wherever a GPU is present."""
+merge (single-method and layer-wise) equal to the streamed CPU merge, a real device out-of-memory error
+returned as a failed candidate with the memory given back, and a Ray actor placed on a GPU. Skipped without
+CUDA (CI has none); run them wherever a GPU is present."""
 
 import pytest
 import torch
@@ -10,7 +10,7 @@ from test_search import SPEC
 from evomerge.executors import Candidate, Worker
 from evomerge.merge import merge_to_folder
 from evomerge.ray_executor import plan_workers
-from evomerge.spec import Recipe, SearchSpec
+from evomerge.spec import LayerwiseRecipe, Recipe, SearchSpec
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 IDS = {"demo_add": list(range(20)), "demo_reverse": list(range(20))}
@@ -40,6 +40,25 @@ def test_merge_runs_on_the_device_and_equals_the_streamed_merge(gpu_worker, tmp_
                             {"model": "demo:reverse", "parameters": {"weight": 0.6}}])
     outcome = gpu_worker.run(Candidate(recipe, "search", IDS))
     assert outcome.error is None and gpu_worker.name.split(":")[1] == "cuda"
+    from safetensors.torch import load_file
+
+    streamed = load_file(merge_to_folder(recipe, tmp_path / "cpu") / "model.safetensors")
+    live = dict(gpu_worker.model.named_parameters())
+    for name, tensor in streamed.items():
+        torch.testing.assert_close(live[name].detach().cpu(), tensor.to(torch.float32), atol=1e-5, rtol=1e-5)
+
+
+@cuda
+def test_layerwise_merge_on_the_device_equals_the_streamed_merge(gpu_worker, tmp_path):
+    """Each block by its group's method on the GPU; linear and task arithmetic have no magnitude cut, so
+    the GPU and CPU merges agree to float rounding."""
+    models = [{"model": "demo:add", "parameters": {"weight": 0.7}},
+              {"model": "demo:reverse", "parameters": {"weight": 0.4}}]
+    recipe = LayerwiseRecipe(base_model="demo:base", outer=1, dtype="float32", groups=[
+        {"layers": [0, 1], "merge_method": "task_arithmetic", "models": models},
+        {"layers": [1, gpu_worker.merger.num_layers], "merge_method": "linear", "models": models}])
+    outcome = gpu_worker.run(Candidate(recipe, "search", IDS))
+    assert outcome.error is None
     from safetensors.torch import load_file
 
     streamed = load_file(merge_to_folder(recipe, tmp_path / "cpu") / "model.safetensors")

@@ -28,7 +28,7 @@ def test_spec_validates(path):
         check_spec(spec)
 
 
-@pytest.mark.parametrize("name", ["method_choice", "pareto", "slerp_gradient"])
+@pytest.mark.parametrize("name", ["method_choice", "pareto", "slerp_gradient", "layerwise_methods"])
 def test_shrunk_spec_runs(name, tmp_path):
     spec = SearchSpec.from_yaml(SPACES / f"{name}.yaml")
     evaluation = spec.evaluation.model_copy(update={"search_examples": 24, "top_k": 2, "screen_examples": (
@@ -63,6 +63,12 @@ BAD_VALUES = {
     "fixed flag": ("space.fixed", {"normalize": 0.5}, "normalize must be true or false, got 0.5"),
     "granularity": ("space.granularity", "gradient:1", "space.granularity 'gradient:1' is not"),
     "no methods": ("space.methods", [], "space.methods: List should have at least 1 item"),
+    "method granularity": ("space.method_granularity", "layer", "space.method_granularity 'layer' is not global or"),
+    "method groups 0": ("space.method_granularity", "groups:0", "'groups:0' is not global or groups:N"),
+    "method groups, one method": ("space.method_granularity", "groups:2",
+                                  "method_granularity groups:2 needs at least two space.methods"),
+    "method groups, slerp with two models": ("space.methods", ["ties", "slerp"],
+                                             "method slerp needs 1 model(s) besides the base, got 2"),
     "no models": ("models", [], "models: List should have at least 1 item"),
     "no tasks": ("evaluation.tasks", [], "evaluation.tasks: List should have at least 1 item"),
     "task weight nan": ("evaluation.tasks.0.weight", float("nan"), "tasks.0.weight: Input should be a finite number"),

@@ -1,0 +1,97 @@
+"""Does choosing the merge method per layer group help? On the demo zoo, same budget and seeds, the
+layer-wise method search (search_spaces/layerwise_methods.yaml) against the best single-method search
+(method_choice.yaml: the same coefficient layout, one method for the whole model) and against per-layer
+linear weights with CMA-ES (the demo spec). Each search ends as `evomerge search` does (top-k re-scored on
+validation, the winner scored on test). Prints one row per search and mean +/- sd per spec over seeds.
+
+    python scripts/bench_layerwise.py [--budget 200] [--seeds 0 1 2] [--parallel]
+
+``--parallel`` runs the seeds at once, one process (and one worker) each: for a machine with many cores or
+a GPU; wall times are then measured under that sharing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from evomerge.cli import _quiet_libraries  # noqa: E402
+from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
+from evomerge.run import RunFolder  # noqa: E402
+from evomerge.search import Search, prepare_run  # noqa: E402
+from evomerge.spec import SearchSpec, parse_recipe  # noqa: E402
+
+SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+SPECS = {"per-layer linear (demo, CMA-ES)": "demo.yaml", "one method (method_choice, TPE)": "method_choice.yaml",
+         "method per layer group (layerwise_methods, TPE)": "layerwise_methods.yaml"}
+
+
+def one_search(spec: SearchSpec, executor: InProcessExecutor, budget: int) -> dict:
+    """Search, finalize; the winner's validation and test scores, its methods per block and the wall time."""
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunFolder(Path(tmp) / "run")
+        prepare_run(spec, run, budget, force=False)
+        search = Search(spec, run, executor=executor)
+        start = time.perf_counter()
+        search.run_budget(budget)
+        summary = search.finalize()
+        seconds = time.perf_counter() - start
+    winner = summary["table"][f"winner (trial {summary['winner_trial']})"]
+    recipe = parse_recipe(summary["winner_recipe"])
+    methods = "/".join(part.merge_method for part in recipe.parts)
+    return {"validation": winner["validation"], "test": winner["test"], "methods": methods, "seconds": seconds,
+            "uniform_test": summary["table"]["uniform average"]["test"]}
+
+
+def sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def searches_of_seed(seed: int, budget: int) -> dict[str, dict]:
+    """Every spec's search with this seed, on one worker (same models and tasks in all three)."""
+    _quiet_libraries()
+    specs = {label: SearchSpec.from_yaml(SPACES / name) for label, name in SPECS.items()}
+    executor = InProcessExecutor(Worker(next(iter(specs.values()))))
+    results = {}
+    for label, spec in specs.items():
+        result = one_search(spec.model_copy(update={"seed": seed}), executor, budget)
+        results[label] = result
+        print(f"seed {seed} | {label} | validation {result['validation']:.4f} | test {result['test']:.4f} | "
+              f"{result['methods']} | {result['seconds']:.0f} s", flush=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--parallel", action="store_true", help="one process per seed, all at once")
+    args = parser.parse_args()
+    if args.parallel:
+        with multiprocessing.get_context("spawn").Pool(len(args.seeds)) as pool:
+            per_seed = pool.starmap(searches_of_seed, [(seed, args.budget) for seed in args.seeds])
+    else:
+        per_seed = [searches_of_seed(seed, args.budget) for seed in args.seeds]
+    uniform = per_seed[0][next(iter(SPECS))]["uniform_test"]
+    print(f"\nbudget {args.budget}, seeds {args.seeds}; uniform average test {uniform:.4f}")
+    print("| space | validation (mean ± sd) | test (mean ± sd) | test per seed | winners' methods | wall s (mean) |")
+    print("|---|---|---|---|---|---|")
+    for label in SPECS:
+        results = [seed_results[label] for seed_results in per_seed]
+        val = [r["validation"] for r in results]
+        test = [r["test"] for r in results]
+        print(f"| {label} | {statistics.mean(val):.4f} ± {sd(val):.4f} | {statistics.mean(test):.4f} ± "
+              f"{sd(test):.4f} | {' '.join(f'{t:.4f}' for t in test)} | {', '.join(r['methods'] for r in results)} | "
+              f"{statistics.mean(r['seconds'] for r in results):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
