@@ -301,7 +301,6 @@ def _quiet_datasets() -> Iterator[None]:
                 hub_utils.enable_progress_bars()
 
 
-
 # ----------------------------------------------------------------------------------------------------------
 # lm-eval internals. Everything below reaches past lm-eval's public API (``TaskManager``, ``simple_evaluate``,
 # ``evaluator.evaluate``, ``HFLM``'s public methods): the YAML loader of the TaskManager rewrite, the task

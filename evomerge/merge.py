@@ -22,6 +22,7 @@ from evomerge.checkpoint import (
     check_compatible,
     check_output_folder,
     copy_side_files,
+    hub_id_of,
     layer_index,
     open_checkpoint,
     resolve_model_path,
@@ -125,11 +126,6 @@ def stack_deltas(base_w: torch.Tensor, tensors: Sequence[torch.Tensor], *, subtr
     return stacked
 
 
-def uses_base(part: Recipe) -> bool:
-    """Whether a single-method recipe reads its base model (linear, say, merges without one)."""
-    return part.base_model is not None and part.method.base != "none"
-
-
 @dataclass
 class MergeInputs:
     """The opened, mutually compatible checkpoints of a recipe, by model reference."""
@@ -149,7 +145,7 @@ class MergeInputs:
 
 def open_inputs(recipe: MergeRecipe) -> MergeInputs:
     """Open every model of a recipe and check them against each other; reads headers only."""
-    base = open_checkpoint(recipe.base_model) if any(uses_base(p) for p in recipe.parts) else None
+    base = open_checkpoint(recipe.base_model) if any(p.reads_base for p in recipe.parts) else None
     refs = dict.fromkeys(m.model for part in recipe.parts for m in part.inputs)
     inputs = {ref: open_checkpoint(ref) for ref in refs}
     check_compatible(([base] if base else []) + list(inputs.values()))
@@ -168,7 +164,7 @@ def output_dtype(recipe: MergeRecipe, source: torch.dtype) -> torch.dtype:
 
 def _read_tensor(opened: MergeInputs, part: Recipe, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """The base's and every input's copy of one tensor as ``part`` merges it, read from the files."""
-    base = opened.base.read(name) if opened.base and uses_base(part) else None
+    base = opened.base.read(name) if opened.base and part.reads_base else None
     return base, [opened.inputs[m.model].read(name) for m in part.inputs]
 
 
@@ -203,7 +199,10 @@ def merge_to_folder(recipe: MergeRecipe, out: Path, *, force: bool = False, max_
     """
     if max_shard_bytes < 1:
         raise SpecError(f"the shard size must be at least one byte, got {max_shard_bytes}")
-    check_output_folder(out, force, protected=[*(resolve_model_path(r) for r in recipe.model_refs), *protected])
+    # a base the method does not read is still the user's folder (but not worth a Hub lookup)
+    named = [recipe.base_model] if recipe.base_model and hub_id_of(recipe.base_model) is None else []
+    check_output_folder(out, force, protected=[*(resolve_model_path(r) for r in [*recipe.model_refs, *named]),
+                                               *protected])
     opened = open_inputs(recipe)
     ref = opened.reference
     num_layers = ref.num_layers
@@ -278,11 +277,11 @@ class LiveMerger:
         recipe.check_layers(self.num_layers)
         for part in recipe.parts:
             unknown = [m.model for m in part.inputs if m.model not in self.weights]
-            if unknown or (uses_base(part) and part.base_model != self.base_ref):
+            if unknown or (part.reads_base and part.base_model != self.base_ref):
                 raise SpecError(f"recipe uses models this merger was not built with: {unknown or part.base_model}")
         for name, base in self.base.items():
             part = recipe.part_for(self.layers[name])
-            method, use_base = part.method, uses_base(part)
+            method, use_base = part.method, part.reads_base
             params = resolve_params(part, name, self.num_layers)
             gen = tensor_generator(part.seed, name, base.device) if method.seeded else None
             refs = [m.model for m in part.inputs]

@@ -41,7 +41,10 @@ MAX_DUPLICATES_IN_ROW = 50
 
 
 def spec_hash(spec: SearchSpec) -> str:
-    return hashlib.sha256(spec.model_dump_json().encode()).hexdigest()[:16]
+    """The spec's identity in its run folder. A field added later is left out while it holds the value that
+    means "as before", so run folders written before it keep their hash and resume."""
+    unchanged = {"space": {"method_granularity"}} if spec.space.method_granularity == "global" else None
+    return hashlib.sha256(spec.model_dump_json(exclude=unchanged).encode()).hexdigest()[:16]
 
 
 def recipe_hash(recipe: MergeRecipe) -> str:

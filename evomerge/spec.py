@@ -132,8 +132,14 @@ class Recipe(BaseModel):
         return [self]
 
     @property
+    def reads_base(self) -> bool:
+        """Whether the merge reads ``base_model`` (a method without a base, such as linear, does not)."""
+        return self.base_model is not None and self.method.base != "none"
+
+    @property
     def model_refs(self) -> list[str]:
-        return list(dict.fromkeys(([self.base_model] if self.base_model else []) + [m.model for m in self.models]))
+        """Every model the merge reads, the base first."""
+        return list(dict.fromkeys(([self.base_model] if self.reads_base else []) + [m.model for m in self.models]))
 
     def part_for(self, layer: int | None) -> Recipe:
         return self
@@ -155,7 +161,7 @@ class Recipe(BaseModel):
 
     def _mergekit_doc(self, out_dtype: DType | None) -> dict[str, Any]:
         # a method without a base (linear) merges only `models`: mergekit would want a weight for a listed base
-        base = self.base_model if self.method.base != "none" else None
+        base = self.base_model if self.reads_base else None
         models = [{"model": _abs_path(m.model), **({"parameters": _plain(m.parameters)} if m.parameters else {})}
                   for m in self.models]
         if base and base not in [m.model for m in self.models]:
@@ -252,8 +258,8 @@ class LayerwiseRecipe(BaseModel):
         """The groups must end at the model's last block."""
         end = self.groups[-1].layers[1]
         if end != num_layers:
-            raise SpecError(f"the layer groups cover blocks 0-{end - 1}, but the model has {num_layers} blocks "
-                            f"(0-{num_layers - 1})")
+            blocks = f"{num_layers} blocks (0-{num_layers - 1})" if num_layers else "no blocks"
+            raise SpecError(f"the layer groups cover blocks 0-{end - 1}, but the model has {blocks}")
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> LayerwiseRecipe:
@@ -262,10 +268,13 @@ class LayerwiseRecipe(BaseModel):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 
-    def to_mergekit_yaml(self, out_dtype: DType | None = None, layer_prefix: str = "model.layers.") -> str:
+    def to_mergekit_yaml(self, out_dtype: DType | None = None, layer_prefix: str = "") -> str:
         """A ``mergekit-multi`` document: one float32 intermediate merge per group (``evomerge-group-I``),
         then a ``linear`` merge that takes every tensor from its group's intermediate with weight 1 (and 0
-        from the others), which mergekit computes exactly. ``layer_prefix`` names the blocks' tensors."""
+        from the others), which mergekit computes exactly. ``layer_prefix`` names the blocks' tensors
+        (``Checkpoint.layer_prefix``, e.g. ``model.layers.``): required."""
+        if not layer_prefix:
+            raise SpecError("a layer-wise recipe's mergekit document needs the model's block name prefix")
         docs: list[dict[str, Any]] = []
         for i, part in enumerate(self._parts):
             docs.append({"name": f"evomerge-group-{i}", **part._mergekit_doc("float32")})
@@ -314,15 +323,20 @@ class MergeRecipe(Protocol):
     def model_dump_json(self, **kwargs: Any) -> str: ...
 
 
+def _recipe_class(data: dict[str, Any]) -> type[Recipe] | type[LayerwiseRecipe]:
+    """A recipe mapping is layer-wise when it has ``groups``."""
+    return LayerwiseRecipe if "groups" in data else Recipe
+
+
 def parse_recipe(data: dict[str, Any]) -> Recipe | LayerwiseRecipe:
-    """A recipe mapping as stored or written by a user: layer-wise when it has ``groups``."""
-    return (LayerwiseRecipe if "groups" in data else Recipe).model_validate(data)
+    """A recipe mapping as stored (a trial's attribute, a summary) or written by a user."""
+    return _recipe_class(data).model_validate(data)
 
 
 def recipe_from_yaml(path: str | Path) -> Recipe | LayerwiseRecipe:
     """A recipe file of either form, with the same one-line errors as any YAML we read."""
     data = _read_yaml_mapping(Path(path))
-    return _validate(LayerwiseRecipe if "groups" in data else Recipe, data, Path(path))
+    return _validate(_recipe_class(data), data, Path(path))
 
 
 def _abs_path(ref: str) -> str:
@@ -499,6 +513,10 @@ class SpaceSpec(BaseModel):
         if self.method_groups is not None and len(self.methods) < 2:
             raise ValueError(f"space.method_granularity {self.method_granularity} needs at least two space.methods "
                              "to choose from")
+        if self.method_groups is not None and self.grain.kind == "gradient":
+            raise ValueError(f"space.granularity {self.granularity} spans the whole model, so with method_granularity "
+                             f"{self.method_granularity} each group would search control points outside its blocks; "
+                             "use layer, layer_module or groups:N")
         missing = [s for s in self.shared if s not in self.parameters]
         if missing:
             raise ValueError(f"space.shared names {missing[0]!r}, which is not in space.parameters")
@@ -583,7 +601,10 @@ class SearchSpec(BaseModel):
     @model_validator(mode="after")
     def _check(self) -> SearchSpec:
         for name in self.space.methods:
-            get_method(name).check_model_count(len(self.models))
+            try:
+                get_method(name).check_model_count(len(self.models))
+            except SpecError as err:
+                raise ValueError(f"space.methods: {err}") from None
         if self.sampler == "cmaes" and len(self.space.methods) > 1:
             raise ValueError("sampler cmaes cannot choose among methods (categorical); use tpe or random")
         if self.evaluation.objective == "pareto" and self.sampler in ("cmaes",):

@@ -51,7 +51,7 @@ def test_exported_card_has_hub_metadata(tmp_path):
     assert main(["search", str(spec_file), "--budget", "2", "--run", str(run)]) == 0
     assert main(["export", str(run), "--out", str(out)]) == 0
     recipe = recipe_from_yaml(out / "evomerge_recipe.yaml")
-    assert recipe.model_refs == ["demo:base", "demo:add", "demo:reverse"]
+    assert recipe.model_refs == ["demo:add", "demo:reverse"]  # linear reads no base
     body = check_card(out / "README.md", None)  # demo models are not on the Hub
     # today's card follows the header: title, recipe, scores (with the summary table), the mergekit line
     assert body.startswith("# Merged with evomerge (run `run`, trial ")

@@ -156,3 +156,13 @@ def test_live_merge_equals_streamed_merge_with_ties(tied_zoo, tmp_path, method):
     streamed = weights(tmp_path / "out")
     for name, param in model.named_parameters():
         torch.testing.assert_close(param.detach(), streamed[name], rtol=0, atol=0)
+
+
+def test_a_base_that_linear_does_not_read_is_not_looked_up(tmp_path, monkeypatch):
+    """linear merges only its models: an uncached Hub id as base_model is neither resolved nor required."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    recipe = Recipe(merge_method="linear", base_model="someorg/not-cached-model",
+                    models=[{"model": "demo:add"}, {"model": "demo:reverse"}])
+    assert recipe.model_refs == ["demo:add", "demo:reverse"]
+    merge_to_folder(recipe, tmp_path / "out")
+    assert "not-cached" not in (tmp_path / "out" / "mergekit_config.yml").read_text()

@@ -114,3 +114,24 @@ def test_bad_spec_value_is_one_line(case, tmp_path):
     assert expected in message, message
     with pytest.raises(ValidationError):
         SearchSpec.model_validate(with_value(key, value))
+
+
+def test_specs_keep_the_hash_their_run_folders_recorded():
+    """Run folders written before method_granularity existed recorded this hash of the demo spec; the field at
+    its default stays out of the hash, so those runs still resume."""
+    from evomerge.search import spec_hash
+
+    assert spec_hash(SearchSpec.from_yaml(SPACES / "demo.yaml")) == "f03c721198cef942"
+    data = yaml.safe_load((SPACES / "method_choice.yaml").read_text())
+    assert spec_hash(SearchSpec.model_validate(data)) == "a608daad55f03919"
+    data["space"]["method_granularity"] = "groups:2"
+    assert spec_hash(SearchSpec.model_validate(data)) != "a608daad55f03919"
+
+
+def test_gradient_coefficients_do_not_combine_with_method_groups():
+    doc = with_value("space.methods", ["ties", "task_arithmetic"])
+    doc["space"].update({"method_granularity": "groups:2", "granularity": "gradient:3"})
+    with pytest.raises(ValidationError, match="control points outside its blocks"):
+        SearchSpec.model_validate(doc)
+    doc["space"]["granularity"] = "groups:2"
+    assert SearchSpec.model_validate(doc).space.method_groups == 2
