@@ -42,7 +42,14 @@ def resolve_model_path(ref: str) -> Path:
 
     An existing local path always wins over the Hub, so a folder that happens to be named like a Hub id
     is never shadowed. Any other reference is returned as a path, and open_checkpoint reports it missing.
+    For mergekit's ``BASE+ADAPTER`` form (a LoRA adapter, see :mod:`evomerge.lora`) it is the base's folder,
+    the one that holds the config and tokenizer (``lora.model_folders`` gives the adapter's too).
     """
+    from evomerge.lora import split_adapter_ref
+
+    parts = split_adapter_ref(ref)
+    if parts is not None:
+        return resolve_model_path(parts[0])
     if ref.startswith("demo:"):
         from evomerge.demo import model_path
 
@@ -55,7 +62,13 @@ def resolve_model_path(ref: str) -> Path:
 
 
 def hub_id_of(ref: str) -> tuple[str, str | None] | None:
-    """``(repo_id, revision)`` when ``ref`` names a Hub model rather than a demo model or an existing path."""
+    """``(repo_id, revision)`` when ``ref`` names a Hub model rather than a demo model or an existing path;
+    for ``BASE+ADAPTER``, the base's (the model whose weights and config the merge starts from)."""
+    from evomerge.lora import split_adapter_ref
+
+    parts = split_adapter_ref(ref)
+    if parts is not None:
+        return hub_id_of(parts[0])
     if ref.startswith("demo:") or Path(ref).expanduser().exists():
         return None
     return hub.parse_hub_id(ref)
@@ -179,13 +192,22 @@ def _index_files(index: Path) -> dict[str, str]:
 
 
 def open_checkpoint(ref: str) -> Checkpoint:
-    """Open a Hugging Face model folder; SpecError if it is missing, has no config or weights, or is corrupt."""
+    """Open a Hugging Face model folder; SpecError if it is missing, has no config or weights, or is corrupt.
+    ``BASE+ADAPTER`` opens the base with the LoRA adapter merged into its tensors as they are read
+    (:func:`evomerge.lora.open_adapted`, which checks the adapter against the base first)."""
+    from evomerge.lora import ADAPTER_CONFIG, open_adapted, split_adapter_ref
+
+    parts = split_adapter_ref(ref)
+    if parts is not None:
+        return open_adapted(open_checkpoint(parts[0]), parts[1], ref)
     path = resolve_model_path(ref)
     if not path.is_dir():
         raise SpecError(f"model folder not found: {ref}")
     config_file = path / "config.json"
     if not config_file.is_file():
-        raise SpecError(f"no config.json in {path}")
+        hint = (f" (it holds a LoRA adapter: name it with its base model, as BASE+{ref})"
+                if (path / ADAPTER_CONFIG).is_file() else "")
+        raise SpecError(f"no config.json in {path}{hint}")
     config = _read_json_object(config_file)
     index = path / INDEX_FILE
     if index.exists():

@@ -25,9 +25,9 @@ from evomerge.checkpoint import (
     hub_id_of,
     layer_index,
     open_checkpoint,
-    resolve_model_path,
 )
 from evomerge.errors import SpecError
+from evomerge.lora import model_folders
 from evomerge.methods import MergeMethod
 from evomerge.spec import MergeRecipe, Recipe, resolve_setting
 
@@ -199,10 +199,11 @@ def merge_to_folder(recipe: MergeRecipe, out: Path, *, force: bool = False, max_
     """
     if max_shard_bytes < 1:
         raise SpecError(f"the shard size must be at least one byte, got {max_shard_bytes}")
-    # a base the method does not read is still the user's folder (but not worth a Hub lookup)
+    # a base the method does not read is still the user's folder (but not worth a Hub lookup); a LoRA input
+    # protects both its base and its adapter folder
     named = [recipe.base_model] if recipe.base_model and hub_id_of(recipe.base_model) is None else []
-    check_output_folder(out, force, protected=[*(resolve_model_path(r) for r in [*recipe.model_refs, *named]),
-                                               *protected])
+    inputs = [folder for ref in [*recipe.model_refs, *named] for folder in model_folders(ref)]
+    check_output_folder(out, force, protected=[*inputs, *protected])
     opened = open_inputs(recipe)
     ref = opened.reference
     num_layers = ref.num_layers

@@ -340,9 +340,14 @@ def recipe_from_yaml(path: str | Path) -> Recipe | LayerwiseRecipe:
 
 
 def _abs_path(ref: str) -> str:
-    """A reference mergekit resolves anywhere: an absolute folder, or a Hub id pinned to the cached commit."""
+    """A reference mergekit resolves anywhere: an absolute folder, or a Hub id pinned to the cached commit;
+    ``BASE+ADAPTER`` keeps its form (mergekit applies the LoRA itself, given ``--lora-merge-cache``)."""
     from evomerge.checkpoint import hub_id_of, resolve_model_path
+    from evomerge.lora import split_adapter_ref
 
+    adapted = split_adapter_ref(ref)
+    if adapted is not None:
+        return f"{_abs_path(adapted[0])}+{_abs_path(adapted[1])}"
     folder = resolve_model_path(ref)
     hub_id = hub_id_of(ref)
     return str(folder.resolve()) if hub_id is None else f"{hub_id[0]}@{folder.name}"  # snapshots: named by commit
