@@ -26,6 +26,7 @@ from evomerge.scores import weighted_mean
 from evomerge.spec import TaskSpec, parse_split
 
 ROLES = ("search", "validation", "test")
+FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed (simple_evaluate and its CLI)
 
 
 @dataclass
@@ -46,12 +47,26 @@ def _split_of(task: TaskSpec, role: str) -> str:
     return task.splits.get(role, role)
 
 
-def check_tasks(tasks: Sequence[TaskSpec], include_paths: Sequence[str | Path] = ()) -> None:
+def check_tasks(tasks: Sequence[TaskSpec], include_paths: Sequence[str | Path] = (),
+                tokenizer: str | Path | None = None) -> None:
     """Every task problem that the YAML files show, found before any model or dataset is loaded: an unknown
     task, metric or split, a missing local data file, an empty doc range or (local JSONL) one past the end,
-    duplicate tasks. A SpecError of one line names the first."""
+    duplicate tasks, task options the task cannot take. With ``tokenizer`` (a model folder or Hub id), also a
+    chat template asked of a tokenizer without one (only the tokenizer is loaded). A SpecError of one line
+    names the first."""
     manager = find_tasks([t.name for t in tasks], include_paths)
     _check_configs(tasks, {t.name: _task_config(manager, t.name) for t in tasks})
+    if tokenizer is not None and any(t.apply_chat_template for t in tasks):
+        from transformers import AutoTokenizer
+
+        _check_chat_template(tasks, AutoTokenizer.from_pretrained(tokenizer))
+
+
+def _check_chat_template(tasks: Sequence[TaskSpec], tokenizer) -> None:
+    """apply_chat_template needs a tokenizer with a chat template (HFLM would fail on the first prompt)."""
+    chat = [t.name for t in tasks if t.apply_chat_template]
+    if chat and not getattr(tokenizer, "chat_template", None):
+        raise SpecError(f"task {chat[0]} sets apply_chat_template, but the model's tokenizer has no chat template")
 
 
 def find_tasks(names: Sequence[str], include_paths: Sequence[str | Path] = ()) -> TaskManager:
@@ -82,6 +97,7 @@ def _check_configs(tasks: Sequence[TaskSpec], configs: dict[str, dict]) -> None:
     for task in tasks:
         config = configs[task.name]
         _result_key(task, _result_keys(_config_metrics(config), config.get("filter_list")))
+        _check_options(task, config)
         files = _data_files(config)  # None: a dataset from the Hub, whose splits and sizes show once downloaded
         missing = [p for paths in (files or {}).values() for p in paths if _is_local(p) and not Path(p).exists()]
         if missing:
@@ -91,6 +107,37 @@ def _check_configs(tasks: Sequence[TaskSpec], configs: dict[str, dict]) -> None:
             if files is not None and split not in files:
                 raise SpecError(f"task {task.name} has no split {split!r} (splits.{role}); it has: {', '.join(files)}")
             _check_range(task, role, None if files is None else _count_docs(files[split], config))
+            shots = _fewshot_split(task, config, split)
+            if shots is not None and files is not None and shots not in files:
+                raise SpecError(f"task {task.name} draws few-shot examples from split {shots!r}, which it lacks; "
+                                f"it has: {', '.join(files)}")
+
+
+def _check_options(task: TaskSpec, config: dict) -> None:
+    """lm-eval task options that the task's YAML rules out."""
+    output_type = config.get("output_type", "generate_until")
+    if task.gen_kwargs is not None and output_type != "generate_until":
+        raise SpecError(f"task {task.name}: gen_kwargs apply to generate_until tasks only; it is {output_type}")
+    if task.num_fewshot is not None and config.get("num_fewshot") == 0:
+        raise SpecError(f"task {task.name} fixes num_fewshot: 0 in its YAML; lm-eval ignores a num_fewshot for it")
+
+
+def _num_fewshot(task: TaskSpec, config: dict) -> int:
+    """The few-shot examples per prompt as lm-eval's ``simple_evaluate`` settles them: the spec's number, else
+    the YAML's, else 0 (a YAML's 0 is never overridden)."""
+    if task.num_fewshot is not None and config.get("num_fewshot") != 0:
+        return task.num_fewshot
+    return config.get("num_fewshot") or 0
+
+
+def _fewshot_split(task: TaskSpec, config: dict, split: str) -> str | None:
+    """Where a role reading ``split`` draws few-shot examples (None: it has none): lm-eval's order, the
+    YAML's fewshot_config split, fewshot_split, training_split, validation_split, else the evaluated split
+    itself (each document then left out of its own examples, as lm-eval does)."""
+    if _num_fewshot(task, config) == 0:
+        return None
+    return ((config.get("fewshot_config") or {}).get("split") or config.get("fewshot_split")
+            or config.get("training_split") or config.get("validation_split") or split)
 
 
 def _check_range(task: TaskSpec, role: str, size: int | None) -> None:
@@ -165,6 +212,7 @@ class Evaluator:
         manager = find_tasks([t.name for t in tasks], include_paths)
         configs = {t.name: _task_config(manager, t.name) for t in tasks}
         _check_configs(tasks, configs)
+        _check_chat_template(tasks, tokenizer)
         max_length = getattr(model.config, "max_position_embeddings", None)
         self.lm = _fast_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         self._loaded: dict[str, dict] = {}
@@ -174,18 +222,26 @@ class Evaluator:
             self._load_roles(manager, tasks, configs)
 
     def _load_roles(self, manager: TaskManager, tasks: Sequence[TaskSpec], configs: dict[str, dict]) -> None:
-        """Each role's tasks loaded with that role's split as their test split, documents and requests built."""
+        """Each role's tasks loaded with that role's split as their test split, lm-eval's task options set as
+        ``simple_evaluate`` sets them, documents and requests built."""
         for role in ROLES:
-            specs = [{**configs[t.name], "task": self.task_key(t.name, role),
-                      "test_split": parse_split(_split_of(t, role))[0],
-                      "validation_split": None, "training_split": None, "fewshot_split": None} for t in tasks]
+            specs = []
+            for t in tasks:
+                split = parse_split(_split_of(t, role))[0]
+                specs.append({**configs[t.name], "task": self.task_key(t.name, role), "test_split": split,
+                              "validation_split": None, "training_split": None,
+                              "fewshot_split": _fewshot_split(t, configs[t.name], split)})
             self._loaded[role] = _load_tasks(manager, specs, tasks, role)
             for task in tasks:
                 built = self._loaded[role]["tasks"][self.task_key(task.name, role)]
+                _set_options(built, task, configs[task.name])
                 # the loaded task is the truth: a Python-built metric or a Hub dataset's size shows only here
                 self._keys[task.name] = _result_key(task, _result_keys(built.aggregation(), built.config.filter_list))
                 _materialize_docs(built)
-                _cache_requests(built)
+                _cache_requests(built, system_instruction=task.system_instruction,
+                                apply_chat_template=bool(task.apply_chat_template),
+                                fewshot_as_multiturn=task.multiturn,
+                                chat_template=self.lm.apply_chat_template if task.apply_chat_template else None)
                 size = len(built.test_docs())
                 _check_range(task, role, size)
                 self._doc_ids[(task.name, role)] = list(range(size))[parse_split(_split_of(task, role))[1]]
@@ -394,14 +450,25 @@ def _materialize_docs(task) -> None:
     task.config.process_docs = None
 
 
-def _cache_requests(task) -> None:
+def _set_options(task, spec: TaskSpec, config: dict) -> None:
+    """The spec's task options on a loaded task, as ``simple_evaluate`` sets them: ``gen_kwargs`` merged into
+    a generate_until task's generation_kwargs, ``num_fewshot`` set (a YAML's 0 kept; none at all is 0), and
+    the few-shot sampler seeded with lm-eval's default seed (so every worker draws the same examples)."""
+    if spec.gen_kwargs is not None and task.get_config("output_type") == "generate_until":
+        task.set_config(key="generation_kwargs", value=dict(spec.gen_kwargs), update=True)
+    task.set_config(key="num_fewshot", value=_num_fewshot(spec, config))
+    task.set_fewshot_seed(seed=FEWSHOT_SEED)
+
+
+def _cache_requests(task, **options) -> None:
     """Build the task's lm-eval requests now, once for every document of its split, and from then on hand
     out the chosen documents' requests (emptied of the last candidate's answers) on each call. A prompt
     depends on its document only, so rebuilding it per candidate is wasted work; and a few-shot prompt is
     drawn once per document, so every candidate is scored on the same prompts instead of fresh draws.
-    The requests are built with lm-eval's defaults (no system prompt or chat template), which is how
-    ``Evaluator.evaluate`` calls it."""
-    task.build_all_requests()
+    ``options`` are ``build_all_requests``'s prompt options (system_instruction, apply_chat_template,
+    fewshot_as_multiturn, chat_template), passed as ``lm_eval.evaluator.evaluate`` passes them; the per-call
+    ``evaluate`` passes none, which the cached requests ignore."""
+    task.build_all_requests(**options)
     by_doc: dict[int, list] = {}
     for instance in task.instances:
         by_doc.setdefault(instance.doc_id, []).append(instance)

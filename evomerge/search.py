@@ -33,7 +33,7 @@ from evomerge.run import STUDY_NAME, Attr, RunFolder, counted, sqlite_file
 from evomerge.scores import task_shares, weighted_mean
 from evomerge.screening import Screen
 from evomerge.space import LayerLayout, SearchSpace
-from evomerge.spec import MergeRecipe, Recipe, SearchSpec, parse_recipe
+from evomerge.spec import MergeRecipe, Recipe, SearchSpec, TaskSpec, parse_recipe
 
 MAX_RETRIES = 2
 MAX_FAILURES_IN_ROW = 5
@@ -41,9 +41,12 @@ MAX_DUPLICATES_IN_ROW = 50
 
 
 def spec_hash(spec: SearchSpec) -> str:
-    """The spec's identity in its run folder. A field added later is left out while it holds the value that
-    means "as before", so run folders written before it keep their hash and resume."""
-    unchanged = {"space": {"method_granularity"}} if spec.space.method_granularity == "global" else None
+    """The spec's identity in its run folder. Fields added later are left out while they hold the value that
+    means "as before" (one method everywhere, no task options), so older run folders keep their hash."""
+    unchanged: dict[str, Any] = {"evaluation": {"tasks": {
+        i: {o for o in TaskSpec.OPTIONS if getattr(task, o) is None} for i, task in enumerate(spec.evaluation.tasks)}}}
+    if spec.space.method_granularity == "global":
+        unchanged["space"] = {"method_granularity"}
     return hashlib.sha256(spec.model_dump_json(exclude=unchanged).encode()).hexdigest()[:16]
 
 
@@ -58,12 +61,12 @@ def default_run_name(spec_path: str | None) -> str:
 
 def check_spec(spec: SearchSpec) -> None:
     """Everything about the spec that can fail before compute: model folders, their compatibility, tasks."""
-    from evomerge.checkpoint import check_compatible
+    from evomerge.checkpoint import check_compatible, resolve_model_path
     from evomerge.evaluate import check_tasks
     from evomerge.executors import include_paths
 
     check_compatible([open_checkpoint(spec.base_model)] + [open_checkpoint(m) for m in spec.models])
-    check_tasks(spec.evaluation.tasks, include_paths(spec))
+    check_tasks(spec.evaluation.tasks, include_paths(spec), tokenizer=resolve_model_path(spec.base_model))
 
 
 def check_storage(url: str) -> None:

@@ -549,6 +549,25 @@ class TaskSpec(BaseModel):
     weight: float = Field(1.0, ge=0)
     splits: dict[Literal["search", "validation", "test"], str] = {
         "search": "search", "validation": "validation", "test": "test"}
+    # lm-eval's task options, applied as lm-eval's ``simple_evaluate`` applies them; None: lm-eval's default
+    OPTIONS: ClassVar[tuple[str, ...]] = ("num_fewshot", "apply_chat_template", "fewshot_as_multiturn",
+                                          "system_instruction", "gen_kwargs")
+    num_fewshot: int | None = Field(None, ge=0, strict=True)  # refused where the YAML fixes num_fewshot: 0
+    apply_chat_template: bool | None = Field(None, strict=True)  # the tokenizer's chat template (it must have one)
+    fewshot_as_multiturn: bool | None = Field(None, strict=True)  # None: lm-eval's default, apply_chat_template
+    system_instruction: str | None = Field(None, min_length=1)
+    gen_kwargs: dict[str, str | int | float | bool] | None = Field(None, min_length=1)  # generate_until tasks only
+
+    @property
+    def multiturn(self) -> bool:
+        """Whether few-shot examples are separate chat turns (lm-eval's default: with a chat template)."""
+        return bool(self.apply_chat_template) if self.fewshot_as_multiturn is None else self.fewshot_as_multiturn
+
+    @model_validator(mode="after")
+    def _options(self) -> TaskSpec:
+        if self.fewshot_as_multiturn and not self.apply_chat_template:
+            raise ValueError("fewshot_as_multiturn needs apply_chat_template: true (as in lm-eval)")
+        return self
 
     @field_validator("splits")
     @classmethod
