@@ -59,7 +59,12 @@ def check_tasks(tasks: Sequence[TaskSpec], include_paths: Sequence[str | Path] =
     if tokenizer is not None and any(t.apply_chat_template for t in tasks):
         from transformers import AutoTokenizer
 
-        _check_chat_template(tasks, AutoTokenizer.from_pretrained(tokenizer))
+        try:
+            loaded = AutoTokenizer.from_pretrained(tokenizer)
+        except (OSError, ValueError) as err:
+            raise SpecError(f"the tokenizer of {tokenizer} cannot be loaded for apply_chat_template: "
+                            f"{str(err).splitlines()[0]}") from None
+        _check_chat_template(tasks, loaded)
 
 
 def _check_chat_template(tasks: Sequence[TaskSpec], tokenizer) -> None:
@@ -131,13 +136,18 @@ def _num_fewshot(task: TaskSpec, config: dict) -> int:
 
 
 def _fewshot_split(task: TaskSpec, config: dict, split: str) -> str | None:
-    """Where a role reading ``split`` draws few-shot examples (None: it has none): lm-eval's order, the
-    YAML's fewshot_config split, fewshot_split, training_split, validation_split, else the evaluated split
-    itself (each document then left out of its own examples, as lm-eval does)."""
+    """Where a role reading ``split`` draws few-shot examples (None: none, or the YAML's own hard-coded
+    ``fewshot_config.samples``, which a split would override in lm-eval): lm-eval's order, the YAML's
+    fewshot_config split, fewshot_split, training_split, validation_split, else the evaluated split itself
+    (each document then left out of its own examples, as lm-eval does)."""
     if _num_fewshot(task, config) == 0:
         return None
-    return ((config.get("fewshot_config") or {}).get("split") or config.get("fewshot_split")
-            or config.get("training_split") or config.get("validation_split") or split)
+    fewshot = config.get("fewshot_config") or {}
+    explicit = fewshot.get("split") or config.get("fewshot_split") or config.get("training_split") \
+        or config.get("validation_split")
+    if explicit is None and fewshot.get("samples") is not None:
+        return None
+    return explicit or split
 
 
 def _check_range(task: TaskSpec, role: str, size: int | None) -> None:

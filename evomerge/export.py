@@ -6,6 +6,7 @@ from pathlib import Path
 
 from evomerge.checkpoint import hub_id_of
 from evomerge.errors import SpecError
+from evomerge.lora import named_models
 from evomerge.merge import merge_to_folder
 from evomerge.run import Attr, RunFolder, summary_table_markdown
 from evomerge.spec import MergeRecipe, parse_recipe
@@ -37,7 +38,8 @@ def card_metadata(recipe: MergeRecipe) -> str:
     ``library_name: transformers`` and the merge tags."""
     from huggingface_hub import ModelCardData
 
-    hub_models = [hub_id[0] for hub_id in map(hub_id_of, recipe.model_refs) if hub_id is not None]
+    refs = [part for ref in recipe.model_refs for part in named_models(ref)]  # a LoRA's base and adapter
+    hub_models = [hub_id[0] for hub_id in map(hub_id_of, refs) if hub_id is not None]
     data = ModelCardData(base_model=list(dict.fromkeys(hub_models)) or None, library_name="transformers",
                          tags=list(CARD_TAGS))
     return f"---\n{data.to_yaml().rstrip()}\n---\n"

@@ -79,6 +79,8 @@ BENIGN = {
     "base_model_name_or_path", "auto_mapping", "megatron_core", "qalora_group_size", "loftq_config",
     "eva_config", "corda_config", "lora_ga_config", "ensure_weight_tying", "runtime_config",
 }
+# architectures whose projections are transformers' Conv1D (weights stored [in, out]), where PEFT transposes
+CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
                       r"lora_embedding_B)$")
 LORA_SEGMENT = re.compile(r"(?:^|\.)(lora_[A-Za-z0-9_]*)(?:\.|$)")
@@ -97,6 +99,12 @@ def split_adapter_ref(ref: str) -> tuple[str, str] | None:
         raise SpecError(f"model reference {ref}: expected BASE+ADAPTER (mergekit's form: one '+' between a model "
                         f"and its LoRA adapter folder or Hub id)")
     return parts[0], parts[1]
+
+
+def named_models(ref: str) -> list[str]:
+    """The model references inside a reference: ``[base, adapter]`` for ``BASE+ADAPTER``, else ``[ref]``."""
+    parts = split_adapter_ref(ref)
+    return [ref] if parts is None else list(parts)
 
 
 def model_folders(ref: str) -> list[Path]:
@@ -310,7 +318,9 @@ def _lora_factors(base: Checkpoint, stored: dict[str, TensorInfo], factors: dict
                 raise SpecError(f"{where}: module {module}: lora_B.bias {list(bias.shape)} does not fit {target_bias} "
                                 f"of shape {list(info.shape)} in {base.path}")
             out[target_bias] = LoraFactor("bias", parts["lora_B.bias"], None, scaling)
-    flip = shown.pop() if len(shown) == 1 else bool(config.get("fan_in_fan_out", False))
+    # a square weight shows no orientation: PEFT transposes exactly for Conv1D layers (and ignores the config
+    # flag), so the other modules' orientation decides, else the architecture's layer type
+    flip = shown.pop() if len(shown) == 1 else base.config.get("model_type") in CONV1D_MODEL_TYPES
     for target, b_key, a_key, scaling in square:
         out[target] = LoraFactor("linear", b_key, a_key, scaling, transpose=flip)
     return out

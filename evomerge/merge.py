@@ -27,7 +27,7 @@ from evomerge.checkpoint import (
     open_checkpoint,
 )
 from evomerge.errors import SpecError
-from evomerge.lora import model_folders
+from evomerge.lora import model_folders, named_models
 from evomerge.methods import MergeMethod
 from evomerge.spec import MergeRecipe, Recipe, resolve_setting
 
@@ -201,8 +201,8 @@ def merge_to_folder(recipe: MergeRecipe, out: Path, *, force: bool = False, max_
         raise SpecError(f"the shard size must be at least one byte, got {max_shard_bytes}")
     # a base the method does not read is still the user's folder (but not worth a Hub lookup); a LoRA input
     # protects both its base and its adapter folder
-    named = [recipe.base_model] if recipe.base_model and hub_id_of(recipe.base_model) is None else []
-    inputs = [folder for ref in [*recipe.model_refs, *named] for folder in model_folders(ref)]
+    unread = [r for r in named_models(recipe.base_model or "") if r and hub_id_of(r) is None]
+    inputs = [folder for ref in [*recipe.model_refs, *unread] for folder in model_folders(ref)]
     check_output_folder(out, force, protected=[*inputs, *protected])
     opened = open_inputs(recipe)
     ref = opened.reference

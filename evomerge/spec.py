@@ -566,7 +566,8 @@ class TaskSpec(BaseModel):
     @model_validator(mode="after")
     def _options(self) -> TaskSpec:
         if self.fewshot_as_multiturn and not self.apply_chat_template:
-            raise ValueError("fewshot_as_multiturn needs apply_chat_template: true (as in lm-eval)")
+            raise ValueError("fewshot_as_multiturn needs apply_chat_template: true (without a chat template it "
+                             "would do nothing)")
         return self
 
     @field_validator("splits")

@@ -69,7 +69,7 @@ def test_card_names_the_hub_models_of_the_recipe(tmp_path):
     run = SimpleNamespace(root=tmp_path / "my-run")
     path = tmp_path / "README.md"
     path.write_text(model_card(run, 7, recipe, {"search": {"t": 0.5}, "fidelity": "full"}))
-    body = check_card(path, ["org/base-7b"])
+    body = check_card(path, ["org/base-7b", "org/lora-adapter"])  # a LoRA names its base and its adapter
     assert body.startswith("# Merged with evomerge (run `my-run`, trial 7)") and "t 0.5000" in body
     assert "| model |" not in body  # not the winner: no summary table
 

@@ -108,10 +108,15 @@ def adapters(llama_zoo, gpt2_zoo, bf16_base, tmp_path_factory) -> dict[str, tupl
     config = json.loads((flag / "adapter_config.json").read_text())
     (flag / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
     made["fan_in_fan_out"] = (base, flag, None)
+    # the same flag on an adapter of square modules only: no shape tells the orientation, the layer type does
+    square = save_adapter(base, root / "square", 6, r=4, lora_alpha=8, target_modules=["q_proj"])
+    config = json.loads((square / "adapter_config.json").read_text())
+    (square / "adapter_config.json").write_text(json.dumps({**config, "fan_in_fan_out": True}))
+    made["square_flag"] = (base, square, None)
     return made
 
 
-@pytest.mark.parametrize("case", ["llama", "rslora", "bf16", "gpt2", "fan_in_fan_out"])
+@pytest.mark.parametrize("case", ["llama", "rslora", "bf16", "gpt2", "fan_in_fan_out", "square_flag"])
 def test_linear_merge_of_base_plus_adapter_is_peft_merge_and_unload_bit_for_bit(adapters, case, tmp_path):
     base, adapter, dtype = adapters[case]
     recipe = write_recipe(tmp_path / "recipe.yaml", {"merge_method": "linear",
@@ -126,7 +131,8 @@ def test_linear_merge_of_base_plus_adapter_is_peft_merge_and_unload_bit_for_bit(
         assert tensor.dtype == plain[name].dtype == expected[name].dtype, name
         assert torch.equal(tensor, expected[name]), name
         changed += not torch.equal(tensor, plain[name])
-    targeted = {"llama": 3 * 7 + 2, "rslora": 9, "bf16": 3 * 3 + 1, "gpt2": 2 * 4 * 2, "fan_in_fan_out": 9}[case]
+    targeted = {"llama": 3 * 7 + 2, "rslora": 9, "bf16": 3 * 3 + 1, "gpt2": 2 * 4 * 2, "fan_in_fan_out": 9,
+                "square_flag": 3}[case]
     assert changed == targeted  # every adapted tensor (and only those) moved
     assert json.loads((out / "config.json").read_text())["model_type"] == json.loads(
         (base / "config.json").read_text())["model_type"]
@@ -347,3 +353,16 @@ def test_the_adapter_folder_is_protected_from_the_output(adapters, tmp_path, cap
     code = main(["merge", recipe, "--out", str(mine), "--force"])
     assert checksums(mine) == before
     assert code == 2 and "must stay untouched" in capsys.readouterr().err
+
+
+def test_an_unread_base_keeps_its_local_adapter_protected(adapters, tmp_path, capsys):
+    """linear reads no base; a base named as a (not cached) Hub model plus a local adapter is not looked up,
+    yet the adapter folder is still the user's input and no output may replace it."""
+    base, adapter, _ = adapters["rslora"]
+    mine = tmp_path / "adapter"
+    shutil.copytree(adapter, mine)
+    recipe = write_recipe(tmp_path / "recipe.yaml", {"merge_method": "linear", "base_model": f"someorg/base+{mine}",
+                                                     "models": [{"model": str(base)}]})
+    before = checksums(mine)
+    assert main(["merge", recipe, "--out", str(mine), "--force"]) == 2
+    assert checksums(mine) == before and "must stay untouched" in capsys.readouterr().err

@@ -148,3 +148,20 @@ def test_bad_options_fail_before_compute(options, message, tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1, err
     assert not run.exists()
+
+
+def test_a_tasks_own_fewshot_samples_are_kept(model, tmp_path):
+    """A YAML with hard-coded fewshot_config.samples (as gsm8k_cot has) and no few-shot split keeps them: a
+    split handed to lm-eval would replace them with documents."""
+    shutil.copytree(TASKS_DIR, tmp_path, dirs_exist_ok=True)
+    config = yaml.safe_load((TASKS_DIR / "demo_add.yaml").read_text())
+    fixed = {**config, "task": "fixed_add", "num_fewshot": 1,
+             "fewshot_config": {"sampler": "first_n", "samples": [{"prompt": "1+1=", "target": "2."}]}}
+    (tmp_path / "fixed_add.yaml").write_text(yaml.safe_dump(fixed))
+    task = TaskSpec(name="fixed_add", splits={"search": "search[0:4]", "validation": "validation[0:4]",
+                                              "test": "test[0:4]"})
+    ev = Evaluator(model, AutoTokenizer.from_pretrained(model_path("add")), [task], [tmp_path], batch_size=4)
+    built = ev._loaded["search"]["tasks"][ev.task_key("fixed_add", "search")]
+    built.build_all_requests(samples=[0, 1])
+    for instance, row in zip(built.instances, rows("search")[:2], strict=True):
+        assert instance.args[0].startswith("1+1=2.") and instance.args[0].endswith(row["prompt"])
