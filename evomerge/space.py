@@ -51,23 +51,27 @@ def make_slots(granularity: Granularity, layout: LayerLayout, modules: list[str]
     within = range(n) if within is None else within
     if granularity.kind == "layer_module":
         return [Slot(f"L{i}.{m}", (f"{layout.prefix}{i}.{m}",)) for i in within for m in [*modules, ""]]
-    groups = n if granularity.kind == "layer" else min(n, granularity.count)
-    bounds = [round(g * n / groups) for g in range(groups + 1)]
+    groups = n if granularity.kind == "layer" else granularity.count
     slots = []
-    for g in range(groups):
-        layers = [i for i in range(bounds[g], bounds[g + 1]) if i in within]
+    for block_range in even_ranges(groups, n):
+        layers = [i for i in block_range if i in within]
         if layers:
             slots.append(Slot(f"L{layers[0]}-{layers[-1]}", tuple(f"{layout.prefix}{i}." for i in layers)))
     return slots
 
 
-def method_ranges(count: int | None, num_layers: int) -> list[range] | None:
-    """The blocks of each method group (``count`` even ranges), or None for one method everywhere."""
-    if count is None or num_layers == 0:
-        return None
+def even_ranges(count: int, num_layers: int) -> list[range]:
+    """The blocks cut into ``count`` even ranges (at most one range a block)."""
     groups = min(count, num_layers)
     bounds = [round(g * num_layers / groups) for g in range(groups + 1)]
     return [range(bounds[g], bounds[g + 1]) for g in range(groups)]
+
+
+def method_ranges(count: int | None, num_layers: int) -> list[range] | None:
+    """The blocks of each method group, or None for one method everywhere."""
+    if count is None or num_layers == 0:
+        return None
+    return even_ranges(count, num_layers)
 
 
 Values = dict[str, list[list[float]]]  # parameter -> [model][slot] (per-model) or [[slot]] (shared)

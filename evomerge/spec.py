@@ -82,7 +82,19 @@ class ModelEntry(BaseModel):
     parameters: dict[str, Setting] = {}
 
 
-class Recipe(BaseModel):
+class _RecipeForms(BaseModel):
+    """What both recipe forms share: the output dtype they settle and their YAML (the fields they hold)."""
+
+    @property
+    def output_dtype(self) -> str | None:
+        """``out_dtype`` else ``dtype`` (fields of each form)."""
+        return self.out_dtype or self.dtype
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
+
+
+class Recipe(_RecipeForms):
     """One merge: which models, which method, which parameters (scalar, gradient or filtered)."""
 
     model_config = ConfigDict(**STRICT, populate_by_name=True)
@@ -104,10 +116,6 @@ class Recipe(BaseModel):
         if self.method.base == "none":
             return self.models
         return [m for m in self.models if m.model != self.base_model]
-
-    @property
-    def output_dtype(self) -> str | None:
-        return self.out_dtype or self.dtype
 
     @model_validator(mode="after")
     def _check(self) -> Recipe:
@@ -151,9 +159,6 @@ class Recipe(BaseModel):
     def from_yaml(cls, path: str | Path) -> Recipe:
         return load_yaml_model(cls, path)
 
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
-
     def to_mergekit_yaml(self, out_dtype: DType | None = None, layer_prefix: str = "") -> str:
         """The same merge for ``mergekit-yaml``: absolute paths, base listed, float32 arithmetic, and the
         output dtype (``out_dtype``: the one our merge wrote when the recipe names none)."""
@@ -187,7 +192,7 @@ class LayerGroup(BaseModel):
     parameters: dict[str, Setting] = {}
 
 
-class LayerwiseRecipe(BaseModel):
+class LayerwiseRecipe(_RecipeForms):
     """A merge with a method per layer group. Each tensor of a block is merged exactly as the single-method
     recipe of its group would merge it; the tensors outside the blocks (embeddings, final norm, head)
     follow group ``outer``. Parameter gradients keep their whole-model layer positions."""
@@ -241,10 +246,6 @@ class LayerwiseRecipe(BaseModel):
     def model_refs(self) -> list[str]:
         return list(dict.fromkeys(ref for part in self._parts for ref in part.model_refs))
 
-    @property
-    def output_dtype(self) -> str | None:
-        return self.out_dtype or self.dtype
-
     def part_for(self, layer: int | None) -> Recipe:
         """The recipe that merges block ``layer``'s tensors (None: a tensor outside the blocks)."""
         if layer is None:
@@ -260,13 +261,6 @@ class LayerwiseRecipe(BaseModel):
         if end != num_layers:
             blocks = f"{num_layers} blocks (0-{num_layers - 1})" if num_layers else "no blocks"
             raise SpecError(f"the layer groups cover blocks 0-{end - 1}, but the model has {blocks}")
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> LayerwiseRecipe:
-        return load_yaml_model(cls, path)
-
-    def to_yaml(self) -> str:
-        return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 
     def to_mergekit_yaml(self, out_dtype: DType | None = None, layer_prefix: str = "") -> str:
         """A ``mergekit-multi`` document: one float32 intermediate merge per group (``evomerge-group-I``),

@@ -16,17 +16,16 @@ import argparse
 import multiprocessing
 import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+from bench_search import searched  # noqa: E402  (this folder: a script's own directory is on sys.path)
+
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
-from evomerge.run import RunFolder  # noqa: E402
-from evomerge.search import Search, prepare_run  # noqa: E402
 from evomerge.spec import SearchSpec, parse_recipe  # noqa: E402
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -36,14 +35,10 @@ SPECS = {"per-layer linear (demo, CMA-ES)": "demo.yaml", "one method (method_cho
 
 def one_search(spec: SearchSpec, executor: InProcessExecutor, budget: int) -> dict:
     """Search, finalize; the winner's validation and test scores, its methods per block and the wall time."""
-    with tempfile.TemporaryDirectory() as tmp:
-        run = RunFolder(Path(tmp) / "run")
-        prepare_run(spec, run, budget, force=False)
-        search = Search(spec, run, executor=executor)
+    with searched(spec, executor, budget) as (search, search_seconds):
         start = time.perf_counter()
-        search.run_budget(budget)
         summary = search.finalize()
-        seconds = time.perf_counter() - start
+        seconds = search_seconds + time.perf_counter() - start
     winner = summary["table"][f"winner (trial {summary['winner_trial']})"]
     recipe = parse_recipe(summary["winner_recipe"])
     methods = "/".join(part.merge_method for part in recipe.parts)

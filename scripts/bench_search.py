@@ -10,9 +10,11 @@ scored on the test split. Prints a table (test score per checkpoint, wall time) 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,15 +37,22 @@ def test_score(worker: Worker, recipe: MergeRecipe) -> float:
     return outcome.result.score
 
 
-def curve(spec: SearchSpec, executor: InProcessExecutor, budget: int, step: int) -> tuple[list[float], float]:
-    """Test score of the best-so-far trial at each checkpoint, and the search's wall time."""
+@contextlib.contextmanager
+def searched(spec: SearchSpec, executor: InProcessExecutor, budget: int) -> Iterator[tuple[Search, float]]:
+    """A search run to its budget in a temporary run folder (which lives while the block runs), and the
+    search's wall time."""
     with tempfile.TemporaryDirectory() as tmp:
         run = RunFolder(Path(tmp) / "run")
         prepare_run(spec, run, budget, force=False)
         search = Search(spec, run, executor=executor)
         start = time.perf_counter()
         search.run_budget(budget)
-        seconds = time.perf_counter() - start
+        yield search, time.perf_counter() - start
+
+
+def curve(spec: SearchSpec, executor: InProcessExecutor, budget: int, step: int) -> tuple[list[float], float]:
+    """Test score of the best-so-far trial at each checkpoint, and the search's wall time."""
+    with searched(spec, executor, budget) as (search, seconds):
         trials = [t for t in search.study.get_trials() if counted(t)]
         cache: dict[int, float] = {}
         points = []

@@ -26,6 +26,18 @@ def test_worker_plan_follows_the_gpus():
     assert plan_workers(spec, {"CPU": 2}, 2, 1).threads == 1
 
 
+def assert_live_equals_streamed(worker: Worker, recipe, tmp_path) -> None:
+    """The worker scores ``recipe`` (merging it on its device); its live parameters then equal the streamed
+    CPU merge to float rounding."""
+    from safetensors.torch import load_file
+
+    assert worker.run(Candidate(recipe, "search", IDS)).error is None
+    streamed = load_file(merge_to_folder(recipe, tmp_path / "cpu") / "model.safetensors")
+    live = dict(worker.model.named_parameters())
+    for name, tensor in streamed.items():
+        torch.testing.assert_close(live[name].detach().cpu(), tensor.to(torch.float32), atol=1e-5, rtol=1e-5)
+
+
 @pytest.fixture(scope="module")
 def gpu_worker():
     return Worker(SearchSpec.model_validate({**SPEC, "device": "cuda"}))
@@ -38,14 +50,8 @@ def test_merge_runs_on_the_device_and_equals_the_streamed_merge(gpu_worker, tmp_
     recipe = Recipe(merge_method="task_arithmetic", base_model="demo:base", dtype="float32",
                     models=[{"model": "demo:add", "parameters": {"weight": [0.3, 0.9]}},
                             {"model": "demo:reverse", "parameters": {"weight": 0.6}}])
-    outcome = gpu_worker.run(Candidate(recipe, "search", IDS))
-    assert outcome.error is None and gpu_worker.name.split(":")[1] == "cuda"
-    from safetensors.torch import load_file
-
-    streamed = load_file(merge_to_folder(recipe, tmp_path / "cpu") / "model.safetensors")
-    live = dict(gpu_worker.model.named_parameters())
-    for name, tensor in streamed.items():
-        torch.testing.assert_close(live[name].detach().cpu(), tensor.to(torch.float32), atol=1e-5, rtol=1e-5)
+    assert gpu_worker.name.split(":")[1] == "cuda"
+    assert_live_equals_streamed(gpu_worker, recipe, tmp_path)
 
 
 @cuda
@@ -57,14 +63,7 @@ def test_layerwise_merge_on_the_device_equals_the_streamed_merge(gpu_worker, tmp
     recipe = LayerwiseRecipe(base_model="demo:base", outer=1, dtype="float32", groups=[
         {"layers": [0, 1], "merge_method": "task_arithmetic", "models": models},
         {"layers": [1, gpu_worker.merger.num_layers], "merge_method": "linear", "models": models}])
-    outcome = gpu_worker.run(Candidate(recipe, "search", IDS))
-    assert outcome.error is None
-    from safetensors.torch import load_file
-
-    streamed = load_file(merge_to_folder(recipe, tmp_path / "cpu") / "model.safetensors")
-    live = dict(gpu_worker.model.named_parameters())
-    for name, tensor in streamed.items():
-        torch.testing.assert_close(live[name].detach().cpu(), tensor.to(torch.float32), atol=1e-5, rtol=1e-5)
+    assert_live_equals_streamed(gpu_worker, recipe, tmp_path)
 
 
 @cuda
