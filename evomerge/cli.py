@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 from pathlib import Path
-from types import FrameType
 from typing import TYPE_CHECKING, NoReturn
 
 from rich.console import Console
@@ -16,6 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.text import Text
 
 from evomerge.errors import SearchError, SpecError
+from evomerge.interrupt import CtrlC
 
 if TYPE_CHECKING:
     from evomerge.search import Progress as SearchProgress
@@ -95,9 +94,9 @@ def _search(args: argparse.Namespace) -> None:
                 lock = run.lock()
             prepare_run(spec, run, budget, force=args.force, storage=args.storage)
             console.print(Text(f"run folder: {run.root}"))
-            search = Search(spec, run, executor)
-            with CtrlCLatch() as ctrl_c:
-                _run_with_progress(search, budget, ctrl_c)
+            with CtrlC() as ctrl_c:
+                search = Search(spec, run, executor, ctrl_c)
+                _run_with_progress(search, budget)
                 console.print("re-scoring the best candidates on the validation split ...")
                 summary = search.finalize()
                 ctrl_c.check()
@@ -114,14 +113,13 @@ def _search(args: argparse.Namespace) -> None:
             lock.close()
 
 
-def _run_with_progress(search: Search, budget: int, ctrl_c: CtrlCLatch) -> None:
+def _run_with_progress(search: Search, budget: int) -> None:
     columns = (TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
                TextColumn("workers {task.fields[busy]}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
         task = progress.add_task("search", total=budget, best="-", busy="-")
 
         def show(p: SearchProgress) -> None:
-            ctrl_c.check()
             progress.update(task, completed=p.done, best="-" if p.best is None else f"{p.best:.4f}",
                             busy=f"{p.busy}/{p.workers} busy")
 
@@ -130,36 +128,6 @@ def _run_with_progress(search: Search, budget: int, ctrl_c: CtrlCLatch) -> None:
 
 class _Interrupted(Exception):
     """Ctrl-C, with what to say about it."""
-
-
-class CtrlCLatch:
-    """Python drops a KeyboardInterrupt that lands inside a finalizer (a garbage-collected SQLAlchemy object,
-    say) and the search would run on; so Ctrl-C is also remembered here and raised again by ``check``."""
-
-    def __init__(self) -> None:
-        self.pressed = False
-
-    def __enter__(self) -> CtrlCLatch:
-        self._previous_handler = signal.signal(signal.SIGINT, self._on_sigint)
-        self._previous_hook = sys.unraisablehook
-        sys.unraisablehook = self._on_unraisable
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        signal.signal(signal.SIGINT, self._previous_handler)
-        sys.unraisablehook = self._previous_hook
-
-    def _on_sigint(self, signum: int, frame: FrameType | None) -> None:
-        self.pressed = True
-        raise KeyboardInterrupt
-
-    def _on_unraisable(self, unraisable: sys.UnraisableHookArgs) -> None:
-        if not (self.pressed and unraisable.exc_type is KeyboardInterrupt):  # ours is raised again by check
-            self._previous_hook(unraisable)
-
-    def check(self) -> None:
-        if self.pressed:
-            raise KeyboardInterrupt
 
 
 def _print_summary(summary: dict) -> None:

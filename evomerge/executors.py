@@ -11,6 +11,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Literal, Protocol
 
@@ -100,9 +101,11 @@ def has_room(executor: Executor) -> bool:
     return executor.busy() < executor.slots() and (executor.can_submit() or not executor.busy())
 
 
-def run_all(executor: Executor, jobs: dict[int, Candidate], retries: int = 2) -> dict[int, Outcome]:
+def run_all(executor: Executor, jobs: dict[int, Candidate], retries: int = 2,
+            waiting: Callable[[], AbstractContextManager[None]] = nullcontext) -> dict[int, Outcome]:
     """Run a batch of jobs with every slot busy; a job whose worker died runs again (``retries`` times at
-    most). Returns the outcomes by key (fewer when no worker is left)."""
+    most). Returns the outcomes by key (fewer when no worker is left). ``waiting`` wraps each wait (where
+    Ctrl-C may stop it: ``CtrlC.waiting``)."""
     queue = list(jobs.items())
     tries = dict.fromkeys(jobs, 0)
     done: dict[int, Outcome] = {}
@@ -111,7 +114,8 @@ def run_all(executor: Executor, jobs: dict[int, Candidate], retries: int = 2) ->
             executor.submit(*queue.pop(0))
         if not executor.busy():
             break
-        key, outcome = executor.wait_any()
+        with waiting():
+            key, outcome = executor.wait_any()
         if outcome.worker_lost and tries[key] < retries:
             tries[key] += 1
             queue.append((key, jobs[key]))

@@ -29,6 +29,7 @@ from evomerge.checkpoint import atomic_write_text, open_checkpoint
 from evomerge.errors import SearchError, SpecError
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate, Executor, InProcessExecutor, Outcome, Worker, has_room, run_all
+from evomerge.interrupt import CtrlC
 from evomerge.run import STUDY_NAME, Attr, RunFolder, counted, sqlite_file
 from evomerge.scores import task_shares, weighted_mean
 from evomerge.screening import Screen
@@ -201,8 +202,10 @@ class _Flight:
 class Search:
     """One run folder's search: ask, sample, submit (screen, then the rest, in one worker call), tell, log."""
 
-    def __init__(self, spec: SearchSpec, run: RunFolder, executor: Executor | None = None) -> None:
+    def __init__(self, spec: SearchSpec, run: RunFolder, executor: Executor | None = None,
+                 ctrl_c: CtrlC | None = None) -> None:
         self.spec = spec
+        self.ctrl_c = ctrl_c or CtrlC()  # not installed: Python's own Ctrl-C handling
         self.run = run
         self.space = SearchSpace(spec, LayerLayout.of(open_checkpoint(spec.base_model)))
         self.executor = executor or InProcessExecutor(Worker(spec))
@@ -251,7 +254,8 @@ class Search:
                     on_progress(Progress(done, budget, self.best(), *self.executor.workers()))
                 if not self._flight:
                     break
-                number, outcome = self.executor.wait_any()
+                with self.ctrl_c.waiting():
+                    number, outcome = self.executor.wait_any()
                 done += self._receive(self._flight.pop(number), outcome)
         except BaseException:
             self._abandon_flight()
@@ -374,7 +378,8 @@ class Search:
 
     def _score_all(self, jobs: list[tuple[MergeRecipe, str]]) -> list[EvalResult]:
         """Score (recipe, role) pairs on every document of the role, spread over the workers."""
-        outcomes = run_all(self.executor, {i: Candidate(recipe, role) for i, (recipe, role) in enumerate(jobs)})
+        outcomes = run_all(self.executor, {i: Candidate(recipe, role) for i, (recipe, role) in enumerate(jobs)},
+                           waiting=self.ctrl_c.waiting)
         failed = [o.error for o in outcomes.values() if o.result is None]
         if failed or len(outcomes) < len(jobs):
             raise SearchError(f"the hold-out re-check failed: {failed[0] if failed else 'no worker left'}")
