@@ -43,16 +43,18 @@ def _positive_int(text: str) -> int:
 
 def _merge(args: argparse.Namespace) -> None:
     from evomerge.checkpoint import shard_bytes
+    from evomerge.dataflow import path_to_folder
     from evomerge.merge import merge_to_folder
-    from evomerge.spec import recipe_from_yaml
+    from evomerge.spec import PathRecipe, recipe_from_yaml
 
     shard = shard_bytes(args.shard_size)
     recipe = recipe_from_yaml(args.recipe)
     with Progress(TextColumn("merging tensors"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("merge", total=None)
-        merge_to_folder(recipe, Path(args.out), force=args.force, max_shard_bytes=shard,
-                        on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+        write = path_to_folder if isinstance(recipe, PathRecipe) else merge_to_folder  # a layer path: its own writer
+        write(recipe, Path(args.out), force=args.force, max_shard_bytes=shard,
+              on_progress=lambda done, total: progress.update(task, completed=done, total=total))
     console.print(Text(f"wrote {args.out}"))
 
 

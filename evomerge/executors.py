@@ -18,11 +18,12 @@ from typing import Literal, Protocol
 import torch
 
 from evomerge.checkpoint import resolve_model_path
+from evomerge.dataflow import LivePath
 from evomerge.errors import SpecError
 from evomerge.evaluate import EvalResult, Evaluator
 from evomerge.merge import DTYPES, LiveMerger
 from evomerge.screening import Screen
-from evomerge.spec import MergeRecipe, SearchSpec
+from evomerge.spec import AnyRecipe, PathRecipe, SearchSpec
 
 Fidelity = Literal["full", "screen"]
 
@@ -45,7 +46,7 @@ class Candidate:
     """One job for a worker: merge ``recipe``, score it on ``doc_ids`` of ``role`` (None: every document of
     the role). With ``screen``, score its subset first and stop there when the paired test prunes."""
 
-    recipe: MergeRecipe
+    recipe: AnyRecipe
     role: str = "search"
     doc_ids: dict[str, list[int]] | None = None
     screen: Screen | None = None
@@ -124,7 +125,7 @@ def run_all(executor: Executor, jobs: dict[int, Candidate], retries: int = 2,
     return done
 
 
-Scorer = Callable[[MergeRecipe, str, "dict[str, Sequence[int]] | None"], tuple[EvalResult, float, float]]
+Scorer = Callable[[AnyRecipe, str, "dict[str, Sequence[int]] | None"], tuple[EvalResult, float, float]]
 
 
 def screen_then_rest(job: Candidate, score: Scorer, worker: str) -> Outcome:
@@ -167,6 +168,8 @@ class Worker:
         self.model = model.eval()
         tokenizer = AutoTokenizer.from_pretrained(base)
         self.merger = LiveMerger(self.model, spec.base_model, spec.models)
+        # a data-flow search's paths may take blocks from any model; its references are still weight merges
+        self.paths = LivePath(self.model, [spec.base_model, *spec.models]) if spec.space.kind == "dataflow" else None
         self.evaluator = Evaluator(self.model, tokenizer, spec.evaluation.tasks, include_paths(spec),
                                    batch_size=spec.evaluation.batch_size)
         gc.collect()
@@ -175,10 +178,10 @@ class Worker:
     def doc_ids(self, task: str, role: str) -> list[int]:
         return self.evaluator.doc_ids(task, role)
 
-    def _score(self, recipe: MergeRecipe, role: str, doc_ids: dict[str, Sequence[int]] | None) -> tuple[EvalResult,
+    def _score(self, recipe: AnyRecipe, role: str, doc_ids: dict[str, Sequence[int]] | None) -> tuple[EvalResult,
                                                                                                    float, float]:
         start = time.perf_counter()
-        self.merger.apply(recipe)
+        self._apply(recipe)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         merged = time.perf_counter()
@@ -187,6 +190,16 @@ class Worker:
         if nan:
             raise FloatingPointError(f"task {nan[0]} scored {result.scores[nan[0]]}")
         return result, merged - start, time.perf_counter() - merged
+
+    def _apply(self, recipe: AnyRecipe) -> None:
+        if isinstance(recipe, PathRecipe):
+            if self.paths is None:
+                raise SpecError("a layer path needs a worker built for a data-flow search (space.kind: dataflow)")
+            self.paths.apply(recipe)
+            return
+        if self.paths is not None:
+            self.paths.restore()
+        self.merger.apply(recipe)
 
     def run(self, job: Candidate) -> Outcome:
         """Do one job; any failure (an exception, NaN scores, device out of memory) is returned, not raised,

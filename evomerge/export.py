@@ -5,14 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from evomerge.checkpoint import hub_id_of
+from evomerge.dataflow import path_to_folder
 from evomerge.errors import SpecError
 from evomerge.lora import named_models
 from evomerge.merge import merge_to_folder
 from evomerge.run import Attr, RunFolder, summary_table_markdown
-from evomerge.spec import MergeRecipe, parse_recipe
+from evomerge.spec import AnyRecipe, PathRecipe, parse_recipe
 
 
-def trial_recipe(run: RunFolder, trial: int | None) -> tuple[int, MergeRecipe, dict]:
+def trial_recipe(run: RunFolder, trial: int | None) -> tuple[int, AnyRecipe, dict]:
     """The chosen trial's number, recipe and recorded scores (default: the validated winner). Reads only."""
     summary = run.read_summary()
     if trial is None:
@@ -31,7 +32,7 @@ def trial_recipe(run: RunFolder, trial: int | None) -> tuple[int, MergeRecipe, d
 CARD_TAGS = ["merge", "mergekit", "evomerge"]
 
 
-def card_metadata(recipe: MergeRecipe) -> str:
+def card_metadata(recipe: AnyRecipe) -> str:
     """The model card's Hugging Face metadata header (YAML front matter between ``---`` lines, as the Hub reads
     it), written by huggingface_hub's ``ModelCardData``: the Hub models the recipe reads as ``base_model``
     (the Hub links only repository ids, so local folders and demo models are left out),
@@ -45,9 +46,18 @@ def card_metadata(recipe: MergeRecipe) -> str:
     return f"---\n{data.to_yaml().rstrip()}\n---\n"
 
 
-def model_card(run: RunFolder, trial: int, recipe: MergeRecipe, scores: dict) -> str:
-    """README.md of an export: the metadata header, then the recipe, its scores and the mergekit command."""
+def describe_path(recipe: PathRecipe) -> list[str]:
+    """A layer path for the card: its blocks in order as ``model:layer×scale``, and where the rest comes from."""
+    steps = " → ".join(f"`{step.model}:{step.layer}×{step.scale:g}`" for step in recipe.path)
+    return ["## Layer path", "", f"{len(recipe.path)} blocks, in order: {steps}.", "",
+            f"Embeddings, final norm and head: `{recipe.outer}`.", ""]
+
+
+def model_card(run: RunFolder, trial: int, recipe: AnyRecipe, scores: dict) -> str:
+    """README.md of an export: the metadata header, then the recipe (a layer path also step by step), its scores
+    and the mergekit command."""
     lines = [f"# Merged with evomerge (run `{run.root.name}`, trial {trial})", "",
+             *(describe_path(recipe) if isinstance(recipe, PathRecipe) else []),
              "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Scores", "",
              f"Search split ({scores['fidelity']} fidelity): " +
              ", ".join(f"{k} {v:.4f}" for k, v in scores["search"].items()), ""]
@@ -61,6 +71,7 @@ def export_trial(run_dir: Path, out: Path, trial: int | None = None, force: bool
     run = RunFolder(run_dir)
     run.load()
     number, recipe, scores = trial_recipe(run, trial)
-    merge_to_folder(recipe, out, force=force, extra_files={"README.md": model_card(run, number, recipe, scores)},
-                    protected=[run.root])
+    write = path_to_folder if isinstance(recipe, PathRecipe) else merge_to_folder  # a layer path: its own writer
+    write(recipe, out, force=force, extra_files={"README.md": model_card(run, number, recipe, scores)},
+          protected=[run.root])
     return number, out

@@ -18,7 +18,7 @@ from evomerge.checkpoint import atomic_write_text, layer_index, open_checkpoint
 from evomerge.merge import resolve_params
 from evomerge.run import Attr, RunFolder, counted, describe_margin, summary_table_markdown
 from evomerge.scores import weighted_mean
-from evomerge.spec import MergeRecipe, SearchSpec, parse_recipe
+from evomerge.spec import AnyRecipe, MergeRecipe, PathRecipe, SearchSpec, parse_recipe
 
 
 @dataclass(frozen=True)
@@ -71,7 +71,7 @@ def layer_parameters(recipe: MergeRecipe) -> dict[str, dict[str, list[float | No
 
 
 def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna.trial.FrozenTrial],
-              points: list[TrialPoint], curve: list[float | None], chosen: tuple[str, MergeRecipe] | None,
+              points: list[TrialPoint], curve: list[float | None], chosen: tuple[str, AnyRecipe] | None,
               per_layer: dict[str, dict[str, list[float | None]]], summary: dict | None, png: Path) -> str:
     full = sum(p.fidelity == "full" for p in points)
     failed = sum(t.state == TrialState.FAIL for t in trials)
@@ -100,7 +100,13 @@ def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna
         lines += [f"## {chosen[0]} (not finalized: no validation re-check yet)", ""]
     if chosen is not None:
         lines += ["Recipe:", "", "```yaml", chosen[1].to_yaml().rstrip(), "```", ""]
-        methods = layer_methods(chosen[1], open_checkpoint(chosen[1].model_refs[0]).num_layers)
+        if isinstance(chosen[1], PathRecipe):
+            lines += [f"Layer path ({len(chosen[1].path)} blocks; embeddings, final norm and head from "
+                      f"{chosen[1].outer}):", "", "| block | model | source block | scale |", "|---|---|---|---|"]
+            lines += [f"| {i} | {s.model} | {s.layer} | {s.scale:.3f} |" for i, s in enumerate(chosen[1].path)]
+            lines.append("")
+        methods = [] if isinstance(chosen[1], PathRecipe) else \
+            layer_methods(chosen[1], open_checkpoint(chosen[1].model_refs[0]).num_layers)
         if len(set(methods)) > 1:
             lines += ["Method per layer:", "", "| " + " | ".join(f"L{i}" for i in range(len(methods))) + " |",
                       "|" + "---|" * len(methods), "| " + " | ".join(methods) + " |", ""]
@@ -166,7 +172,7 @@ def write_report(run_dir: Path) -> Path:
         best = max(full, key=lambda p: p.score)
         recipe = parse_recipe(trials[best.number].user_attrs[Attr.RECIPE])
         chosen = (f"best trial so far: {best.number}", recipe)
-    per_layer = layer_parameters(chosen[1]) if chosen is not None else {}
+    per_layer = layer_parameters(chosen[1]) if chosen is not None and not isinstance(chosen[1], PathRecipe) else {}
     png = run.root / "report.png"
     _plot(points, curve, chosen[0] if chosen is not None else "", per_layer, png)
     out = run.root / "report.md"

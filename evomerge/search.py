@@ -33,8 +33,8 @@ from evomerge.interrupt import CtrlC
 from evomerge.run import STUDY_NAME, Attr, RunFolder, counted, sqlite_file
 from evomerge.scores import task_shares, weighted_mean
 from evomerge.screening import Screen
-from evomerge.space import LayerLayout, SearchSpace
-from evomerge.spec import MergeRecipe, Recipe, SearchSpec, TaskSpec, parse_recipe
+from evomerge.space import LayerLayout, Space, make_space
+from evomerge.spec import AnyRecipe, Recipe, SearchSpec, SpaceSpec, TaskSpec, parse_recipe
 
 MAX_RETRIES = 2
 MAX_FAILURES_IN_ROW = 5
@@ -48,10 +48,12 @@ def spec_hash(spec: SearchSpec) -> str:
         i: {o for o in TaskSpec.OPTIONS if getattr(task, o) is None} for i, task in enumerate(spec.evaluation.tasks)}}}
     if spec.space.method_granularity == "global":
         unchanged["space"] = {"method_granularity"}
+    if spec.space.kind == "weights":
+        unchanged.setdefault("space", set()).update({"kind", *SpaceSpec.DATAFLOW_FIELDS})
     return hashlib.sha256(spec.model_dump_json(exclude=unchanged).encode()).hexdigest()[:16]
 
 
-def recipe_hash(recipe: MergeRecipe) -> str:
+def recipe_hash(recipe: AnyRecipe) -> str:
     return hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:16]
 
 
@@ -129,7 +131,8 @@ def make_sampler(spec: SearchSpec, workers: int = 1, dimensions: int = 1) -> opt
     if kind == "cmaes":
         default = 4 + math.floor(3 * math.log(max(1, dimensions)))
         return optuna.samplers.CmaEsSampler(seed=spec.seed, warn_independent_sampling=False,
-                                            popsize=max(default, workers))
+                                            popsize=max(default, workers),
+                                            with_margin=spec.space.kind == "dataflow")  # keeps 0/1 steps moving
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, group=True)
     if kind == "nsga2":
@@ -143,7 +146,7 @@ def default_sampler(spec: SearchSpec) -> str:
     return "tpe" if len(spec.space.methods) > 1 else "cmaes"
 
 
-def open_study(spec: SearchSpec, run: RunFolder, space: SearchSpace, workers: int = 1) -> optuna.Study:
+def open_study(spec: SearchSpec, run: RunFolder, space: Space, workers: int = 1) -> optuna.Study:
     directions = ["maximize"] * (len(spec.evaluation.tasks) if spec.evaluation.objective == "pareto" else 1)
     probe = optuna.create_study().ask()  # how many numbers one recipe takes (sizes CMA-ES's population)
     space.sample(probe)
@@ -194,7 +197,7 @@ class _Flight:
     """A candidate handed to the executor and not yet told."""
 
     trial: optuna.Trial
-    recipe: MergeRecipe
+    recipe: AnyRecipe
     key: str
     start: float
 
@@ -207,7 +210,7 @@ class Search:
         self.spec = spec
         self.ctrl_c = ctrl_c or CtrlC()  # not installed: Python's own Ctrl-C handling
         self.run = run
-        self.space = SearchSpace(spec, LayerLayout.of(open_checkpoint(spec.base_model)))
+        self.space = make_space(spec, LayerLayout.of(open_checkpoint(spec.base_model)))
         self.executor = executor or InProcessExecutor(Worker(spec))
         self.study = open_study(spec, run, self.space, self.executor.slots())
         ev = spec.evaluation
@@ -343,7 +346,7 @@ class Search:
         self._flight.clear()
         self._waiting.clear()
 
-    def _log(self, number: int, state: str, result: EvalResult | None, recipe: MergeRecipe, seconds: float,
+    def _log(self, number: int, state: str, result: EvalResult | None, recipe: AnyRecipe, seconds: float,
              **extra: Any) -> None:
         """Append one JSON line per trial (a line cut by a kill is skipped by readers)."""
         row = {"trial": number, "state": state, "score": result.score if result else None,
@@ -376,7 +379,7 @@ class Search:
                                          dtype=spec.dtype)
         return refs
 
-    def _score_all(self, jobs: list[tuple[MergeRecipe, str]]) -> list[EvalResult]:
+    def _score_all(self, jobs: list[tuple[AnyRecipe, str]]) -> list[EvalResult]:
         """Score (recipe, role) pairs on every document of the role, spread over the workers."""
         outcomes = run_all(self.executor, {i: Candidate(recipe, role) for i, (recipe, role) in enumerate(jobs)},
                            waiting=self.ctrl_c.waiting)
@@ -415,7 +418,7 @@ class Search:
         return summary
 
 
-def _recipe_of(trial: optuna.trial.FrozenTrial) -> MergeRecipe:
+def _recipe_of(trial: optuna.trial.FrozenTrial) -> AnyRecipe:
     return parse_recipe(trial.user_attrs[Attr.RECIPE])
 
 

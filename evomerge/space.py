@@ -1,5 +1,6 @@
-"""Turning an Optuna trial into a recipe: method choice (global or per layer group), layer granularity,
-ranges, shared parameters.
+"""Turning an Optuna trial into a recipe. Weight space (``SearchSpace``): method choice (global or per
+layer group), layer granularity, ranges, shared parameters. Data-flow space (``PathSpace``): which blocks of
+which models a token passes through, each scaled.
 
 Coefficients vary over *slots*: one (global), K gradient control points, N layer groups, every layer,
 or every layer x module filter. Slot values become recipe settings mergekit understands: a scalar, a
@@ -9,13 +10,24 @@ gradient list, or a filter list whose last entry (embeddings, final norm, head) 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import optuna
 
 from evomerge.checkpoint import Checkpoint
 from evomerge.methods import MergeMethod, get_method
-from evomerge.spec import Filtered, Granularity, LayerGroup, LayerwiseRecipe, Recipe, SearchSpec, Setting
+from evomerge.spec import (
+    AnyRecipe,
+    Filtered,
+    Granularity,
+    LayerGroup,
+    LayerwiseRecipe,
+    PathRecipe,
+    PathStep,
+    Recipe,
+    SearchSpec,
+    Setting,
+)
 
 
 @dataclass(frozen=True)
@@ -194,3 +206,56 @@ class SearchSpace:
             out.append(("default ties", self.point("ties", {"weight": [equal] * n, "density": [0.5] * n},
                                                    {"lambda": 1.0})))
         return [(label, p) for label, p in out if p is not None]
+
+
+class PathSpace:
+    """The data-flow space (Sakana's DFS): T = r x M x L candidate steps, ordered by repeat, then block, then
+    model (``use[t]`` in {0, 1}; ``scale[t]`` when ``space.scale`` is a range). The path is the used steps in
+    order, cut at ``max_length``; a trial that uses no step gets step 0 alone (a path needs a block)."""
+
+    def __init__(self, spec: SearchSpec, layout: LayerLayout) -> None:
+        self.spec = spec
+        models, layers = spec.models, layout.num_layers
+        self.steps = [(models[m], layer) for _ in range(spec.space.repeats) for layer in range(layers)
+                      for m in range(len(models))]
+        width = len(str(len(self.steps) - 1))
+        self.labels = [f"{t:0{width}d}" for t in range(len(self.steps))]
+
+    def sample(self, trial: optuna.trial.BaseTrial) -> PathRecipe:
+        space = self.spec.space
+        path = []
+        for label, (model, layer) in zip(self.labels, self.steps, strict=True):
+            used = trial.suggest_int(f"use[{label}]", 0, 1)
+            scale = trial.suggest_float(f"scale[{label}]", space.scale.low, space.scale.high, log=space.scale.log) \
+                if space.scale is not None else 1.0
+            if used:
+                path.append(PathStep(model=model, layer=layer, scale=scale))
+        path = path[: space.max_length] or [PathStep(model=self.steps[0][0], layer=self.steps[0][1])]
+        return PathRecipe(path=path, outer=space.outer or self.spec.base_model, dtype=self.spec.dtype)
+
+    def baselines(self) -> list[tuple[str, dict[str, Any]]]:
+        """Each model's own blocks in order (first repeat), at scale 1 (or the nearest in range)."""
+        space = self.spec.space
+        scale = 1.0 if space.scale is None else min(max(1.0, space.scale.low), space.scale.high)
+        out = []
+        for model in self.spec.models:
+            params: dict[str, Any] = {}
+            for t, (label, (m, _)) in enumerate(zip(self.labels, self.steps, strict=True)):
+                own = m == model and t < len(self.steps) // space.repeats
+                params[f"use[{label}]"] = int(own)
+                if space.scale is not None:
+                    params[f"scale[{label}]"] = scale
+            out.append((f"{model} blocks", params))
+        return out
+
+
+class Space(Protocol):
+    """What the search needs of a space: a recipe per trial, and known points to evaluate first."""
+
+    def sample(self, trial: optuna.trial.BaseTrial) -> AnyRecipe: ...
+
+    def baselines(self) -> list[tuple[str, dict[str, Any]]]: ...
+
+
+def make_space(spec: SearchSpec, layout: LayerLayout) -> Space:
+    return PathSpace(spec, layout) if spec.space.kind == "dataflow" else SearchSpace(spec, layout)

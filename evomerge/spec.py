@@ -285,6 +285,64 @@ class LayerwiseRecipe(_RecipeForms):
         return yaml.safe_dump_all([*docs, final], sort_keys=False)
 
 
+OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "c_proj")  # a block's residual-branch outputs (Llama family, GPT-2)
+
+
+class PathStep(BaseModel):
+    """One block of a layer path: block ``layer`` of ``model``, its residual branches scaled by ``scale``."""
+
+    model_config = STRICT
+    model: str
+    layer: NonNegativeInt
+    scale: float = Field(1.0, gt=0.0, le=4.0)
+
+
+class PathRecipe(_RecipeForms):
+    """A data-flow merge: the output's blocks are ``path``, each copied from a block of one input model, in
+    order (repeats allowed); embeddings, final norm and head come from ``outer``. ``scale`` multiplies the
+    block's output projections (``OUTPUT_PROJECTIONS``: weights and biases), i.e. what the block adds to the
+    residual stream, so it survives export as plain weights (mergekit ``passthrough``'s ``scale``)."""
+
+    model_config = STRICT
+    path: list[PathStep] = Field(min_length=1, max_length=1024)
+    outer: str
+    dtype: DType | None = None
+    out_dtype: DType | None = None
+
+    mergekit_file: ClassVar[str] = "mergekit_config.yml"
+    mergekit_command: ClassVar[str] = "mergekit-yaml mergekit_config.yml OUT"
+
+    @property
+    def model_refs(self) -> list[str]:
+        """Every model the path reads, ``outer`` first."""
+        return list(dict.fromkeys([self.outer, *(step.model for step in self.path)]))
+
+    def check_layers(self, num_layers: int) -> None:
+        """Every step must name a block the models have."""
+        for i, step in enumerate(self.path):
+            if step.layer >= num_layers:
+                blocks = f"{num_layers} blocks (0-{num_layers - 1})" if num_layers else "no blocks"
+                raise SpecError(f"path[{i}].layer {step.layer} does not exist: {step.model} has {blocks}")
+
+    def to_mergekit_yaml(self, out_dtype: DType | None = None, layer_prefix: str = "") -> str:
+        """A ``passthrough`` of one-block slices. mergekit takes the embeddings from the first slice's model
+        and the final norm and head from the last one's, so empty slices of ``outer`` open and close the
+        list."""
+        outer = _abs_path(self.outer)
+        slices: list[dict[str, Any]] = [{"sources": [{"model": outer, "layer_range": [0, 0]}]}]
+        for step in self.path:
+            source: dict[str, Any] = {"model": _abs_path(step.model), "layer_range": [step.layer, step.layer + 1]}
+            if step.scale != 1.0:
+                source["parameters"] = {"scale": [*({"filter": name, "value": step.scale}
+                                                    for name in OUTPUT_PROJECTIONS), {"value": 1.0}]}
+            slices.append({"sources": [source]})
+        slices.append({"sources": [{"model": outer, "layer_range": [0, 0]}]})
+        doc: dict[str, Any] = {"slices": slices, "merge_method": "passthrough"}
+        if self.output_dtype or out_dtype:
+            doc["dtype"] = self.output_dtype or out_dtype
+        return yaml.safe_dump(doc, sort_keys=False)
+
+
 class MergeRecipe(Protocol):
     """What the merge engine, the search and the exports need of a recipe, single-method or layer-wise:
     the single-method recipe for each block (``part_for``), all its parts, the models it reads, and its
@@ -317,17 +375,20 @@ class MergeRecipe(Protocol):
     def model_dump_json(self, **kwargs: Any) -> str: ...
 
 
-def _recipe_class(data: dict[str, Any]) -> type[Recipe] | type[LayerwiseRecipe]:
-    """A recipe mapping is layer-wise when it has ``groups``."""
-    return LayerwiseRecipe if "groups" in data else Recipe
+AnyRecipe = Recipe | LayerwiseRecipe | PathRecipe
 
 
-def parse_recipe(data: dict[str, Any]) -> Recipe | LayerwiseRecipe:
+def _recipe_class(data: dict[str, Any]) -> type[AnyRecipe]:
+    """A recipe mapping is layer-wise when it has ``groups``, a layer path when it has ``path``."""
+    return LayerwiseRecipe if "groups" in data else PathRecipe if "path" in data else Recipe
+
+
+def parse_recipe(data: dict[str, Any]) -> AnyRecipe:
     """A recipe mapping as stored (a trial's attribute, a summary) or written by a user."""
     return _recipe_class(data).model_validate(data)
 
 
-def recipe_from_yaml(path: str | Path) -> Recipe | LayerwiseRecipe:
+def recipe_from_yaml(path: str | Path) -> AnyRecipe:
     """A recipe file of either form, with the same one-line errors as any YAML we read."""
     data = _read_yaml_mapping(Path(path))
     return _validate(_recipe_class(data), data, Path(path))
@@ -469,6 +530,17 @@ class SpaceSpec(BaseModel):
     fixed: dict[str, Scalar] = {}
     shared: list[str] = []  # searched once for the whole model (once per method group) instead of per slot
     method_granularity: str = "global"  # or groups:N: each range of blocks picks its own method
+    # kind dataflow: the layer path instead (PathRecipe over `models`, outer `base_model`): r x M x L candidate
+    # steps (r repeats of every model's blocks, interleaved by depth), each used or skipped, each scaled
+    kind: Literal["weights", "dataflow"] = "weights"
+    repeats: int = Field(2, ge=1, le=16)
+    max_length: int | None = Field(None, ge=1, le=1024)
+    scale: Range | None = None  # None: every step at scale 1
+    outer: str | None = None  # the model whose embeddings, final norm and head the path uses (None: base_model)
+
+    WEIGHT_FIELDS: ClassVar[tuple[str, ...]] = ("methods", "granularity", "modules", "parameters", "fixed", "shared",
+                                                "method_granularity")
+    DATAFLOW_FIELDS: ClassVar[tuple[str, ...]] = ("repeats", "max_length", "scale", "outer")
 
     @functools.cached_property
     def grain(self) -> Granularity:
@@ -496,6 +568,12 @@ class SpaceSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SpaceSpec:
+        other = self.WEIGHT_FIELDS if self.kind == "dataflow" else self.DATAFLOW_FIELDS
+        meaningless = [f for f in other if getattr(self, f) != SpaceSpec.model_fields[f].default]
+        if meaningless:
+            raise ValueError(f"space.{meaningless[0]} does not apply to space.kind {self.kind}")
+        if self.scale is not None and not (self.scale.low > 0 and self.scale.high <= 4):
+            raise ValueError(f"space.scale [{self.scale.low}, {self.scale.high}] must lie in (0, 4]")
         for name in self.methods:
             takes = get_method(name).parameters
             for param, rng in self.parameters.items():
@@ -626,6 +704,8 @@ class SearchSpec(BaseModel):
                 raise ValueError(f"space.methods: {err}") from None
         if self.sampler == "cmaes" and len(self.space.methods) > 1:
             raise ValueError("sampler cmaes cannot choose among methods (categorical); use tpe or random")
+        if self.space.outer is not None and self.space.outer not in [self.base_model, *self.models]:
+            raise ValueError(f"space.outer {self.space.outer!r} is neither base_model nor one of models")
         if self.evaluation.objective == "pareto" and self.sampler in ("cmaes",):
             raise ValueError("a pareto objective needs sampler nsga2, tpe or random")
         return self

@@ -29,7 +29,8 @@ def run_table(run_dir: Path, limit: int = 20) -> Table:
     for t in ranked[:limit]:
         note = t.user_attrs.get(Attr.BASELINE) or ("winner" if t.number == winner else "")
         recipe = t.user_attrs.get(Attr.RECIPE, {})  # layer-wise: the groups' methods, first block's first
-        method = recipe.get("merge_method") or "/".join(g["merge_method"] for g in recipe.get("groups", []))
+        method = recipe.get("merge_method") or "/".join(g["merge_method"] for g in recipe.get("groups", [])) \
+            or (f"path of {len(recipe['path'])} blocks" if "path" in recipe else "")
         table.add_row(str(t.number), t.user_attrs.get(Attr.FIDELITY, ""), " ".join(f"{v:.4f}" for v in t.values),
                       method, Text(note))
     return table

@@ -1,0 +1,267 @@
+"""Layer-path (data-flow) recipes: a model whose blocks are a sequence of blocks taken from the input models.
+
+A path changes the architecture (the block count), so it lives beside ``merge.py`` rather than inside it: the
+export streams the chosen blocks into a folder under their new positions; the live form swaps the worker's
+block list for one that shares the pool's block parameters, so a candidate costs milliseconds and no copy of
+the weights (only the output projections of scaled steps are new tensors).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import re
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from evomerge.checkpoint import (
+    Checkpoint,
+    ShardedWriter,
+    atomic_folder,
+    atomic_write_text,
+    check_compatible,
+    check_output_folder,
+    copy_side_files,
+    open_checkpoint,
+)
+from evomerge.errors import SpecError
+from evomerge.lora import model_folders
+from evomerge.merge import DTYPE_NAMES, output_dtype
+from evomerge.spec import OUTPUT_PROJECTIONS, PathRecipe
+
+LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # as Checkpoint.num_layers reads them
+
+
+def scaled_block_tensor(name: str, tensor: torch.Tensor, scale: float) -> torch.Tensor:
+    """A block tensor as a path step with ``scale`` uses it: output projections (weights and biases) scaled
+    in float32 and rounded back, bit for bit what mergekit ``passthrough`` writes; any other tensor as is."""
+    if scale == 1.0 or not any(p in name for p in OUTPUT_PROJECTIONS):
+        return tensor
+    work = torch.float64 if tensor.dtype == torch.float64 else torch.float32
+    return (tensor.to(work) * scale).to(tensor.dtype)
+
+
+def _block_pattern(layer_prefix: str) -> re.Pattern[str]:
+    """Names of the block list's tensors: ``PREFIX<block>.<rest>`` (other numbered stacks are not blocks)."""
+    return re.compile(rf"^{re.escape(layer_prefix)}(\d+)\.(.+)$")
+
+
+def _text_config(config: dict[str, Any]) -> dict[str, Any]:
+    return config.get("text_config", config)
+
+
+def _uses(recipe: PathRecipe) -> dict[str, str]:
+    """Where the recipe first names each model, for errors about that model."""
+    where = {recipe.outer: "outer"}
+    for i, step in enumerate(recipe.path):
+        where.setdefault(step.model, f"path[{i}].model")
+    return where
+
+
+@contextlib.contextmanager
+def _named(where: str) -> Iterator[None]:
+    try:
+        yield
+    except SpecError as err:
+        raise SpecError(f"{where}: {err}") from None
+
+
+def _set_path_layers(config: dict[str, Any], ckpts: dict[str, Checkpoint], recipe: PathRecipe) -> None:
+    """Give a config the path's block count and, where the config lists them, each step's layer type."""
+    text = _text_config(config)
+    key = next((k for k in LAYER_COUNT_KEYS if isinstance(text.get(k), int)), "num_hidden_layers")
+    text[key] = len(recipe.path)
+    if isinstance(text.get("layer_types"), list):
+        text["layer_types"] = [(_text_config(ckpts[s.model].config).get("layer_types") or text["layer_types"])[s.layer]
+                               for s in recipe.path]
+
+
+def path_to_folder(recipe: PathRecipe, out: Path, *, force: bool = False, max_shard_bytes: int = 2 * 1024**3,
+                   on_progress: Callable[[int, int], None] | None = None,
+                   extra_files: dict[str, str] | None = None, protected: Sequence[Path] = ()) -> Path:
+    """Stream a layer path to a Hugging Face folder, one tensor in memory at a time.
+
+    Everything is checked before the first tensor is read (models open and agree, every step's block
+    exists, the output folder as ``merge_to_folder`` checks it); the folder appears only when complete.
+    """
+    if max_shard_bytes < 1:
+        raise SpecError(f"the shard size must be at least one byte, got {max_shard_bytes}")
+    where = _uses(recipe)
+    inputs: list[Path] = []
+    for ref in recipe.model_refs:
+        with _named(where[ref]):
+            inputs += model_folders(ref)
+    check_output_folder(out, force, protected=[*inputs, *protected])
+    ckpts = {}
+    for ref in recipe.model_refs:
+        with _named(where[ref]):
+            ckpts[ref] = open_checkpoint(ref)
+    check_compatible(list(ckpts.values()))
+    outer = ckpts[recipe.outer]
+    recipe.check_layers(outer.num_layers)
+    prefix = outer.layer_prefix
+    if not prefix:
+        raise SpecError(f"outer: {recipe.outer} has no numbered blocks to take a layer path from")
+    blocks = _block_pattern(prefix)
+    names = list(outer.tensors)
+    first_block = next((i for i, n in enumerate(names) if blocks.match(n)), len(names))
+    # (output name, source checkpoint, source name, scale): outer's tensors before the blocks, the path, the rest
+    plan: list[tuple[str, Checkpoint, str, float]] = [(n, outer, n, 1.0) for n in names[:first_block]]
+    for i, step in enumerate(recipe.path):
+        source = ckpts[step.model]
+        for name in source.tensors:
+            match = blocks.match(name)
+            if match and int(match.group(1)) == step.layer:
+                plan.append((f"{prefix}{i}.{match.group(2)}", source, name, step.scale))
+    plan += [(n, outer, n, 1.0) for n in names[first_block:] if not blocks.match(n)]
+    entries = [(n, src.tensors[s].shape, output_dtype(recipe, src.tensors[s].dtype)) for n, src, s, _ in plan]
+    with atomic_folder(out) as tmp:
+        writer = ShardedWriter(tmp, entries, max_shard_bytes)
+        for done, ((name, source, source_name, scale), (_, _, dtype)) in enumerate(zip(plan, entries, strict=True)):
+            # cast first, then scale: mergekit loads in the output dtype and scales there
+            writer.write(name, scaled_block_tensor(name, source.read(source_name).to(dtype), scale))
+            if on_progress:
+                on_progress(done + 1, len(entries))
+        writer.finish()
+        float_dtype = next((d for _, _, d in entries if d.is_floating_point), torch.float32)
+        copy_side_files(outer.path, tmp, float_dtype)
+        config = json.loads((tmp / "config.json").read_text())
+        _set_path_layers(config, ckpts, recipe)
+        atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
+        atomic_write_text(tmp / "evomerge_recipe.yaml", recipe.to_yaml())
+        atomic_write_text(tmp / recipe.mergekit_file, recipe.to_mergekit_yaml(DTYPE_NAMES.get(float_dtype), prefix))
+        for name, text in (extra_files or {}).items():
+            atomic_write_text(tmp / name, text)
+    return out
+
+
+def _set_parameter(root: torch.nn.Module, name: str, param: torch.nn.Parameter) -> None:
+    owner, _, attr = name.rpartition(".")
+    setattr(root.get_submodule(owner) if owner else root, attr, param)
+
+
+def _share(module: torch.nn.Module, keep: dict[int, object]) -> torch.nn.Module:
+    """A copy of ``module``'s tree whose parameters, buffers and other attributes (config, hooks) are the
+    source's own objects: attributes set on the copy (``layer_idx``, a replaced parameter) stay its own. A
+    module with an instance-bound ``forward`` (accelerate's device hooks on a model spread over GPUs) is deep
+    copied instead, sharing its tensors and ``keep`` (the config), so that the bound forward follows the copy."""
+    if "forward" in vars(module):
+        memo = {id(t): t for t in [*module.parameters(), *module.buffers()]}
+        return copy.deepcopy(module, {**memo, **keep})
+    clone = copy.copy(module)
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = {name: _share(child, keep) if child is not None else None
+                      for name, child in module._modules.items()}
+    return clone
+
+
+class LivePath:
+    """Makes a worker's live model compute layer paths over a pool of models, without copying weights.
+
+    Built once per worker: every pool model's tensors are read onto the device once (in the live model's
+    dtype), as block modules and the tensors outside the blocks. ``apply`` swaps the model's block list for
+    one module per step that shares its pool block's parameters and points the tensors outside the blocks at
+    ``outer``'s; ``restore`` puts back the model's own blocks, config values and Parameter objects (which the
+    worker's LiveMerger writes weight merges into).
+    """
+
+    def __init__(self, model: torch.nn.Module, pool: list[str]) -> None:
+        self.model = model
+        self.pool = list(dict.fromkeys(pool))
+        ckpts = {ref: open_checkpoint(ref) for ref in self.pool}
+        check_compatible(list(ckpts.values()))
+        first = ckpts[self.pool[0]]
+        self.num_layers = first.num_layers
+        prefix = first.layer_prefix
+        if not prefix:
+            raise SpecError(f"{self.pool[0]} has no numbered blocks to take a layer path from")
+        self._blocks_owner, _, self._blocks_attr = prefix.rstrip(".").rpartition(".")
+        self._own_blocks = model.get_submodule(prefix.rstrip("."))
+        self.config = model.config.get_text_config()
+        self._own_layers: int = self.config.num_hidden_layers
+        self._own_types: list[str] | None = getattr(self.config, "layer_types", None)
+        self._keep = {id(c): c for c in (model.config, self.config)}
+        blocks = _block_pattern(prefix)
+        params = dict(model.named_parameters())
+        missing = [n for n in params if n not in first.tensors]
+        if missing:
+            raise SpecError(f"parameter {missing[0]} of the live model is not in {self.pool[0]}")
+        # every place a tensor outside the blocks sits (a tied head too), by the name the checkpoints use
+        canonical = {id(p): n for n, p in params.items()}
+        self._outer_slots = [(name, canonical[id(p)], p) for name, p in model.named_parameters(remove_duplicate=False)
+                             if not blocks.match(name)]
+        self._outer: dict[str, dict[str, torch.nn.Parameter]] = {}
+        self._blocks: dict[str, list[torch.nn.Module]] = {}
+        self._layer_types: dict[str, list[str] | None] = {}
+
+        def load(ckpt: Checkpoint, name: str) -> torch.nn.Parameter:
+            like = params[name]
+            return torch.nn.Parameter(ckpt.read(name, like.device).to(like.dtype), requires_grad=False)
+
+        with torch.no_grad():
+            for ref, ckpt in ckpts.items():
+                self._outer[ref] = {n: load(ckpt, n) for n in params if not blocks.match(n)}
+                pool_blocks = []
+                for j, own in enumerate(self._own_blocks):
+                    block = _share(own, self._keep)
+                    for name, _ in own.named_parameters():
+                        _set_parameter(block, name, load(ckpt, f"{prefix}{j}.{name}"))
+                    pool_blocks.append(block)
+                self._blocks[ref] = pool_blocks
+                self._layer_types[ref] = _text_config(ckpt.config).get("layer_types")
+        self._applied = False
+
+    def _set_blocks(self, blocks: torch.nn.Module) -> None:
+        owner = self.model.get_submodule(self._blocks_owner) if self._blocks_owner else self.model
+        setattr(owner, self._blocks_attr, blocks)
+
+    def _check(self, recipe: PathRecipe) -> None:
+        if recipe.outer not in self._blocks:
+            raise SpecError(f"outer {recipe.outer} is not in this worker's pool ({', '.join(self.pool)})")
+        for i, step in enumerate(recipe.path):
+            if step.model not in self._blocks:
+                raise SpecError(f"path[{i}].model {step.model} is not in this worker's pool ({', '.join(self.pool)})")
+        recipe.check_layers(self.num_layers)
+
+    @torch.no_grad()
+    def apply(self, recipe: PathRecipe) -> None:
+        """Make the live model compute ``recipe``'s path (its models must be in the pool)."""
+        self._check(recipe)
+        steps = []
+        for i, step in enumerate(recipe.path):
+            source = self._blocks[step.model][step.layer]
+            block = _share(source, self._keep)
+            if step.scale != 1.0:
+                for name, param in source.named_parameters():
+                    scaled = scaled_block_tensor(name, param, step.scale)
+                    if scaled is not param:
+                        _set_parameter(block, name, torch.nn.Parameter(scaled, requires_grad=False))
+            for module in block.modules():  # the KV cache is indexed by position in the path
+                if isinstance(getattr(module, "layer_idx", None), int):
+                    module.layer_idx = i
+            steps.append(block)
+        self._set_blocks(torch.nn.ModuleList(steps))
+        self.config.num_hidden_layers = len(recipe.path)
+        if self._own_types is not None:
+            self.config.layer_types = [(self._layer_types[s.model] or self._own_types)[s.layer] for s in recipe.path]
+        outer = self._outer[recipe.outer]
+        for name, canonical, _ in self._outer_slots:
+            _set_parameter(self.model, name, outer[canonical])
+        self._applied = True
+
+    def restore(self) -> None:
+        """Put the model's own blocks, config values and parameters back (a no-op when no path is applied)."""
+        if not self._applied:
+            return
+        self._set_blocks(self._own_blocks)
+        self.config.num_hidden_layers = self._own_layers
+        if self._own_types is not None:
+            self.config.layer_types = self._own_types
+        for name, _, original in self._outer_slots:
+            _set_parameter(self.model, name, original)
+        self._applied = False

@@ -1,0 +1,97 @@
+"""Does the layer path add anything on the demo zoo? Same budget and seeds: parameter space alone (the demo
+spec: per-layer linear weights, CMA-ES), data-flow space alone (search_spaces/dataflow.yaml: a path over the
+experts' blocks) and parameter space then data-flow space (the same data-flow search with the seed's PS
+winner added to the pool, as Sakana's PS+DFS). Each search ends as `evomerge search` does (top-k re-scored
+on validation, the winner scored on test). Prints one row per search and mean +/- sd per space over seeds.
+
+    python scripts/bench_dataflow.py [--budget 200] [--seeds 0 1 2] [--parallel] [--sampler cmaes|tpe]
+
+``--parallel`` runs the seeds at once, one process each; wall times are then measured under that sharing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+from bench_search import searched  # noqa: E402  (this folder: a script's own directory is on sys.path)
+
+from evomerge.cli import _quiet_libraries  # noqa: E402
+from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
+from evomerge.merge import merge_to_folder  # noqa: E402
+from evomerge.spec import PathRecipe, SearchSpec, parse_recipe  # noqa: E402
+
+SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
+LABELS = ("PS (demo, CMA-ES)", "DFS (dataflow.yaml)", "PS then DFS (pool + PS winner)")
+
+
+def one_search(spec: SearchSpec, budget: int) -> dict:
+    """Search and finalize on a worker built for ``spec``; the winner's scores, recipe and the wall time."""
+    start = time.perf_counter()
+    executor = InProcessExecutor(Worker(spec))
+    with searched(spec, executor, budget) as (search, _):
+        summary = search.finalize()
+    winner = summary["table"][f"winner (trial {summary['winner_trial']})"]
+    recipe = parse_recipe(summary["winner_recipe"])
+    shape = f"path of {len(recipe.path)}" if isinstance(recipe, PathRecipe) else "weights"
+    return {"validation": winner["validation"], "test": winner["test"], "recipe": recipe, "shape": shape,
+            "seconds": time.perf_counter() - start, "uniform_test": summary["table"]["uniform average"]["test"]}
+
+
+def searches_of_seed(seed: int, budget: int, sampler: str) -> dict[str, dict]:
+    _quiet_libraries()
+    ps_spec = SearchSpec.from_yaml(SPACES / "demo.yaml").model_copy(update={"seed": seed})
+    dfs_spec = SearchSpec.from_yaml(SPACES / "dataflow.yaml").model_copy(update={"seed": seed, "sampler": sampler})
+    results = {LABELS[0]: one_search(ps_spec, budget), LABELS[1]: one_search(dfs_spec, budget)}
+    with tempfile.TemporaryDirectory() as tmp:
+        winner = Path(tmp) / "ps-winner"
+        merge_to_folder(results[LABELS[0]]["recipe"], winner)
+        chained = dfs_spec.model_copy(update={"models": [str(winner), *dfs_spec.models]})
+        results[LABELS[2]] = one_search(SearchSpec.model_validate(chained.model_dump(exclude_unset=True)), budget)
+    for label, r in results.items():
+        print(f"seed {seed} | {label} | validation {r['validation']:.4f} | test {r['test']:.4f} | {r['shape']} | "
+              f"{r['seconds']:.0f} s", flush=True)
+    return results
+
+
+def sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--budget", type=int, default=200)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--sampler", choices=("cmaes", "tpe"), default="cmaes", help="the data-flow searches'")
+    parser.add_argument("--parallel", action="store_true", help="one process per seed, all at once")
+    args = parser.parse_args()
+    jobs = [(seed, args.budget, args.sampler) for seed in args.seeds]
+    if args.parallel:
+        with multiprocessing.get_context("spawn").Pool(len(args.seeds)) as pool:
+            per_seed = pool.starmap(searches_of_seed, jobs)
+    else:
+        per_seed = [searches_of_seed(*job) for job in jobs]
+    uniform = per_seed[0][LABELS[0]]["uniform_test"]
+    print(f"\nbudget {args.budget}, seeds {args.seeds}, data-flow sampler {args.sampler}; "
+          f"uniform average test {uniform:.4f}")
+    print("| space | validation (mean ± sd) | test (mean ± sd) | test per seed | winners | wall s (mean) |")
+    print("|---|---|---|---|---|---|")
+    for label in LABELS:
+        results = [seed_results[label] for seed_results in per_seed]
+        val = [r["validation"] for r in results]
+        test = [r["test"] for r in results]
+        print(f"| {label} | {statistics.mean(val):.4f} ± {sd(val):.4f} | {statistics.mean(test):.4f} ± "
+              f"{sd(test):.4f} | {' '.join(f'{t:.4f}' for t in test)} | {', '.join(r['shape'] for r in results)} | "
+              f"{statistics.mean(r['seconds'] for r in results):.0f} |")
+
+
+if __name__ == "__main__":
+    main()
