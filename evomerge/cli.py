@@ -17,8 +17,10 @@ from evomerge.errors import SearchError, SpecError
 from evomerge.interrupt import CtrlC
 
 if TYPE_CHECKING:
+    from evomerge.run import RunFolder
     from evomerge.search import Progress as SearchProgress
     from evomerge.search import Search
+    from evomerge.spec import SearchSpec
 
 console = Console(stderr=True)
 
@@ -63,9 +65,8 @@ def _search(args: argparse.Namespace) -> None:
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from evomerge.demo import DEMO_SPEC
-    from evomerge.executors import choose_executor, make_executor
     from evomerge.run import RunFolder
-    from evomerge.search import Search, check_run_folder, check_spec, check_storage, default_run_name, prepare_run
+    from evomerge.search import dataflow_stage, default_run_name, export_stage_winner
     from evomerge.spec import SearchSpec
 
     if args.resume:
@@ -80,9 +81,23 @@ def _search(args: argparse.Namespace) -> None:
             raise SpecError("--budget N is required for a new search")
         budget = args.budget
         run = RunFolder(Path(args.run or Path("runs") / default_run_name(args.spec)))
-    check_run_folder(spec, run, args.force, args.storage)
-    if args.storage or run.spec.exists():
-        check_storage(args.storage or run.storage_url())
+    stage = dataflow_stage(spec, run) if spec.then is not None else None
+    if stage is None or not stage[1].spec.exists():  # once the then stage has begun, the first one is done
+        _search_run(spec, run, budget, args, args.storage)
+    if stage is not None:
+        console.print(Text(f"then: a data-flow search over the models and this winner, in {stage[1].root}"))
+        export_stage_winner(run)
+        _search_run(*stage, budget, args, None)
+
+
+def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Namespace, storage: str | None) -> None:
+    """One run folder's search, checked before compute, to its budget and the hold-out re-check."""
+    from evomerge.executors import choose_executor, make_executor
+    from evomerge.search import Search, check_run_folder, check_spec, check_storage, prepare_run
+
+    check_run_folder(spec, run, args.force, storage)
+    if storage or run.spec.exists():
+        check_storage(storage or run.storage_url())
     _quiet_libraries()
     check_spec(spec)
     kind = choose_executor(spec, args.executor, args.workers, args.ray_address, args.gpus_per_worker)
@@ -94,7 +109,7 @@ def _search(args: argparse.Namespace) -> None:
             if lock is None:
                 run.root.mkdir(parents=True, exist_ok=True)
                 lock = run.lock()
-            prepare_run(spec, run, budget, force=args.force, storage=args.storage)
+            prepare_run(spec, run, budget, force=args.force, storage=storage)
             console.print(Text(f"run folder: {run.root}"))
             with CtrlC() as ctrl_c:
                 search = Search(spec, run, executor, ctrl_c)

@@ -50,6 +50,8 @@ def spec_hash(spec: SearchSpec) -> str:
         unchanged["space"] = {"method_granularity"}
     if spec.space.kind == "weights":
         unchanged.setdefault("space", set()).update({"kind", *SpaceSpec.DATAFLOW_FIELDS})
+    if spec.then is None:
+        unchanged["then"] = True
     return hashlib.sha256(spec.model_dump_json(exclude=unchanged).encode()).hexdigest()[:16]
 
 
@@ -122,6 +124,26 @@ def prepare_run(spec: SearchSpec, run: RunFolder, budget: int, force: bool, stor
         (f"{run.root.name}-{uuid.uuid4().hex[:8]}" if storage else STUDY_NAME)
     run.root.mkdir(parents=True, exist_ok=True)
     run.write_doc(spec.model_dump(mode="json"), spec_hash(spec), budget, storage, study)
+
+
+STAGE_WINNER = "ps-winner"  # the first stage's winner, exported into the run folder for the then stage
+STAGE_FOLDER = "dataflow"  # the then stage's run folder, inside the first stage's
+
+
+def dataflow_stage(spec: SearchSpec, run: RunFolder) -> tuple[SearchSpec, RunFolder]:
+    """The ``then`` stage of ``spec``'s run: its spec (the first stage's winner folder among the models) and
+    its run folder. Reads nothing."""
+    return spec.dataflow_stage(str((run.root / STAGE_WINNER).resolve())), RunFolder(run.root / STAGE_FOLDER)
+
+
+def export_stage_winner(run: RunFolder) -> None:
+    """Write the first stage's winner into the run folder once (the then stage's pool reads it from there;
+    a resumed then stage keeps the winner it started with)."""
+    from evomerge.merge import merge_to_folder
+
+    folder = run.root / STAGE_WINNER
+    if not folder.exists():
+        merge_to_folder(parse_recipe(run.read_summary()["winner_recipe"]), folder)
 
 
 def make_sampler(spec: SearchSpec, workers: int = 1, dimensions: int = 1) -> optuna.samplers.BaseSampler:

@@ -682,6 +682,21 @@ class EvaluationSpec(BaseModel):
         return self
 
 
+class ThenSpec(BaseModel):
+    """A second stage after a parameter-space search (Sakana's PS then DFS): a data-flow search over the same
+    models plus the first stage's winner, in the run folder's ``dataflow/``, with the same budget."""
+
+    model_config = STRICT
+    space: SpaceSpec
+    sampler: Literal["cmaes", "tpe", "random"] | None = None
+
+    @model_validator(mode="after")
+    def _check(self) -> ThenSpec:
+        if self.space.kind != "dataflow":
+            raise ValueError("then.space.kind must be dataflow (the stage after a parameter-space search)")
+        return self
+
+
 class SearchSpec(BaseModel):
     """A whole search: the models, the space, the evaluation and the sampler."""
 
@@ -694,9 +709,12 @@ class SearchSpec(BaseModel):
     seed: int = 0
     dtype: DType = "float32"
     device: str = "auto"
+    then: ThenSpec | None = None
 
     @model_validator(mode="after")
     def _check(self) -> SearchSpec:
+        if self.then is not None and self.space.kind != "weights":
+            raise ValueError("then follows a parameter-space search: space.kind must be weights")
         for name in self.space.methods:
             try:
                 get_method(name).check_model_count(len(self.models))
@@ -713,3 +731,12 @@ class SearchSpec(BaseModel):
     @classmethod
     def from_yaml(cls, path: str | Path) -> SearchSpec:
         return load_yaml_model(cls, path)
+
+    def dataflow_stage(self, winner: str) -> SearchSpec:
+        """The ``then`` stage's own spec: ``winner`` (the first stage's exported winner) joins the models."""
+        if self.then is None:
+            raise SpecError("this spec has no then stage")
+        stage = self.model_dump(mode="json", exclude_unset=True, exclude={"then", "space", "sampler"})
+        return SearchSpec.model_validate({**stage, "models": [winner, *self.models],
+                                          "space": self.then.space.model_dump(mode="json", exclude_unset=True),
+                                          "sampler": self.then.sampler})

@@ -142,3 +142,49 @@ def test_dataflow_resume_after_sigkill_at_events(tmp_path):
     for t in trials:  # what the log says was scored is what the study holds, path and score
         if counted(t) and t.number in logged and "duplicate_of" not in t.user_attrs:
             assert logged[t.number]["recipe"] == t.user_attrs["recipe"] and logged[t.number]["score"] == t.values[0]
+
+
+CHAIN = {**SPEC, "space": {"methods": ["linear"], "granularity": "global"}, "sampler": "random",
+         "then": {"space": SPEC["space"], "sampler": "tpe"}}
+
+
+def test_ps_then_dfs_in_one_command_and_resumed_in_its_second_stage(tmp_path):
+    """The first stage's winner is exported into the run folder and joins the second stage's pool; a SIGKILL
+    in the second stage is resumed from the top folder without running the first stage again."""
+    spec = tmp_path / "chain.yaml"
+    spec.write_text(yaml.safe_dump(CHAIN))
+    run = RunFolder(tmp_path / "chain")
+    stage = RunFolder(run.root / "dataflow")
+    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(spec), "--budget", "5", "--run", str(run.root)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    assert wait_for(lambda: len(stage.log_rows()) >= 1, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    first = [t.number for t in run.trials()]
+    assert sum(counted(t) for t in run.trials()) == 5 and run.summary.exists()
+    final = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=env)
+    assert final.returncode == 0, final.stderr[-3000:]
+    assert [t.number for t in run.trials()] == first  # the first stage did not run again
+    winner = (run.root / "ps-winner").resolve()
+    stage_spec, budget = stage.load()
+    assert budget == 5 and stage_spec.models == [str(winner), "demo:add", "demo:reverse"]
+    assert stage_spec.space.kind == "dataflow" and stage_spec.then is None
+    assert sum(counted(t) for t in stage.trials()) == 5 and stage.summary.exists()
+    assert stage.trials()[0].user_attrs["baseline"] == f"{winner} blocks"
+    ps = json.loads(run.summary.read_text())["winner_recipe"]
+    assert yaml.safe_load((winner / "evomerge_recipe.yaml").read_text()) == ps
+
+
+def test_then_needs_a_dataflow_space_after_a_weight_space(tmp_path, capsys):
+    for then, message in (({"space": {"kind": "weights"}}, "then.space.kind must be dataflow"),
+                          ({"space": {"kind": "dataflow"}, "sampler": "nsga2"}, "then.sampler")):
+        path = tmp_path / "bad.yaml"
+        path.write_text(yaml.safe_dump({**CHAIN, "then": then}))
+        assert main(["search", str(path), "--budget", "3", "--run", str(tmp_path / "run")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+    path.write_text(yaml.safe_dump({**SPEC, "then": {"space": SPEC["space"]}}))
+    assert main(["search", str(path), "--budget", "3", "--run", str(tmp_path / "run")]) == 2
+    assert "space.kind must be weights" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
