@@ -74,6 +74,14 @@ def hub_id_of(ref: str) -> tuple[str, str | None] | None:
     return hub.parse_hub_id(ref)
 
 
+def layer_count_field(config: dict) -> tuple[dict, str]:
+    """Where a config keeps its block count: its text config (multimodal configs nest one) and the key that holds
+    the count there (``num_hidden_layers`` when none does), so readers and writers of the count agree."""
+    text = config.get("text_config", config)
+    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(text.get(k), int)), None)
+    return text, key or "num_hidden_layers"
+
+
 @dataclass(frozen=True)
 class TensorInfo:
     shape: tuple[int, ...]
@@ -138,10 +146,9 @@ class Checkpoint:
     @property
     def num_layers(self) -> int:
         """Layer count from the config, else from the tensor names."""
-        cfg = self.config.get("text_config", self.config)
-        for key in ("num_hidden_layers", "n_layer", "num_layers"):
-            if isinstance(cfg.get(key), int):
-                return cfg[key]
+        cfg, key = layer_count_field(self.config)
+        if isinstance(cfg.get(key), int):
+            return cfg[key]
         indices = [layer_index(n) for n in self.tensors]
         return max((i for i in indices if i is not None), default=-1) + 1
 

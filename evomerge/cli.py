@@ -45,18 +45,16 @@ def _positive_int(text: str) -> int:
 
 def _merge(args: argparse.Namespace) -> None:
     from evomerge.checkpoint import shard_bytes
-    from evomerge.dataflow import path_to_folder
-    from evomerge.merge import merge_to_folder
-    from evomerge.spec import PathRecipe, recipe_from_yaml
+    from evomerge.dataflow import write_recipe_folder
+    from evomerge.spec import recipe_from_yaml
 
     shard = shard_bytes(args.shard_size)
     recipe = recipe_from_yaml(args.recipe)
     with Progress(TextColumn("merging tensors"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                   console=console, transient=True) as progress:
         task = progress.add_task("merge", total=None)
-        write = path_to_folder if isinstance(recipe, PathRecipe) else merge_to_folder  # a layer path: its own writer
-        write(recipe, Path(args.out), force=args.force, max_shard_bytes=shard,
-              on_progress=lambda done, total: progress.update(task, completed=done, total=total))
+        write_recipe_folder(recipe, Path(args.out), force=args.force, max_shard_bytes=shard,
+                            on_progress=lambda done, total: progress.update(task, completed=done, total=total))
     console.print(Text(f"wrote {args.out}"))
 
 
@@ -66,7 +64,7 @@ def _search(args: argparse.Namespace) -> None:
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     from evomerge.demo import DEMO_SPEC
     from evomerge.run import RunFolder
-    from evomerge.search import dataflow_stage, default_run_name, export_stage_winner
+    from evomerge.search import dataflow_stage, default_run_name, export_stage_winner, spec_hash
     from evomerge.spec import SearchSpec
 
     if args.resume:
@@ -82,12 +80,19 @@ def _search(args: argparse.Namespace) -> None:
         budget = args.budget
         run = RunFolder(Path(args.run or Path("runs") / default_run_name(args.spec)))
     stage = dataflow_stage(spec, run) if spec.then is not None else None
-    if stage is None or not stage[1].spec.exists():  # once the then stage has begun, the first one is done
+    begun = stage is not None and stage[1].spec.exists()
+    if begun:  # the first stage is done and its winner in use: the spec can no longer change, --force or not
+        if run.read_doc().get("spec_hash") != spec_hash(spec):
+            raise SpecError(f"run {run.root} has begun its then stage with another spec; use another --run")
+    else:
         _search_run(spec, run, budget, args, args.storage)
     if stage is not None:
-        console.print(Text(f"then: a data-flow search over the models and this winner, in {stage[1].root}"))
-        export_stage_winner(run)
-        _search_run(*stage, budget, args, None)
+        stage_spec, stage_run = stage
+        stage_budget = args.budget or (stage_run.budget() if begun else budget)
+        with run.lock():  # the chain's folder stays ours while its winner is written and the stage runs
+            console.print(Text(f"then: a data-flow search over the models and this winner, in {stage_run.root}"))
+            export_stage_winner(run, fixed=begun)
+            _search_run(stage_spec, stage_run, stage_budget, args, None)
 
 
 def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Namespace, storage: str | None) -> None:

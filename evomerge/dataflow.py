@@ -12,7 +12,7 @@ import contextlib
 import copy
 import json
 import re
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +26,43 @@ from evomerge.checkpoint import (
     check_compatible,
     check_output_folder,
     copy_side_files,
+    layer_count_field,
+    layer_index,
     open_checkpoint,
 )
 from evomerge.errors import SpecError
 from evomerge.lora import model_folders
-from evomerge.merge import DTYPE_NAMES, output_dtype
-from evomerge.spec import OUTPUT_PROJECTIONS, PathRecipe
+from evomerge.merge import DTYPE_NAMES, merge_to_folder, output_dtype
+from evomerge.spec import OUTPUT_PROJECTIONS, AnyRecipe, PathRecipe
 
-LAYER_COUNT_KEYS = ("num_hidden_layers", "n_layer", "num_layers")  # as Checkpoint.num_layers reads them
+# model types whose blocks add their OUTPUT_PROJECTIONS' results straight to the residual stream (checked against
+# transformers' modeling code): scaling those weights scales what a block adds. Elsewhere a norm after them (Gemma2/3,
+# OLMo2) cancels the scale, or the projections have other names (Phi, GPT-NeoX, OPT, Mixtral) and nothing is scaled.
+SCALABLE_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3", "gemma", "phi3", "smollm3", "gpt2")
+# config lists that may happen to have one entry per block without being per-block settings
+NOT_PER_LAYER = frozenset({"architectures", "bos_token_id", "eos_token_id", "pad_token_id", "bad_words_ids",
+                           "suppress_tokens", "begin_suppress_tokens", "forced_decoder_ids"})
+
+
+def write_recipe_folder(recipe: AnyRecipe, out: Path, **kwargs: Any) -> Path:
+    """Write any recipe as a model folder (``merge_to_folder``'s keyword arguments): a layer path changes the
+    block count, so it has its own writer."""
+    write = path_to_folder if isinstance(recipe, PathRecipe) else merge_to_folder
+    return write(recipe, out, **kwargs)
+
+
+def check_scalable(ckpt: Checkpoint, where: str) -> None:
+    """SpecError (prefixed by ``where``) unless a path step's ``scale`` acts on this model: its type is in
+    ``SCALABLE_MODEL_TYPES`` and its blocks have output projections to scale. Otherwise the scale would
+    silently do nothing, and a search would spend its trials on a dead knob."""
+    text, _ = layer_count_field(ckpt.config)
+    model_type = text.get("model_type", ckpt.config.get("model_type"))
+    if model_type not in SCALABLE_MODEL_TYPES:
+        raise SpecError(f"{where}: scale works only where blocks add their output projections straight to the "
+                        f"residual stream (model types {', '.join(SCALABLE_MODEL_TYPES)}); {ckpt.path} is "
+                        f"{model_type!r}")
+    if not any(layer_index(n) is not None and any(p in n for p in OUTPUT_PROJECTIONS) for n in ckpt.tensors):
+        raise SpecError(f"{where}: {ckpt.path} has no block tensors named {', '.join(OUTPUT_PROJECTIONS)} to scale")
 
 
 def scaled_block_tensor(name: str, tensor: torch.Tensor, scale: float) -> torch.Tensor:
@@ -50,8 +79,21 @@ def _block_pattern(layer_prefix: str) -> re.Pattern[str]:
     return re.compile(rf"^{re.escape(layer_prefix)}(\d+)\.(.+)$")
 
 
-def _text_config(config: dict[str, Any]) -> dict[str, Any]:
-    return config.get("text_config", config)
+def per_layer_keys(config: Mapping[str, Any], num_layers: int) -> list[str]:
+    """Keys of a (text) config whose lists hold one entry per block (``layer_types``, SmolLM3's
+    ``no_rope_layers``): a path must give each step its source block's entry, not its position's."""
+    return [k for k, v in config.items() if isinstance(v, list) and len(v) == num_layers and k not in NOT_PER_LAYER]
+
+
+def _step_entries(recipe: PathRecipe, key: str, default: list, configs: Mapping[str, Mapping[str, Any]],
+                  num_layers: int) -> list:
+    """A per-block config list for the path: each step's entry from its source model's (text) config, from
+    ``default`` where that config lacks the list."""
+    entries = []
+    for step in recipe.path:
+        values = configs[step.model].get(key)
+        entries.append((values if isinstance(values, list) and len(values) == num_layers else default)[step.layer])
+    return entries
 
 
 def _uses(recipe: PathRecipe) -> dict[str, str]:
@@ -71,13 +113,13 @@ def _named(where: str) -> Iterator[None]:
 
 
 def _set_path_layers(config: dict[str, Any], ckpts: dict[str, Checkpoint], recipe: PathRecipe) -> None:
-    """Give a config the path's block count and, where the config lists them, each step's layer type."""
-    text = _text_config(config)
-    key = next((k for k in LAYER_COUNT_KEYS if isinstance(text.get(k), int)), "num_hidden_layers")
+    """Give a config the path's block count and each step's entry of every per-block list."""
+    text, key = layer_count_field(config)
+    num_layers = ckpts[recipe.outer].num_layers
+    configs = {ref: layer_count_field(ckpt.config)[0] for ref, ckpt in ckpts.items()}
+    for name in per_layer_keys(text, num_layers):
+        text[name] = _step_entries(recipe, name, text[name], configs, num_layers)
     text[key] = len(recipe.path)
-    if isinstance(text.get("layer_types"), list):
-        text["layer_types"] = [(_text_config(ckpts[s.model].config).get("layer_types") or text["layer_types"])[s.layer]
-                               for s in recipe.path]
 
 
 def path_to_folder(recipe: PathRecipe, out: Path, *, force: bool = False, max_shard_bytes: int = 2 * 1024**3,
@@ -103,6 +145,9 @@ def path_to_folder(recipe: PathRecipe, out: Path, *, force: bool = False, max_sh
     check_compatible(list(ckpts.values()))
     outer = ckpts[recipe.outer]
     recipe.check_layers(outer.num_layers)
+    for i, step in enumerate(recipe.path):
+        if step.scale != 1.0:
+            check_scalable(ckpts[step.model], f"path[{i}].scale {step.scale:g}")
     prefix = outer.layer_prefix
     if not prefix:
         raise SpecError(f"outer: {recipe.outer} has no numbered blocks to take a layer path from")
@@ -133,7 +178,7 @@ def path_to_folder(recipe: PathRecipe, out: Path, *, force: bool = False, max_sh
         _set_path_layers(config, ckpts, recipe)
         atomic_write_text(tmp / "config.json", json.dumps(config, indent=2) + "\n")
         atomic_write_text(tmp / "evomerge_recipe.yaml", recipe.to_yaml())
-        atomic_write_text(tmp / recipe.mergekit_file, recipe.to_mergekit_yaml(DTYPE_NAMES.get(float_dtype), prefix))
+        atomic_write_text(tmp / recipe.mergekit_file, recipe.to_mergekit_yaml(DTYPE_NAMES.get(float_dtype)))
         for name, text in (extra_files or {}).items():
             atomic_write_text(tmp / name, text)
     return out
@@ -163,68 +208,75 @@ def _share(module: torch.nn.Module, keep: dict[int, object]) -> torch.nn.Module:
 class LivePath:
     """Makes a worker's live model compute layer paths over a pool of models, without copying weights.
 
-    Built once per worker: every pool model's tensors are read onto the device once (in the live model's
-    dtype), as block modules and the tensors outside the blocks. ``apply`` swaps the model's block list for
-    one module per step that shares its pool block's parameters and points the tensors outside the blocks at
-    ``outer``'s; ``restore`` puts back the model's own blocks, config values and Parameter objects (which the
-    worker's LiveMerger writes weight merges into).
+    Built once per worker from the pool's headers (checked up front); tensors are read lazily, once, onto the
+    device in the live model's dtype: a model's blocks when a path first takes one of them, its tensors outside
+    the blocks when it is first the outer (a data-flow search's base is only ever the outer). ``apply`` swaps
+    the model's block list for one module per step that shares its pool block's parameters and points the
+    tensors outside the blocks at ``outer``'s; ``restore`` puts back the model's own blocks, config values and
+    Parameter objects (which the worker's LiveMerger writes weight merges into).
     """
 
     def __init__(self, model: torch.nn.Module, pool: list[str]) -> None:
         self.model = model
         self.pool = list(dict.fromkeys(pool))
-        ckpts = {ref: open_checkpoint(ref) for ref in self.pool}
-        check_compatible(list(ckpts.values()))
-        first = ckpts[self.pool[0]]
+        self._ckpts = {ref: open_checkpoint(ref) for ref in self.pool}
+        check_compatible(list(self._ckpts.values()))
+        first = self._ckpts[self.pool[0]]
         self.num_layers = first.num_layers
         prefix = first.layer_prefix
         if not prefix:
             raise SpecError(f"{self.pool[0]} has no numbered blocks to take a layer path from")
+        self._prefix = prefix
         self._blocks_owner, _, self._blocks_attr = prefix.rstrip(".").rpartition(".")
         self._own_blocks = model.get_submodule(prefix.rstrip("."))
         self.config = model.config.get_text_config()
         self._own_layers: int = self.config.num_hidden_layers
-        self._own_types: list[str] | None = getattr(self.config, "layer_types", None)
+        self._own_lists = {k: getattr(self.config, k) for k in per_layer_keys(vars(self.config), self._own_layers)}
+        self._configs = {ref: layer_count_field(ckpt.config)[0] for ref, ckpt in self._ckpts.items()}
         self._keep = {id(c): c for c in (model.config, self.config)}
-        blocks = _block_pattern(prefix)
-        params = dict(model.named_parameters())
-        missing = [n for n in params if n not in first.tensors]
+        self._is_block = _block_pattern(prefix).match
+        self._params = dict(model.named_parameters())
+        missing = [n for n in self._params if n not in first.tensors]
         if missing:
             raise SpecError(f"parameter {missing[0]} of the live model is not in {self.pool[0]}")
         # every place a tensor outside the blocks sits (a tied head too), by the name the checkpoints use
-        canonical = {id(p): n for n, p in params.items()}
+        canonical = {id(p): n for n, p in self._params.items()}
         self._outer_slots = [(name, canonical[id(p)], p) for name, p in model.named_parameters(remove_duplicate=False)
-                             if not blocks.match(name)]
-        self._outer: dict[str, dict[str, torch.nn.Parameter]] = {}
+                             if not self._is_block(name)]
+        self._outer: dict[str, dict[str, torch.nn.Parameter]] = {}  # filled lazily, per model
         self._blocks: dict[str, list[torch.nn.Module]] = {}
-        self._layer_types: dict[str, list[str] | None] = {}
-
-        def load(ckpt: Checkpoint, name: str) -> torch.nn.Parameter:
-            like = params[name]
-            return torch.nn.Parameter(ckpt.read(name, like.device).to(like.dtype), requires_grad=False)
-
-        with torch.no_grad():
-            for ref, ckpt in ckpts.items():
-                self._outer[ref] = {n: load(ckpt, n) for n in params if not blocks.match(n)}
-                pool_blocks = []
-                for j, own in enumerate(self._own_blocks):
-                    block = _share(own, self._keep)
-                    for name, _ in own.named_parameters():
-                        _set_parameter(block, name, load(ckpt, f"{prefix}{j}.{name}"))
-                    pool_blocks.append(block)
-                self._blocks[ref] = pool_blocks
-                self._layer_types[ref] = _text_config(ckpt.config).get("layer_types")
         self._applied = False
+
+    def _load(self, ref: str, name: str) -> torch.nn.Parameter:
+        like = self._params[name]
+        tensor = self._ckpts[ref].read(name, like.device).to(like.dtype)
+        return torch.nn.Parameter(tensor, requires_grad=False)
+
+    def _outer_of(self, ref: str) -> dict[str, torch.nn.Parameter]:
+        if ref not in self._outer:
+            self._outer[ref] = {n: self._load(ref, n) for n in self._params if not self._is_block(n)}
+        return self._outer[ref]
+
+    def _blocks_of(self, ref: str) -> list[torch.nn.Module]:
+        if ref not in self._blocks:
+            blocks = []
+            for j, own in enumerate(self._own_blocks):
+                block = _share(own, self._keep)
+                for name, _ in own.named_parameters():
+                    _set_parameter(block, name, self._load(ref, f"{self._prefix}{j}.{name}"))
+                blocks.append(block)
+            self._blocks[ref] = blocks
+        return self._blocks[ref]
 
     def _set_blocks(self, blocks: torch.nn.Module) -> None:
         owner = self.model.get_submodule(self._blocks_owner) if self._blocks_owner else self.model
         setattr(owner, self._blocks_attr, blocks)
 
     def _check(self, recipe: PathRecipe) -> None:
-        if recipe.outer not in self._blocks:
+        if recipe.outer not in self._ckpts:
             raise SpecError(f"outer {recipe.outer} is not in this worker's pool ({', '.join(self.pool)})")
         for i, step in enumerate(recipe.path):
-            if step.model not in self._blocks:
+            if step.model not in self._ckpts:
                 raise SpecError(f"path[{i}].model {step.model} is not in this worker's pool ({', '.join(self.pool)})")
         recipe.check_layers(self.num_layers)
 
@@ -232,9 +284,10 @@ class LivePath:
     def apply(self, recipe: PathRecipe) -> None:
         """Make the live model compute ``recipe``'s path (its models must be in the pool)."""
         self._check(recipe)
+        self.restore()  # the previous path's scaled tensors go before the new path's are made
         steps = []
         for i, step in enumerate(recipe.path):
-            source = self._blocks[step.model][step.layer]
+            source = self._blocks_of(step.model)[step.layer]
             block = _share(source, self._keep)
             if step.scale != 1.0:
                 for name, param in source.named_parameters():
@@ -245,11 +298,11 @@ class LivePath:
                 if isinstance(getattr(module, "layer_idx", None), int):
                     module.layer_idx = i
             steps.append(block)
+        outer = self._outer_of(recipe.outer)
         self._set_blocks(torch.nn.ModuleList(steps))
         self.config.num_hidden_layers = len(recipe.path)
-        if self._own_types is not None:
-            self.config.layer_types = [(self._layer_types[s.model] or self._own_types)[s.layer] for s in recipe.path]
-        outer = self._outer[recipe.outer]
+        for key, own in self._own_lists.items():
+            setattr(self.config, key, _step_entries(recipe, key, own, self._configs, self.num_layers))
         for name, canonical, _ in self._outer_slots:
             _set_parameter(self.model, name, outer[canonical])
         self._applied = True
@@ -260,8 +313,8 @@ class LivePath:
             return
         self._set_blocks(self._own_blocks)
         self.config.num_hidden_layers = self._own_layers
-        if self._own_types is not None:
-            self.config.layer_types = self._own_types
+        for key, own in self._own_lists.items():
+            setattr(self.config, key, own)
         for name, _, original in self._outer_slots:
             _set_parameter(self.model, name, original)
         self._applied = False

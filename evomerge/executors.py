@@ -167,9 +167,11 @@ class Worker:
             model = AutoModelForCausalLM.from_pretrained(base, dtype=DTYPES[spec.dtype]).to(self.device)
         self.model = model.eval()
         tokenizer = AutoTokenizer.from_pretrained(base)
-        self.merger = LiveMerger(self.model, spec.base_model, spec.models)
-        # a data-flow search's paths may take blocks from any model; its references are still weight merges
-        self.paths = LivePath(self.model, [spec.base_model, *spec.models]) if spec.space.kind == "dataflow" else None
+        self.spec = spec
+        dataflow = spec.space.kind == "dataflow"
+        # a data-flow worker merges weights only for the hold-out check's references: built then, not before
+        self._merger = None if dataflow else LiveMerger(self.model, spec.base_model, spec.models)
+        self.paths = LivePath(self.model, [spec.base_model, *spec.models]) if dataflow else None
         self.evaluator = Evaluator(self.model, tokenizer, spec.evaluation.tasks, include_paths(spec),
                                    batch_size=spec.evaluation.batch_size)
         gc.collect()
@@ -200,6 +202,12 @@ class Worker:
         if self.paths is not None:
             self.paths.restore()
         self.merger.apply(recipe)
+
+    @property
+    def merger(self) -> LiveMerger:
+        if self._merger is None:
+            self._merger = LiveMerger(self.model, self.spec.base_model, self.spec.models)
+        return self._merger
 
     def run(self, job: Candidate) -> Outcome:
         """Do one job; any failure (an exception, NaN scores, device out of memory) is returned, not raised,

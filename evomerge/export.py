@@ -5,10 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from evomerge.checkpoint import hub_id_of
-from evomerge.dataflow import path_to_folder
+from evomerge.dataflow import write_recipe_folder
 from evomerge.errors import SpecError
 from evomerge.lora import named_models
-from evomerge.merge import merge_to_folder
 from evomerge.run import Attr, RunFolder, summary_table_markdown
 from evomerge.spec import AnyRecipe, PathRecipe, parse_recipe
 
@@ -71,7 +70,6 @@ def export_trial(run_dir: Path, out: Path, trial: int | None = None, force: bool
     run = RunFolder(run_dir)
     run.load()
     number, recipe, scores = trial_recipe(run, trial)
-    write = path_to_folder if isinstance(recipe, PathRecipe) else merge_to_folder  # a layer path: its own writer
-    write(recipe, out, force=force, extra_files={"README.md": model_card(run, number, recipe, scores)},
-          protected=[run.root])
+    write_recipe_folder(recipe, out, force=force, extra_files={"README.md": model_card(run, number, recipe, scores)},
+                        protected=[run.root])
     return number, out

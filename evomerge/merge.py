@@ -29,7 +29,7 @@ from evomerge.checkpoint import (
 from evomerge.errors import SpecError
 from evomerge.lora import model_folders, named_models
 from evomerge.methods import MergeMethod
-from evomerge.spec import MergeRecipe, Recipe, resolve_setting
+from evomerge.spec import AnyRecipe, MergeRecipe, Recipe, resolve_setting
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -155,7 +155,7 @@ def open_inputs(recipe: MergeRecipe) -> MergeInputs:
     return merged
 
 
-def output_dtype(recipe: MergeRecipe, source: torch.dtype) -> torch.dtype:
+def output_dtype(recipe: MergeRecipe | AnyRecipe, source: torch.dtype) -> torch.dtype:
     """The recipe's dtype for floating tensors; other tensors keep theirs."""
     if not source.is_floating_point or recipe.output_dtype is None:
         return source

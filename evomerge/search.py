@@ -34,7 +34,7 @@ from evomerge.run import STUDY_NAME, Attr, RunFolder, counted, sqlite_file
 from evomerge.scores import task_shares, weighted_mean
 from evomerge.screening import Screen
 from evomerge.space import LayerLayout, Space, make_space
-from evomerge.spec import AnyRecipe, Recipe, SearchSpec, SpaceSpec, TaskSpec, parse_recipe
+from evomerge.spec import AnyRecipe, Recipe, SearchSpec, SpaceSpec, TaskSpec, parse_recipe, recipe_from_yaml
 
 MAX_RETRIES = 2
 MAX_FAILURES_IN_ROW = 5
@@ -71,6 +71,12 @@ def check_spec(spec: SearchSpec) -> None:
     from evomerge.executors import include_paths
 
     check_compatible([open_checkpoint(spec.base_model)] + [open_checkpoint(m) for m in spec.models])
+    paths = spec.space if spec.space.kind == "dataflow" else spec.then.space if spec.then else None
+    if paths is not None and paths.scale is not None:  # a then stage's too: checked before the first stage runs
+        from evomerge.dataflow import check_scalable
+
+        for ref in spec.models:
+            check_scalable(open_checkpoint(ref), f"{'then.' if spec.then else ''}space.scale ({ref})")
     check_tasks(spec.evaluation.tasks, include_paths(spec), tokenizer=resolve_model_path(spec.base_model))
 
 
@@ -136,14 +142,18 @@ def dataflow_stage(spec: SearchSpec, run: RunFolder) -> tuple[SearchSpec, RunFol
     return spec.dataflow_stage(str((run.root / STAGE_WINNER).resolve())), RunFolder(run.root / STAGE_FOLDER)
 
 
-def export_stage_winner(run: RunFolder) -> None:
-    """Write the first stage's winner into the run folder once (the then stage's pool reads it from there;
-    a resumed then stage keeps the winner it started with)."""
+def export_stage_winner(run: RunFolder, fixed: bool) -> None:
+    """Write the first stage's winner into the run folder, where the then stage's pool reads it. Once the
+    then stage has begun (``fixed``) the folder is kept as it is; before, a winner that changed (the first
+    stage resumed with a larger budget) replaces it."""
     from evomerge.merge import merge_to_folder
 
     folder = run.root / STAGE_WINNER
-    if not folder.exists():
-        merge_to_folder(parse_recipe(run.read_summary()["winner_recipe"]), folder)
+    winner = parse_recipe(run.read_summary()["winner_recipe"])
+    written = folder / "evomerge_recipe.yaml"
+    if folder.exists() and (fixed or (written.is_file() and recipe_from_yaml(written) == winner)):
+        return
+    merge_to_folder(winner, folder, force=True)
 
 
 def make_sampler(spec: SearchSpec, workers: int = 1, dimensions: int = 1) -> optuna.samplers.BaseSampler:
@@ -165,6 +175,8 @@ def make_sampler(spec: SearchSpec, workers: int = 1, dimensions: int = 1) -> opt
 def default_sampler(spec: SearchSpec) -> str:
     if spec.evaluation.objective == "pareto":
         return "nsga2"
+    if spec.space.kind == "dataflow":  # CMA-ES on 0/1 decisions alone soon proposes the same path again and again
+        return "cmaes" if spec.space.scale is not None else "tpe"
     return "tpe" if len(spec.space.methods) > 1 else "cmaes"
 
 

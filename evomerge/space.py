@@ -17,6 +17,7 @@ import optuna
 from evomerge.checkpoint import Checkpoint
 from evomerge.methods import MergeMethod, get_method
 from evomerge.spec import (
+    MAX_PATH_LENGTH,
     AnyRecipe,
     Filtered,
     Granularity,
@@ -211,7 +212,8 @@ class SearchSpace:
 class PathSpace:
     """The data-flow space (Sakana's DFS): T = r x M x L candidate steps, ordered by repeat, then block, then
     model (``use[t]`` in {0, 1}; ``scale[t]`` when ``space.scale`` is a range). The path is the used steps in
-    order, cut at ``max_length``; a trial that uses no step gets step 0 alone (a path needs a block)."""
+    order, cut at ``max_length`` (and MAX_PATH_LENGTH); a trial that uses no step gets step 0 alone at scale 1
+    (a path needs a block)."""
 
     def __init__(self, spec: SearchSpec, layout: LayerLayout) -> None:
         self.spec = spec
@@ -230,7 +232,7 @@ class PathSpace:
                 if space.scale is not None else 1.0
             if used:
                 path.append(PathStep(model=model, layer=layer, scale=scale))
-        path = path[: space.max_length] or [PathStep(model=self.steps[0][0], layer=self.steps[0][1])]
+        path = path[: space.max_length or MAX_PATH_LENGTH] or [PathStep(model=self.steps[0][0], layer=self.steps[0][1])]
         return PathRecipe(path=path, outer=space.outer or self.spec.base_model, dtype=self.spec.dtype)
 
     def baselines(self) -> list[tuple[str, dict[str, Any]]]:

@@ -285,6 +285,7 @@ class LayerwiseRecipe(_RecipeForms):
         return yaml.safe_dump_all([*docs, final], sort_keys=False)
 
 
+MAX_PATH_LENGTH = 1024  # blocks in a layer path
 OUTPUT_PROJECTIONS = ("o_proj", "down_proj", "c_proj")  # a block's residual-branch outputs (Llama family, GPT-2)
 
 
@@ -304,7 +305,7 @@ class PathRecipe(_RecipeForms):
     residual stream, so it survives export as plain weights (mergekit ``passthrough``'s ``scale``)."""
 
     model_config = STRICT
-    path: list[PathStep] = Field(min_length=1, max_length=1024)
+    path: list[PathStep] = Field(min_length=1, max_length=MAX_PATH_LENGTH)
     outer: str
     dtype: DType | None = None
     out_dtype: DType | None = None
@@ -324,7 +325,7 @@ class PathRecipe(_RecipeForms):
                 blocks = f"{num_layers} blocks (0-{num_layers - 1})" if num_layers else "no blocks"
                 raise SpecError(f"path[{i}].layer {step.layer} does not exist: {step.model} has {blocks}")
 
-    def to_mergekit_yaml(self, out_dtype: DType | None = None, layer_prefix: str = "") -> str:
+    def to_mergekit_yaml(self, out_dtype: DType | None = None) -> str:
         """A ``passthrough`` of one-block slices. mergekit takes the embeddings from the first slice's model
         and the final norm and head from the last one's, so empty slices of ``outer`` open and close the
         list."""
@@ -534,7 +535,7 @@ class SpaceSpec(BaseModel):
     # steps (r repeats of every model's blocks, interleaved by depth), each used or skipped, each scaled
     kind: Literal["weights", "dataflow"] = "weights"
     repeats: int = Field(2, ge=1, le=16)
-    max_length: int | None = Field(None, ge=1, le=1024)
+    max_length: int | None = Field(None, ge=1, le=MAX_PATH_LENGTH)
     scale: Range | None = None  # None: every step at scale 1
     outer: str | None = None  # the model whose embeddings, final norm and head the path uses (None: base_model)
 
@@ -713,8 +714,13 @@ class SearchSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check(self) -> SearchSpec:
-        if self.then is not None and self.space.kind != "weights":
-            raise ValueError("then follows a parameter-space search: space.kind must be weights")
+        if self.then is not None:
+            if self.space.kind != "weights":
+                raise ValueError("then follows a parameter-space search: space.kind must be weights")
+            try:  # the second stage's spec, checked now (its pool's first model is the winner to come)
+                self.dataflow_stage("first-stage-winner")
+            except ValidationError as err:
+                raise ValueError(f"then: {describe_error(err)}") from None
         for name in self.space.methods:
             try:
                 get_method(name).check_model_count(len(self.models))

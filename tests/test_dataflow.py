@@ -2,19 +2,24 @@
 gives the worker back for weight merges, mergekit-yaml reproduces the export from the mergekit_config.yml we
 write, bad path recipes are one line before anything is written, and a trial's path exports with its card."""
 
+import gc
 import json
 import shutil
 import subprocess
+import weakref
+from pathlib import Path
 
 import optuna
 import pytest
 import torch
+import transformers
 import yaml
-from transformers import AutoModelForCausalLM, Qwen2Config, Qwen2ForCausalLM
+from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-from evomerge.checkpoint import open_checkpoint, resolve_model_path
+from evomerge import dataflow
+from evomerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint, resolve_model_path
 from evomerge.cli import main
-from evomerge.dataflow import LivePath, path_to_folder, scaled_block_tensor
+from evomerge.dataflow import LivePath, check_scalable, path_to_folder, scaled_block_tensor
 from evomerge.errors import SpecError
 from evomerge.merge import DTYPES, LiveMerger
 from evomerge.run import STUDY_NAME, RunFolder, sqlite_url
@@ -139,6 +144,110 @@ def test_layer_types_follow_the_steps(qwen2_zoo, tmp_path):
     assert torch.equal(logits(model), original)
 
 
+@pytest.fixture(scope="module")
+def smollm3_zoo(tmp_path_factory):
+    """A 4-layer SmolLM3 whose last block has no rotary embedding (``no_rope_layers``, one entry per block)."""
+    if not hasattr(transformers, "SmolLM3Config"):
+        pytest.skip("this transformers has no SmolLM3")
+    torch.manual_seed(0)
+    config = transformers.SmolLM3Config(vocab_size=46, hidden_size=32, intermediate_size=64, num_hidden_layers=4,
+                                        num_attention_heads=4, num_key_value_heads=2, no_rope_layers=[1, 1, 1, 0],
+                                        pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    return _family(tmp_path_factory.mktemp("smollm3"), transformers.SmolLM3ForCausalLM(config), ["a"], 0.02, 4)
+
+
+def test_every_per_layer_config_list_follows_the_steps(smollm3_zoo, tmp_path):
+    """SmolLM3 reads ``no_rope_layers[position]``: each step keeps its source block's entry, live and exported,
+    on a reordered path and on one longer than the model."""
+    base, a = str(smollm3_zoo["base"]), str(smollm3_zoo["a"])
+    model = load(base, torch.float32)
+    original = logits(model)
+    live = LivePath(model, [base, a])
+    paths = {"reordered": steps((a, 3, 1.0), (a, 0, 1.0), (a, 1, 1.0)),
+             "longer": steps((a, 3, 1.0), (base, 3, 0.5), (a, 0, 1.0), (a, 1, 1.0), (base, 2, 1.0), (a, 3, 1.0))}
+    for name, path in paths.items():
+        recipe = PathRecipe(path=path, outer=base)
+        expected = [[1, 1, 1, 0][step.layer] for step in recipe.path]
+        out = path_to_folder(recipe, tmp_path / name)
+        assert json.loads((out / "config.json").read_text())["no_rope_layers"] == expected
+        exported = load(out, torch.float32)
+        live.apply(recipe)
+        assert model.config.no_rope_layers == expected
+        assert torch.equal(logits(model), logits(exported)), name
+        assert generate(model) == generate(exported)
+    live.restore()
+    assert model.config.no_rope_layers == [1, 1, 1, 0]
+    assert torch.equal(logits(model), original)
+
+
+def test_exported_config_remaps_any_per_layer_list_from_each_steps_model(llama_zoo, tmp_path):
+    """A list with one entry per block takes the step's source model's entry; lists that only happen to have
+    that length (token ids) and other lists stay."""
+    refs = {}
+    for name, values in {"base": [10, 11, 12], "a": [20, 21, 22]}.items():
+        refs[name] = tmp_path / name
+        shutil.copytree(llama_zoo[name], refs[name])
+        config = json.loads((refs[name] / "config.json").read_text())
+        config.update(custom_per_layer=values, eos_token_id=[2, 3, 4])
+        (refs[name] / "config.json").write_text(json.dumps(config))
+    base, a = str(refs["base"]), str(refs["a"])
+    out = path_to_folder(PathRecipe(path=steps((a, 2, 1.0), (base, 0, 1.0), (a, 1, 1.0), (a, 2, 1.0)), outer=base),
+                         tmp_path / "out")
+    config = json.loads((out / "config.json").read_text())
+    assert config["custom_per_layer"] == [22, 10, 21, 22]
+    assert config["eos_token_id"] == [2, 3, 4] and config["architectures"] == ["LlamaForCausalLM"]
+    assert config["num_hidden_layers"] == 4
+
+
+def test_live_path_reads_a_models_blocks_and_outer_tensors_only_when_a_path_uses_them(llama_zoo, monkeypatch):
+    """A data-flow search's base is only the outer: its blocks, and the step models' outer tensors, stay on disk."""
+    base, a, b = (str(llama_zoo[k]) for k in ("base", "a", "b"))
+    reads: list[tuple[str, str]] = []
+    read = Checkpoint.read
+
+    def spy(self, name, device="cpu"):
+        reads.append((Path(self.path).name, name))
+        return read(self, name, device)
+
+    monkeypatch.setattr(Checkpoint, "read", spy)
+    model = load(base, torch.float32)
+    live = LivePath(model, [base, a, b])
+    assert reads == []  # headers only
+    prefix = open_checkpoint(a).layer_prefix
+    block_names = {n for n in open_checkpoint(a).tensors if n.startswith(prefix)}
+    live.apply(PathRecipe(path=steps((a, 2, 1.0), (a, 0, 0.5), (a, 2, 1.0)), outer=b))
+    assert len(reads) == len(set(reads))  # each tensor once
+    assert {n for m, n in reads if m == "a"} == block_names
+    assert {m for m, _ in reads} == {"a", "b"} and not any(n.startswith(prefix) for m, n in reads if m == "b")
+    done = len(reads)
+    live.apply(PathRecipe(path=steps((a, 1, 1.0), (a, 1, 2.0)), outer=b))
+    assert len(reads) == done  # already on the device
+    live.apply(PathRecipe(path=steps((b, 1, 1.0)), outer=a))
+    assert {n for m, n in reads[done:] if m == "b"} == block_names
+    assert {m for m, _ in reads[done:]} == {"a", "b"} and not any(n.startswith(prefix) for n in
+                                                                   (n for m, n in reads[done:] if m == "a"))
+
+
+def test_apply_drops_the_previous_path_before_building_the_next(llama_zoo, monkeypatch):
+    """Peak memory: the previous path's scaled tensors are gone by the time the next path's are made."""
+    base, a = str(llama_zoo["base"]), str(llama_zoo["a"])
+    model = load(base, torch.float32)
+    live = LivePath(model, [base, a])
+    live.apply(PathRecipe(path=steps((a, 0, 0.5), (a, 1, 1.0)), outer=base))
+    previous = weakref.ref(model.model.layers[0].self_attn.o_proj.weight)  # made for the first path's scale
+    alive = []
+    scaled = dataflow.scaled_block_tensor
+
+    def spy(name, tensor, scale):
+        gc.collect()
+        alive.append(previous() is not None)
+        return scaled(name, tensor, scale)
+
+    monkeypatch.setattr(dataflow, "scaled_block_tensor", spy)
+    live.apply(PathRecipe(path=steps((a, 1, 0.7)), outer=base))
+    assert alive and not any(alive)
+
+
 def test_weight_merges_after_restore_are_as_on_a_worker_that_never_ran_a_path(llama_zoo):
     base, a, b = (str(llama_zoo[k]) for k in ("base", "a", "b"))
     weight_recipe = Recipe(merge_method="task_arithmetic", base_model=base,
@@ -227,6 +336,42 @@ BAD = {
     "outer missing": ({"path": GOOD["path"]}, "outer: Field required"),
     "unknown key": ({**GOOD, "merge_method": "passthrough"}, "merge_method: Extra inputs are not permitted"),
 }
+
+
+@pytest.fixture(scope="module")
+def gemma2_zoo(tmp_path_factory):
+    """A 2-layer Gemma2: a norm after each block's attention and MLP output cancels any scale of them."""
+    torch.manual_seed(0)
+    config = Gemma2Config(vocab_size=46, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, num_key_value_heads=2, head_dim=8, pad_token_id=0, bos_token_id=1,
+                          eos_token_id=2)
+    return _family(tmp_path_factory.mktemp("gemma2"), Gemma2ForCausalLM(config), ["a"], 0.02, 5)
+
+
+def test_scale_is_refused_where_it_would_do_nothing(gemma2_zoo, tmp_path, capsys):
+    base, a = str(gemma2_zoo["base"]), str(gemma2_zoo["a"])
+    recipe, out = tmp_path / "recipe.yaml", tmp_path / "out"
+    recipe.write_text(yaml.safe_dump({"path": steps((a, 1, 1.0), (base, 0, 1.0), (a, 0, 0.5)), "outer": base}))
+    assert main(["merge", str(recipe), "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert "path[2].scale 0.5: scale works only where blocks add" in err and "'gemma2'" in err, err
+    assert [p.name for p in tmp_path.iterdir()] == ["recipe.yaml"]
+    recipe.write_text(yaml.safe_dump({"path": steps((a, 1, 1.0), (base, 0, 1.0), (a, 0, 1.0)), "outer": base}))
+    assert main(["merge", str(recipe), "--out", str(out)]) == 0
+    assert torch.isfinite(logits(load(out, torch.float32))).all()
+
+
+def test_check_scalable_wants_a_listed_model_type_with_output_projections(llama_zoo, gpt2_zoo):
+    check_scalable(open_checkpoint(str(llama_zoo["a"])), "x")
+    check_scalable(open_checkpoint(str(gpt2_zoo["a"])), "x")
+    info = TensorInfo((2, 2), torch.float32, Path("m"), 0)
+    renamed = Checkpoint(Path("m"), {"model_type": "llama"}, {"model.layers.0.mlp.w2.weight": info})
+    with pytest.raises(SpecError, match=r"^where: m has no block tensors named o_proj, down_proj, c_proj"):
+        check_scalable(renamed, "where")
+    for config in ({"model_type": "mixtral"}, {}):
+        with pytest.raises(SpecError, match=r"^where: scale works only .*; m is"):
+            check_scalable(Checkpoint(Path("m"), config, {"model.layers.0.mlp.down_proj.weight": info}), "where")
 
 
 @pytest.mark.parametrize("case", list(BAD))

@@ -148,7 +148,7 @@ CHAIN = {**SPEC, "space": {"methods": ["linear"], "granularity": "global"}, "sam
          "then": {"space": SPEC["space"], "sampler": "tpe"}}
 
 
-def test_ps_then_dfs_in_one_command_and_resumed_in_its_second_stage(tmp_path):
+def test_ps_then_dfs_in_one_command_and_resumed_in_its_second_stage(tmp_path, capsys):
     """The first stage's winner is exported into the run folder and joins the second stage's pool; a SIGKILL
     in the second stage is resumed from the top folder without running the first stage again."""
     spec = tmp_path / "chain.yaml"
@@ -174,11 +174,19 @@ def test_ps_then_dfs_in_one_command_and_resumed_in_its_second_stage(tmp_path):
     assert stage.trials()[0].user_attrs["baseline"] == f"{winner} blocks"
     ps = json.loads(run.summary.read_text())["winner_recipe"]
     assert yaml.safe_load((winner / "evomerge_recipe.yaml").read_text()) == ps
+    changed = tmp_path / "changed.yaml"  # the first stage's winner is in use: its spec cannot change now
+    changed.write_text(yaml.safe_dump({**CHAIN, "space": {"methods": ["linear"], "granularity": "layer"}}))
+    before = run.spec.read_text()
+    assert main(["search", str(changed), "--budget", "5", "--run", str(run.root), "--force"]) == 2
+    assert "has begun its then stage with another spec" in capsys.readouterr().err
+    assert run.spec.read_text() == before
 
 
 def test_then_needs_a_dataflow_space_after_a_weight_space(tmp_path, capsys):
     for then, message in (({"space": {"kind": "weights"}}, "then.space.kind must be dataflow"),
-                          ({"space": {"kind": "dataflow"}, "sampler": "nsga2"}, "then.sampler")):
+                          ({"space": {"kind": "dataflow"}, "sampler": "nsga2"}, "then.sampler"),
+                          ({"space": {"kind": "dataflow", "outer": "demo:sort"}},
+                           "then: space.outer 'demo:sort' is neither base_model nor one of models")):
         path = tmp_path / "bad.yaml"
         path.write_text(yaml.safe_dump({**CHAIN, "then": then}))
         assert main(["search", str(path), "--budget", "3", "--run", str(tmp_path / "run")]) == 2
@@ -188,3 +196,15 @@ def test_then_needs_a_dataflow_space_after_a_weight_space(tmp_path, capsys):
     assert main(["search", str(path), "--budget", "3", "--run", str(tmp_path / "run")]) == 2
     assert "space.kind must be weights" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
+
+
+def test_paths_stop_at_the_longest_a_recipe_takes_and_the_default_sampler_suits_the_space():
+    from evomerge.search import default_sampler
+    from evomerge.spec import MAX_PATH_LENGTH
+
+    spec = spec_with(repeats=1, max_length=None, scale=None)
+    space = PathSpace(spec, LayerLayout("model.layers.", 600))
+    every = {f"use[{label}]": 1 for label in space.labels}
+    assert len(space.steps) == 1200 and len(space.sample(optuna.trial.FixedTrial(every)).path) == MAX_PATH_LENGTH
+    assert default_sampler(spec.model_copy(update={"sampler": None})) == "tpe"  # 0/1 decisions alone
+    assert default_sampler(SearchSpec.model_validate({**SPEC, "sampler": None})) == "cmaes"
