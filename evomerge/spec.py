@@ -739,10 +739,13 @@ class SearchSpec(BaseModel):
         return load_yaml_model(cls, path)
 
     def dataflow_stage(self, winner: str) -> SearchSpec:
-        """The ``then`` stage's own spec: ``winner`` (the first stage's exported winner) joins the models."""
+        """The ``then`` stage's own spec: ``winner`` (the first stage's exported winner) joins the models and,
+        unless ``then.space.outer`` names another, gives the path its embeddings, final norm and head."""
         if self.then is None:
             raise SpecError("this spec has no then stage")
         stage = self.model_dump(mode="json", exclude_unset=True, exclude={"then", "space", "sampler"})
-        return SearchSpec.model_validate({**stage, "models": [winner, *self.models],
-                                          "space": self.then.space.model_dump(mode="json", exclude_unset=True),
+        space = self.then.space.model_dump(mode="json", exclude_unset=True)
+        if space.get("outer") is None:  # so the winner's own blocks, a baseline, are the winner itself
+            space["outer"] = winner
+        return SearchSpec.model_validate({**stage, "models": [winner, *self.models], "space": space,
                                           "sampler": self.then.sampler})

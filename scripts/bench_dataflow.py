@@ -1,8 +1,9 @@
 """Does the layer path add anything on the demo zoo? Same budget and seeds: parameter space alone (the demo
 spec: per-layer linear weights, CMA-ES), data-flow space alone (search_spaces/dataflow.yaml: a path over the
-experts' blocks) and parameter space then data-flow space (the same data-flow search with the seed's PS
-winner added to the pool, as Sakana's PS+DFS). Each search ends as `evomerge search` does (top-k re-scored
-on validation, the winner scored on test). Prints one row per search and mean +/- sd per space over seeds.
+experts' blocks) and parameter space then data-flow space (search_spaces/ps_then_dfs.yaml's second stage: the
+seed's PS winner added to the pool and giving the path its outer tensors, as Sakana's PS+DFS). Each search
+ends as `evomerge search` does (top-k re-scored on validation, the winner scored on test). Prints one row per
+search and mean +/- sd per space over seeds.
 
     python scripts/bench_dataflow.py [--budget 200] [--seeds 0 1 2] [--parallel] [--sampler cmaes|tpe]
 
@@ -30,7 +31,7 @@ from evomerge.merge import merge_to_folder  # noqa: E402
 from evomerge.spec import PathRecipe, SearchSpec, parse_recipe  # noqa: E402
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
-LABELS = ("PS (demo, CMA-ES)", "DFS (dataflow.yaml)", "PS then DFS (pool + PS winner)")
+LABELS = ("PS (demo, CMA-ES)", "DFS (dataflow.yaml)", "PS then DFS (ps_then_dfs.yaml)")
 
 
 def one_search(spec: SearchSpec, budget: int) -> dict:
@@ -48,14 +49,14 @@ def one_search(spec: SearchSpec, budget: int) -> dict:
 
 def searches_of_seed(seed: int, budget: int, sampler: str) -> dict[str, dict]:
     _quiet_libraries()
-    ps_spec = SearchSpec.from_yaml(SPACES / "demo.yaml").model_copy(update={"seed": seed})
+    chain = SearchSpec.from_yaml(SPACES / "ps_then_dfs.yaml").model_copy(update={"seed": seed})  # stage 1: demo
     dfs_spec = SearchSpec.from_yaml(SPACES / "dataflow.yaml").model_copy(update={"seed": seed, "sampler": sampler})
-    results = {LABELS[0]: one_search(ps_spec, budget), LABELS[1]: one_search(dfs_spec, budget)}
+    results = {LABELS[0]: one_search(chain, budget), LABELS[1]: one_search(dfs_spec, budget)}
     with tempfile.TemporaryDirectory() as tmp:
         winner = Path(tmp) / "ps-winner"
         merge_to_folder(results[LABELS[0]]["recipe"], winner)
-        chained = dfs_spec.model_copy(update={"models": [str(winner), *dfs_spec.models]})
-        results[LABELS[2]] = one_search(SearchSpec.model_validate(chained.model_dump(exclude_unset=True)), budget)
+        stage = chain.dataflow_stage(str(winner)).model_copy(update={"sampler": sampler})
+        results[LABELS[2]] = one_search(stage, budget)
     for label, r in results.items():
         print(f"seed {seed} | {label} | validation {r['validation']:.4f} | test {r['test']:.4f} | {r['shape']} | "
               f"{r['seconds']:.0f} s", flush=True)

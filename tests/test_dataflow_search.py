@@ -170,6 +170,7 @@ def test_ps_then_dfs_in_one_command_and_resumed_in_its_second_stage(tmp_path, ca
     stage_spec, budget = stage.load()
     assert budget == 5 and stage_spec.models == [str(winner), "demo:add", "demo:reverse"]
     assert stage_spec.space.kind == "dataflow" and stage_spec.then is None
+    assert stage_spec.space.outer == str(winner)  # the winner's own blocks (a baseline) are the winner itself
     assert sum(counted(t) for t in stage.trials()) == 5 and stage.summary.exists()
     assert stage.trials()[0].user_attrs["baseline"] == f"{winner} blocks"
     ps = json.loads(run.summary.read_text())["winner_recipe"]
