@@ -13,9 +13,7 @@ search and mean +/- sd per space over seeds.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import statistics
 import tempfile
 import time
 from pathlib import Path
@@ -23,7 +21,7 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from bench_search import searched  # noqa: E402  (this folder: a script's own directory is on sys.path)
+from bench_search import per_seed, print_seed_table, searched  # noqa: E402  (this folder: a script's own directory is on sys.path)
 
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
@@ -63,10 +61,6 @@ def searches_of_seed(seed: int, budget: int, sampler: str) -> dict[str, dict]:
     return results
 
 
-def sd(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--budget", type=int, default=200)
@@ -74,24 +68,10 @@ def main() -> None:
     parser.add_argument("--sampler", choices=("cmaes", "tpe"), default="cmaes", help="the data-flow searches'")
     parser.add_argument("--parallel", action="store_true", help="one process per seed, all at once")
     args = parser.parse_args()
-    jobs = [(seed, args.budget, args.sampler) for seed in args.seeds]
-    if args.parallel:
-        with multiprocessing.get_context("spawn").Pool(len(args.seeds)) as pool:
-            per_seed = pool.starmap(searches_of_seed, jobs)
-    else:
-        per_seed = [searches_of_seed(*job) for job in jobs]
-    uniform = per_seed[0][LABELS[0]]["uniform_test"]
+    results = per_seed(searches_of_seed, [(seed, args.budget, args.sampler) for seed in args.seeds], args.parallel)
     print(f"\nbudget {args.budget}, seeds {args.seeds}, data-flow sampler {args.sampler}; "
-          f"uniform average test {uniform:.4f}")
-    print("| space | validation (mean ± sd) | test (mean ± sd) | test per seed | winners | wall s (mean) |")
-    print("|---|---|---|---|---|---|")
-    for label in LABELS:
-        results = [seed_results[label] for seed_results in per_seed]
-        val = [r["validation"] for r in results]
-        test = [r["test"] for r in results]
-        print(f"| {label} | {statistics.mean(val):.4f} ± {sd(val):.4f} | {statistics.mean(test):.4f} ± "
-              f"{sd(test):.4f} | {' '.join(f'{t:.4f}' for t in test)} | {', '.join(r['shape'] for r in results)} | "
-              f"{statistics.mean(r['seconds'] for r in results):.0f} |")
+          f"uniform average test {results[0][LABELS[0]]['uniform_test']:.4f}")
+    print_seed_table(results, list(LABELS), "shape")
 
 
 if __name__ == "__main__":

@@ -13,16 +13,14 @@ a GPU; wall times are then measured under that sharing.
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import statistics
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from bench_search import searched  # noqa: E402  (this folder: a script's own directory is on sys.path)
+from bench_search import per_seed, print_seed_table, searched  # noqa: E402  (this folder: a script's own directory is on sys.path)
 
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
@@ -46,10 +44,6 @@ def one_search(spec: SearchSpec, executor: InProcessExecutor, budget: int) -> di
             "uniform_test": summary["table"]["uniform average"]["test"]}
 
 
-def sd(values: list[float]) -> float:
-    return statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def searches_of_seed(seed: int, budget: int) -> dict[str, dict]:
     """Every spec's search with this seed, on one worker (same models and tasks in all three)."""
     _quiet_libraries()
@@ -70,22 +64,10 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--parallel", action="store_true", help="one process per seed, all at once")
     args = parser.parse_args()
-    if args.parallel:
-        with multiprocessing.get_context("spawn").Pool(len(args.seeds)) as pool:
-            per_seed = pool.starmap(searches_of_seed, [(seed, args.budget) for seed in args.seeds])
-    else:
-        per_seed = [searches_of_seed(seed, args.budget) for seed in args.seeds]
-    uniform = per_seed[0][next(iter(SPECS))]["uniform_test"]
-    print(f"\nbudget {args.budget}, seeds {args.seeds}; uniform average test {uniform:.4f}")
-    print("| space | validation (mean ± sd) | test (mean ± sd) | test per seed | winners' methods | wall s (mean) |")
-    print("|---|---|---|---|---|---|")
-    for label in SPECS:
-        results = [seed_results[label] for seed_results in per_seed]
-        val = [r["validation"] for r in results]
-        test = [r["test"] for r in results]
-        print(f"| {label} | {statistics.mean(val):.4f} ± {sd(val):.4f} | {statistics.mean(test):.4f} ± "
-              f"{sd(test):.4f} | {' '.join(f'{t:.4f}' for t in test)} | {', '.join(r['methods'] for r in results)} | "
-              f"{statistics.mean(r['seconds'] for r in results):.0f} |")
+    results = per_seed(searches_of_seed, [(seed, args.budget) for seed in args.seeds], args.parallel)
+    print(f"\nbudget {args.budget}, seeds {args.seeds}; "
+          f"uniform average test {results[0][next(iter(SPECS))]['uniform_test']:.4f}")
+    print_seed_table(results, list(SPECS), "methods")
 
 
 if __name__ == "__main__":

@@ -11,10 +11,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import multiprocessing
 import os
+import statistics
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -35,6 +37,31 @@ def test_score(worker: Worker, recipe: MergeRecipe) -> float:
     if outcome.result is None:
         raise RuntimeError(outcome.error)
     return outcome.result.score
+
+
+def per_seed(searches_of_seed: Callable[..., dict[str, dict]], jobs: list[tuple], parallel: bool) -> list[dict]:
+    """Each job's searches (a seed's), one process per job at once when ``parallel``."""
+    if parallel:
+        with multiprocessing.get_context("spawn").Pool(len(jobs)) as pool:
+            return pool.starmap(searches_of_seed, jobs)
+    return [searches_of_seed(*job) for job in jobs]
+
+
+def print_seed_table(results_per_seed: list[dict[str, dict]], labels: list[str], winners: str) -> None:
+    """Markdown rows per search label: validation and test mean +/- sd over seeds, test per seed, each
+    seed's ``winners`` field and the mean wall time."""
+    def sd(values: list[float]) -> float:
+        return statistics.stdev(values) if len(values) > 1 else 0.0
+
+    print(f"| space | validation (mean ± sd) | test (mean ± sd) | test per seed | {winners} | wall s (mean) |")
+    print("|---|---|---|---|---|---|")
+    for label in labels:
+        results = [seed_results[label] for seed_results in results_per_seed]
+        val = [r["validation"] for r in results]
+        test = [r["test"] for r in results]
+        print(f"| {label} | {statistics.mean(val):.4f} ± {sd(val):.4f} | {statistics.mean(test):.4f} ± "
+              f"{sd(test):.4f} | {' '.join(f'{t:.4f}' for t in test)} | {', '.join(r[winners] for r in results)} | "
+              f"{statistics.mean(r['seconds'] for r in results):.0f} |")
 
 
 @contextlib.contextmanager
