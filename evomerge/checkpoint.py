@@ -239,20 +239,26 @@ def open_checkpoint(ref: str) -> Checkpoint:
     return Checkpoint(path=path, config=config, tensors=tensors)
 
 
-def check_compatible(checkpoints: list[Checkpoint]) -> None:
-    """Same tensor names and shapes, same vocabulary size, in every model; names the first offender."""
+def check_compatible(checkpoints: list[Checkpoint], *, aligned_vocab: bool = False) -> None:
+    """Same tensor names and shapes, same vocabulary size, in every model; names the first offender. With
+    ``aligned_vocab`` (a ``tokenizer_source`` lays every model out in one vocabulary, :mod:`evomerge.vocab`) the
+    vocabularies may differ, and so may the row counts of the vocabulary tensors."""
+    from evomerge.vocab import is_vocab_tensor
+
     first = checkpoints[0]
     for other in checkpoints[1:]:
-        if first.vocab_size != other.vocab_size:
-            raise SpecError(f"vocabulary sizes differ: {first.path} has {first.vocab_size}, "
-                            f"{other.path} has {other.vocab_size}")
+        if first.vocab_size != other.vocab_size and not aligned_vocab:
+            raise SpecError(f"vocabulary sizes differ: {first.path} has {first.vocab_size}, {other.path} has "
+                            f"{other.vocab_size}; a single-method recipe or search merges them with tokenizer_source "
+                            "(base, union or a model)")
         missing = sorted(set(first.tensors) ^ set(other.tensors))
         if missing:
             owner = first.path if missing[0] in first.tensors else other.path
             raise SpecError(f"tensor {missing[0]} is in {owner} but not in the other of "
                             f"{first.path} and {other.path}")
         for name, info in first.tensors.items():
-            if info.shape != other.tensors[name].shape:
+            skip = 1 if aligned_vocab and is_vocab_tensor(name) else 0  # the rows, one per token
+            if info.shape[skip:] != other.tensors[name].shape[skip:]:
                 raise SpecError(f"tensor {name} has shape {list(info.shape)} in {first.path} "
                                 f"but {list(other.tensors[name].shape)} in {other.path}")
 

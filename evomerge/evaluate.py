@@ -3,18 +3,22 @@
 The model is wrapped once in lm-eval's ``HFLM``; in-place weight changes are seen by the next call
 because nothing caches model outputs. Each task is loaded once per split role (search / validation /
 test) from its own YAML with that split as its ``test_split``; per call ``lm_eval.evaluator.evaluate``
-runs on the chosen doc ids with ``log_samples`` so every example's score comes back (for pruning).
+runs on the chosen doc ids with ``log_samples`` so every example's score comes back (for pruning). A task
+may be an lm-eval group: its YAML tasks are loaded and scored as single tasks are, and its score is lm-eval's
+aggregate of theirs (``aggregate_metric_list``).
 Everything that reaches into lm-eval beyond its public API sits in one section at the end of this file.
 """
 
 from __future__ import annotations
 
 from array import array
+from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from itertools import accumulate
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, NoReturn
 
 import torch
 
@@ -31,15 +35,42 @@ FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed (simple_evaluate an
 
 @dataclass
 class EvalResult:
-    """Scores of one candidate: per task, the weighted mean, and per example (keyed by doc id)."""
+    """Scores of one candidate: per task, the weighted mean, and per example (keyed by doc id).
+
+    An lm-eval group's examples are its tasks' examples laid end to end under group-wide doc ids. With
+    lm-eval's ``weight_by_size: true`` the group score (the size-weighted mean of its tasks' scores) is the
+    plain mean of those examples, as for a single task; with ``weight_by_size: false`` (the mean of its tasks'
+    scores) each task's examples share an equal part, and ``strata`` maps the group's doc ids to their task."""
 
     scores: dict[str, float]
     examples: dict[str, dict[int, float]]
     weights: dict[str, float]
+    strata: dict[str, dict[int, str]] = field(default_factory=dict)
 
     @property
     def score(self) -> float:
         return weighted_mean(self.scores, self.weights)
+
+    def example_weights(self, task: str, doc_ids: Iterable[int]) -> dict[int, float]:
+        """Each example's share of ``task``'s score over ``doc_ids`` (the shares sum to 1): equal, or in a group
+        that weighs its tasks equally, an equal part per task split equally among that task's examples."""
+        ids = list(doc_ids)
+        strata = self.strata.get(task)
+        if strata is None:
+            return dict.fromkeys(ids, 1 / len(ids))
+        sizes = Counter(strata[d] for d in ids)
+        return {d: 1 / (len(sizes) * sizes[strata[d]]) for d in ids}
+
+    def merged(self, other: EvalResult) -> EvalResult:
+        """This result and ``other`` (the same weights scored on other documents of the same role) as one result
+        on all of their documents; each task's score is then the weighted mean of its examples."""
+        examples = {t: {**self.examples.get(t, {}), **other.examples.get(t, {})}
+                    for t in {**self.examples, **other.examples}}
+        strata = {t: {**self.strata.get(t, {}), **other.strata.get(t, {})} for t in {**self.strata, **other.strata}}
+        result = EvalResult({}, examples, self.weights, strata)
+        result.scores = {t: sum(w * per_doc[d] for d, w in result.example_weights(t, per_doc).items())
+                         for t, per_doc in examples.items()}
+        return result
 
 
 def _split_of(task: TaskSpec, role: str) -> str:
@@ -51,11 +82,11 @@ def check_tasks(tasks: Sequence[TaskSpec], include_paths: Sequence[str | Path] =
                 tokenizer: str | Path | None = None) -> None:
     """Every task problem that the YAML files show, found before any model or dataset is loaded: an unknown
     task, metric or split, a missing local data file, an empty doc range or (local JSONL) one past the end,
-    duplicate tasks, task options the task cannot take. With ``tokenizer`` (a model folder or Hub id), also a
-    chat template asked of a tokenizer without one (only the tokenizer is loaded). A SpecError of one line
-    names the first."""
-    manager = find_tasks([t.name for t in tasks], include_paths)
-    _check_configs(tasks, {t.name: _task_config(manager, t.name) for t in tasks})
+    duplicate tasks, task options the task cannot take; for a group, a group without an aggregated score and
+    each of these on every task of the group. With ``tokenizer`` (a model folder or Hub id), also a chat
+    template asked of a tokenizer without one (only the tokenizer is loaded). A SpecError of one line names
+    the first."""
+    _check_configs(find_tasks(tasks, include_paths)[1])
     if tokenizer is not None and any(t.apply_chat_template for t in tasks):
         from transformers import AutoTokenizer
 
@@ -74,9 +105,31 @@ def _check_chat_template(tasks: Sequence[TaskSpec], tokenizer) -> None:
         raise SpecError(f"task {chat[0]} sets apply_chat_template, but the model's tokenizer has no chat template")
 
 
-def find_tasks(names: Sequence[str], include_paths: Sequence[str | Path] = ()) -> TaskManager:
-    """A TaskManager that knows every named task: the include paths alone when they suffice (fast),
-    else with lm-eval's bundled registry; SpecError naming the first task found nowhere."""
+@dataclass(frozen=True)
+class TaskPlan:
+    """A spec task as lm-eval runs it: its YAML tasks, each with its own spec and config. A single task is its
+    own one; a group's are its tasks in lm-eval's order (nested groups flattened, as lm-eval aggregates every
+    task under a group), each with the spec task's options and splits and the group's ``metric,filter`` key,
+    and ``weight_by_size`` is lm-eval's for that key (None: not a group)."""
+
+    task: TaskSpec
+    leaves: list[tuple[TaskSpec, dict]]
+    weight_by_size: bool | None = None
+
+    @property
+    def is_group(self) -> bool:
+        return self.weight_by_size is not None
+
+
+class _NotFound(SpecError):
+    """A task that the TaskManager's index lacks (another index may have it)."""
+
+
+def find_tasks(tasks: Sequence[TaskSpec], include_paths: Sequence[str | Path] = ()) -> tuple[TaskManager,
+                                                                                             list[TaskPlan]]:
+    """A TaskManager that knows every task named and every task their groups list, and each task's plan: the
+    include paths alone when they suffice (fast), else with lm-eval's bundled registry; SpecError naming the
+    first task found nowhere."""
     from lm_eval.tasks import TaskManager
 
     _quiet_lm_eval()
@@ -85,37 +138,95 @@ def find_tasks(names: Sequence[str], include_paths: Sequence[str | Path] = ()) -
     if missing:
         raise SpecError(f"task folder not found: {missing[0]}")
     manager = TaskManager(include_path=paths or None, include_defaults=False)
-    if any(n not in manager.task_index for n in names):
+    try:
+        return manager, [_plan(manager, t) for t in tasks]
+    except _NotFound:
         manager = TaskManager(include_path=paths or None, include_defaults=True)
-    unknown = [n for n in names if n not in manager.task_index]
-    if unknown:
-        raise SpecError(f"task {unknown[0]!r} not found (is its folder in include_paths?)")
-    return manager
+        return manager, [_plan(manager, t) for t in tasks]
 
 
-def _check_configs(tasks: Sequence[TaskSpec], configs: dict[str, dict]) -> None:
+def _plan(manager: TaskManager, task: TaskSpec) -> TaskPlan:
+    """A spec task's plan from its YAML (no dataset loaded). A group must aggregate the spec's metric (lm-eval
+    gives a group without ``aggregate_metric_list`` no score); its tasks are then checked for that key."""
+    built = _build_configs(manager, task.name)
+    if isinstance(built, _LeafConfig):
+        return TaskPlan(task, [(task, built.config)])
+    if not built.aggregate_metric_list:
+        raise SpecError(f"group {task.name} has no aggregate_metric_list, so lm-eval gives it no score; add one "
+                        "(metric, aggregation: mean, weight_by_size) to its YAML")
+    leaves = _group_leaves(built)
+    keys = _group_keys(built.aggregate_metric_list,
+                       [_result_keys(_config_metrics(leaf.config), leaf.config.get("filter_list")) for leaf in leaves])
+    metric, filter_name = _result_key(task, list(keys))
+    key = f"{metric},{filter_name}"
+    return TaskPlan(task, [(task.model_copy(update={"name": leaf.task_name, "metric": key}), leaf.config)
+                           for leaf in leaves], keys[key])
+
+
+def _group_keys(aggregations: Sequence, leaf_keys: Sequence[Sequence[str]]) -> dict[str, bool]:
+    """A group's results keys (``metric,filter``) as lm-eval's ``Group.aggregate`` makes them, each with its
+    ``weight_by_size`` (a later entry for the same key wins, as there): every filter an aggregation names, else
+    the filters its metric has in the group's tasks (``none`` where none has it, so that the check of the
+    tasks names what they lack)."""
+    keys: dict[str, bool] = {}
+    for agg in aggregations:
+        if not isinstance(agg.aggregation, str):  # lm-eval takes a !function too; we score means only
+            raise SpecError(f"aggregate_metric_list: {agg.metric}'s aggregation is a Python function; only mean "
+                            "is supported")
+        found = sorted({k.partition(",")[2] for keys_ in leaf_keys for k in keys_ if k.partition(",")[0] == agg.metric})
+        for filter_name in agg.filter_list if agg.filter_list is not None else found or ["none"]:
+            keys[f"{agg.metric},{filter_name}"] = agg.weight_by_size
+    return keys
+
+
+@contextmanager
+def _in_group(plan: TaskPlan) -> Iterator[None]:
+    """A problem of a group's task names the group first."""
+    try:
+        yield
+    except SpecError as err:
+        if not plan.is_group:
+            raise
+        raise SpecError(f"group {plan.task.name}: {err}") from None
+
+
+def _check_configs(plans: Sequence[TaskPlan]) -> None:
     """The checks of ``check_tasks`` on the tasks' YAML configs."""
-    names = [t.name for t in tasks]
+    names = [p.task.name for p in plans]
     twice = [n for n in names if names.count(n) > 1]
     if twice:
         raise SpecError(f"task {twice[0]} is listed twice in evaluation.tasks")
-    for task in tasks:
-        config = configs[task.name]
-        _result_key(task, _result_keys(_config_metrics(config), config.get("filter_list")))
-        _check_options(task, config)
-        files = _data_files(config)  # None: a dataset from the Hub, whose splits and sizes show once downloaded
-        missing = [p for paths in (files or {}).values() for p in paths if _is_local(p) and not Path(p).exists()]
-        if missing:
-            raise SpecError(f"task {task.name}: data file not found: {missing[0]}")
-        for role in ROLES:
-            split = parse_split(_split_of(task, role))[0]
-            if files is not None and split not in files:
-                raise SpecError(f"task {task.name} has no split {split!r} (splits.{role}); it has: {', '.join(files)}")
-            _check_range(task, role, None if files is None else _count_docs(files[split], config))
-            shots = _fewshot_split(task, config, split)
-            if shots is not None and files is not None and shots not in files:
-                raise SpecError(f"task {task.name} draws few-shot examples from split {shots!r}, which it lacks; "
-                                f"it has: {', '.join(files)}")
+    owners: dict[str, str] = {}
+    for plan in plans:
+        owner = f"group {plan.task.name}" if plan.is_group else "evaluation.tasks"
+        for leaf, _ in plan.leaves:
+            if leaf.name in owners:
+                raise SpecError(f"task {leaf.name} is listed twice (by {owners[leaf.name]} and {owner}); "
+                                "lm-eval scores a task once")
+            owners[leaf.name] = owner
+    for plan in plans:
+        with _in_group(plan):
+            for task, config in plan.leaves:
+                _check_config(task, config)
+
+
+def _check_config(task: TaskSpec, config: dict) -> None:
+    """The checks of ``check_tasks`` on one YAML task's config."""
+    _result_key(task, _result_keys(_config_metrics(config), config.get("filter_list")))
+    _check_options(task, config)
+    files = _data_files(config)  # None: a dataset from the Hub, whose splits and sizes show once downloaded
+    missing = [p for paths in (files or {}).values() for p in paths if _is_local(p) and not Path(p).exists()]
+    if missing:
+        raise SpecError(f"task {task.name}: data file not found: {missing[0]}")
+    for role in ROLES:
+        split = parse_split(_split_of(task, role))[0]
+        if files is not None and split not in files:
+            raise SpecError(f"task {task.name} has no split {split!r} (splits.{role}); it has: {', '.join(files)}")
+        _check_range(task, role, None if files is None else _count_docs(files[split], config))
+        shots = _fewshot_split(task, config, split)
+        if shots is not None and files is not None and shots not in files:
+            raise SpecError(f"task {task.name} draws few-shot examples from split {shots!r}, which it lacks; "
+                            f"it has: {', '.join(files)}")
 
 
 def _check_options(task: TaskSpec, config: dict) -> None:
@@ -214,72 +325,134 @@ def _count_docs(paths: Sequence[str], config: dict) -> int | None:
 
 
 class Evaluator:
-    """Scores the current weights of one live model on named tasks; built once per worker."""
+    """Scores the current weights of one live model on named tasks (YAML tasks or lm-eval groups); built once
+    per worker."""
 
     def __init__(self, model: torch.nn.Module, tokenizer, tasks: Sequence[TaskSpec],
                  include_paths: Sequence[str | Path] = (), batch_size: int | str = 64) -> None:
         self.tasks = {t.name: t for t in tasks}
-        manager = find_tasks([t.name for t in tasks], include_paths)
-        configs = {t.name: _task_config(manager, t.name) for t in tasks}
-        _check_configs(tasks, configs)
+        manager, plans = find_tasks(tasks, include_paths)
+        _check_configs(plans)
         _check_chat_template(tasks, tokenizer)
+        self._plans = {p.task.name: p for p in plans}
         max_length = getattr(model.config, "max_position_embeddings", None)
         self.lm = _fast_hflm()(pretrained=model, tokenizer=tokenizer, batch_size=batch_size, max_length=max_length)
         self._loaded: dict[str, dict] = {}
         self._doc_ids: dict[tuple[str, str], list[int]] = {}
+        self._members: dict[tuple[str, str], list[tuple[str, int]]] = {}  # a group's doc id -> (its task, doc id)
+        self._positions: dict[tuple[str, str], dict[tuple[str, int], int]] = {}  # and back
         self._keys: dict[str, tuple[str, str]] = {}
         with _quiet_datasets():
-            self._load_roles(manager, tasks, configs)
+            self._load_roles(manager, plans)
 
-    def _load_roles(self, manager: TaskManager, tasks: Sequence[TaskSpec], configs: dict[str, dict]) -> None:
-        """Each role's tasks loaded with that role's split as their test split, lm-eval's task options set as
-        ``simple_evaluate`` sets them, documents and requests built."""
+    def _load_roles(self, manager: TaskManager, plans: Sequence[TaskPlan]) -> None:
+        """Each role's YAML tasks loaded with that role's split as their test split, lm-eval's task options set
+        as ``simple_evaluate`` sets them, documents and requests built; each group's doc ids laid out."""
+        leaves = [leaf for plan in plans for leaf in plan.leaves]
         for role in ROLES:
             specs = []
-            for t in tasks:
+            for t, config in leaves:
                 split = parse_split(_split_of(t, role))[0]
-                specs.append({**configs[t.name], "task": self.task_key(t.name, role), "test_split": split,
+                specs.append({**config, "task": self.task_key(t.name, role), "test_split": split,
                               "validation_split": None, "training_split": None,
-                              "fewshot_split": _fewshot_split(t, configs[t.name], split)})
-            self._loaded[role] = _load_tasks(manager, specs, tasks, role)
-            for task in tasks:
-                built = self._loaded[role]["tasks"][self.task_key(task.name, role)]
-                _set_options(built, task, configs[task.name])
-                # the loaded task is the truth: a Python-built metric or a Hub dataset's size shows only here
-                self._keys[task.name] = _result_key(task, _result_keys(built.aggregation(), built.config.filter_list))
-                _materialize_docs(built)
-                _cache_requests(built, system_instruction=task.system_instruction,
-                                apply_chat_template=bool(task.apply_chat_template),
-                                fewshot_as_multiturn=task.multiturn,
-                                chat_template=self.lm.apply_chat_template if task.apply_chat_template else None)
-                size = len(built.test_docs())
-                _check_range(task, role, size)
-                self._doc_ids[(task.name, role)] = list(range(size))[parse_split(_split_of(task, role))[1]]
+                              "fewshot_split": _fewshot_split(t, config, split)})
+            self._loaded[role] = _load_tasks(manager, specs, [t for t, _ in leaves], role)
+            for plan in plans:
+                with _in_group(plan):
+                    for task, config in plan.leaves:
+                        self._prepare(self._loaded[role]["tasks"][self.task_key(task.name, role)], task, config, role)
+                if plan.is_group:
+                    self._lay_out(plan, role)
+
+    def _prepare(self, built, task: TaskSpec, config: dict, role: str) -> None:
+        """One loaded task made ready for repeated scoring, and checked where only loading shows a problem."""
+        _set_options(built, task, config)
+        # the loaded task is the truth: a Python-built metric or a Hub dataset's size shows only here
+        self._keys[task.name] = _result_key(task, _result_keys(built.aggregation(), built.config.filter_list))
+        _materialize_docs(built)
+        _cache_requests(built, system_instruction=task.system_instruction,
+                        apply_chat_template=bool(task.apply_chat_template), fewshot_as_multiturn=task.multiturn,
+                        chat_template=self.lm.apply_chat_template if task.apply_chat_template else None)
+        size = len(built.test_docs())
+        _check_range(task, role, size)
+        self._doc_ids[(task.name, role)] = list(range(size))[parse_split(_split_of(task, role))[1]]
+
+    def _lay_out(self, plan: TaskPlan, role: str) -> None:
+        """A group's doc ids in a role: positions in its tasks' documents laid end to end (in lm-eval's task
+        order), listed so that every prefix draws from each task in proportion to its weight in the group score
+        (its size, or equal shares; a task whose documents run out drops out). A search scores a group on the
+        first ``search_examples`` (screening: ``screen_examples``) of them, so a prefix is a stratified sample."""
+        ids = [self._doc_ids[(task.name, role)] for task, _ in plan.leaves]
+        members = [(task.name, d) for (task, _), docs in zip(plan.leaves, ids, strict=True) for d in docs]
+        self._members[(plan.task.name, role)] = members
+        self._positions[(plan.task.name, role)] = {member: i for i, member in enumerate(members)}
+        starts = list(accumulate((len(docs) for docs in ids), initial=0))
+        order = sorted(((j + 0.5) / (len(docs) if plan.weight_by_size else 1), k, starts[k] + j)
+                       for k, docs in enumerate(ids) for j in range(len(docs)))
+        self._doc_ids[(plan.task.name, role)] = [position for *_, position in order]
 
     @staticmethod
     def task_key(name: str, role: str) -> str:
         return f"{name}@{role}"
 
     def doc_ids(self, task: str, role: str) -> list[int]:
-        """All doc ids a role may use for a task."""
+        """All doc ids a role may use for a task (for a group, group-wide ids in the order a search takes them)."""
         return self._doc_ids[(task, role)]
 
     @torch.no_grad()
     def evaluate(self, role: str, doc_ids: dict[str, Sequence[int]] | None = None) -> EvalResult:
-        """Score the model as it is now on ``role``'s documents (all of them, or ``doc_ids`` per task)."""
+        """Score the model as it is now on ``role``'s documents (all of them, or ``doc_ids`` per task). A group's
+        score is lm-eval's aggregate of its tasks' scores on the documents chosen from each (see EvalResult)."""
+        from lm_eval.api.metrics import aggregate_subtask_metrics
+
+        docs: dict[str, list[int]] = {}  # YAML task -> its chosen doc ids
+        for name in self.tasks:
+            for leaf, doc in self._leaf_docs(name, role, doc_ids[name] if doc_ids and name in doc_ids else
+                                             self.doc_ids(name, role)):
+                docs.setdefault(leaf, []).append(doc)
+        leaf_scores, leaf_examples = self._score_leaves(role, docs)
+        scores, examples, strata = {}, {}, {}
+        for name, plan in self._plans.items():
+            present = [t.name for t, _ in plan.leaves if t.name in leaf_scores]
+            if not present:
+                continue
+            if not plan.is_group:
+                scores[name], examples[name] = leaf_scores[name], leaf_examples[name]
+                continue
+            scores[name] = aggregate_subtask_metrics([leaf_scores[t] for t in present],
+                                                     [len(leaf_examples[t]) for t in present], plan.weight_by_size)
+            position = self._positions[(name, role)]
+            examples[name] = {position[(t, d)]: v for t in present for d, v in leaf_examples[t].items()}
+            if not plan.weight_by_size:
+                strata[name] = {position[(t, d)]: t for t in present for d in leaf_examples[t]}
+        return EvalResult(scores, examples, {n: t.weight for n, t in self.tasks.items()}, strata)
+
+    def _leaf_docs(self, name: str, role: str, ids: Iterable[int]) -> list[tuple[str, int]]:
+        """(YAML task, doc id) of a spec task's doc ids: its own, or a group's mapped to its tasks' documents."""
+        if not self._plans[name].is_group:
+            return [(name, d) for d in ids]
+        members = self._members[(name, role)]
+        return [members[i] for i in ids]
+
+    def _score_leaves(self, role: str, docs: dict[str, list[int]]) -> tuple[dict[str, float],
+                                                                           dict[str, dict[int, float]]]:
+        """One lm-eval ``evaluate`` on the chosen documents of every YAML task that has some: each task's score
+        and per-example scores (by its own doc ids) under the spec's metric and filter."""
         from lm_eval.evaluator import evaluate
 
-        ids = {self.task_key(t, role): DocIds(doc_ids[t] if doc_ids and t in doc_ids else self.doc_ids(t, role))
-               for t in self.tasks}
-        out = evaluate(self.lm, self._loaded[role], samples=ids, log_samples=True, bootstrap_iters=0)
+        samples = {self.task_key(leaf, role): DocIds(ids) for leaf, ids in docs.items() if ids}
+        loaded = self._loaded[role]["tasks"]
+        out = evaluate(self.lm, {"tasks": {key: loaded[key] for key in samples}}, samples=samples, log_samples=True,
+                       bootstrap_iters=0)
         scores, examples = {}, {}
-        for name in self.tasks:
-            key = self.task_key(name, role)
-            metric, filter_name = self._keys[name]
-            scores[name] = float(out["results"][key][f"{metric},{filter_name}"])
-            examples[name] = {int(s["doc_id"]): float(s[metric]) for s in out["samples"][key]
-                              if s["filter"] == filter_name}
-        return EvalResult(scores, examples, {n: t.weight for n, t in self.tasks.items()})
+        for leaf, ids in docs.items():
+            if ids:
+                key = self.task_key(leaf, role)
+                metric, filter_name = self._keys[leaf]
+                scores[leaf] = float(out["results"][key][f"{metric},{filter_name}"])
+                examples[leaf] = {int(s["doc_id"]): float(s[metric]) for s in out["samples"][key]
+                                  if s["filter"] == filter_name}
+        return scores, examples
 
 
 def _long_tensor(rows: Sequence[Sequence[int]], width: int, pad: int, device: torch.device) -> torch.Tensor:
@@ -369,11 +542,11 @@ def _quiet_datasets() -> Iterator[None]:
 
 # ----------------------------------------------------------------------------------------------------------
 # lm-eval internals. Everything below reaches past lm-eval's public API (``TaskManager``, ``simple_evaluate``,
-# ``evaluator.evaluate``, ``HFLM``'s public methods): the YAML loader of the TaskManager rewrite, the task
-# index's entries, ``TaskManager.load`` of config dicts, a Task's request building and document storage, how
-# ``evaluate`` iterates ``samples``, the default metrics per output type, and HFLM's private scoring and
-# batch-size probe. Checked against lm-eval 0.4.12 (where the TaskManager rewrite, #3549, first shipped) and
-# 0.4.13; 0.5.0.dev1 moves ``lm_eval/api/task.py`` and breaks them.
+# ``evaluator.evaluate``, ``HFLM``'s public methods): the task index's entries, the task factory (a group built
+# with configs in place of tasks), ``TaskManager.load`` of config dicts, a Task's request building and document
+# storage, how ``evaluate`` iterates ``samples``, the default metrics per output type, and HFLM's private
+# scoring and batch-size probe. Checked against lm-eval 0.4.12 (where the TaskManager rewrite, #3549, first
+# shipped) and 0.4.13; 0.5.0.dev1 moves ``lm_eval/api/task.py`` and breaks them.
 # ----------------------------------------------------------------------------------------------------------
 
 
@@ -390,32 +563,80 @@ def _quiet_lm_eval() -> None:
     lm_eval.api.task.tqdm = functools.partial(tqdm, disable=True)
 
 
-def _task_config(manager, name: str) -> dict:
-    """A task's YAML config as a dict (its includes merged), with relative local data files made absolute
-    against the YAML's folder (plain lm-eval reads them against the working directory, which is kept where
-    only it has the file)."""
+class _LeafConfig:
+    """A YAML task as lm-eval's task factory configures it, in place of the Task it would build (building one
+    loads its dataset): its name, its config (a group's overrides merged in) and its YAML file."""
+
+    def __init__(self, config: dict, yaml_path: Path | None) -> None:
+        self.task_name = config["task"]
+        self.config = _local_files(config, yaml_path)
+
+
+def _build_configs(manager, name: str):
+    """A task's ``_LeafConfig``, or a group as lm-eval's factory builds it (members by name, tags, nested and
+    inline groups, a group's overrides for its tasks) with ``_LeafConfig`` leaves: lm-eval's own rules, no
+    dataset loaded. A name the index lacks, or a group's member that is no known task (or a task defined
+    inside the group's YAML, which is not supported), is reported as not found."""
+    from unittest import mock
+
+    from lm_eval.tasks import _factory
     from lm_eval.tasks._index import Kind
-    from lm_eval.tasks._yaml_loader import load_yaml
 
-    entry = manager.task_index[name]
-    if entry.kind is not Kind.TASK:
-        raise SpecError(f"task {name!r} is an lm-eval {entry.kind.name.lower()}, not a YAML task; "
-                        "name single YAML tasks")
-    config = dict(load_yaml(entry.yaml_path, resolve_func=True))
+    class ConfigFactory(_factory.TaskFactory):
+        def _build_task(self, entry, overrides):
+            config = self._load_full_config(entry, overrides)
+            for key in ("tag", "group", "task_list"):  # as TaskFactory._build_task
+                config.pop(key, None)
+            return _LeafConfig(config, entry.yaml_path)
+
+    def unknown(config: dict) -> NoReturn:  # TaskFactory builds a member it cannot find as an inline task
+        group, _, name = config["task"].rpartition("::")
+        raise _NotFound(f"group {group}: task {name!r} not found (is its folder in include_paths? a task defined "
+                        "inside a group's YAML is not supported)")
+
+    entry = manager.task_index.get(name)
+    if entry is None:
+        raise _NotFound(f"task {name!r} not found (is its folder in include_paths?)")
+    if entry.kind not in (Kind.TASK, Kind.GROUP):
+        raise SpecError(f"task {name!r} is an lm-eval {entry.kind.name.lower()}, not a YAML task or group; "
+                        "name YAML tasks or groups")
+    try:
+        with mock.patch.object(_factory, "ConfigurableTask", unknown):
+            return ConfigFactory().build(entry, registry=dict(manager.task_index))
+    except ValueError as err:  # lm-eval's own refusal, e.g. an aggregation other than mean
+        raise SpecError(f"task {name}: {str(err).splitlines()[0]}") from None
+
+
+def _group_leaves(group) -> list[_LeafConfig]:
+    """A group's YAML tasks, nested groups flattened, in lm-eval's order (``Group.get_all_tasks``)."""
+    leaves = []
+    for child in group:
+        if not isinstance(child, _LeafConfig):
+            leaves.extend(_group_leaves(child))
+        elif "class" in child.config:
+            raise SpecError(f"group {group.name}: task {child.task_name} is an lm-eval Python task, not a YAML task")
+        else:
+            leaves.append(child)
+    return leaves
+
+
+def _local_files(config: dict, yaml_path: Path | None) -> dict:
+    """A task's config with relative local data files made absolute against its YAML's folder (plain lm-eval
+    reads them against the working directory, which is kept where only it has the file)."""
     files = (config.get("dataset_kwargs") or {}).get("data_files")
-    if files is not None:
-        folder = Path(entry.yaml_path).parent
+    if files is None or yaml_path is None:
+        return config
+    folder = Path(yaml_path).parent
 
-        def resolve(path: str) -> str:
-            beside = folder / path
-            return str(beside) if _is_local(path) and (beside.exists() or not Path(path).exists()) else path
+    def resolve(path: str) -> str:
+        beside = folder / path
+        return str(beside) if _is_local(path) and (beside.exists() or not Path(path).exists()) else path
 
-        def resolve_all(paths: str | list[str]) -> str | list[str]:
-            return resolve(paths) if isinstance(paths, str) else [resolve(p) for p in paths]
+    def resolve_all(paths: str | list[str]) -> str | list[str]:
+        return resolve(paths) if isinstance(paths, str) else [resolve(p) for p in paths]
 
-        resolved = {k: resolve_all(v) for k, v in files.items()} if isinstance(files, dict) else resolve_all(files)
-        config["dataset_kwargs"] = {**config["dataset_kwargs"], "data_files": resolved}
-    return config
+    resolved = {k: resolve_all(v) for k, v in files.items()} if isinstance(files, dict) else resolve_all(files)
+    return {**config, "dataset_kwargs": {**config["dataset_kwargs"], "data_files": resolved}}
 
 
 def _load_tasks(manager, configs: list[dict], tasks: Sequence[TaskSpec], role: str) -> dict:

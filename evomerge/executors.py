@@ -143,9 +143,7 @@ def screen_then_rest(job: Candidate, score: Scorer, worker: str) -> Outcome:
     if not any(rest_ids.values()):
         return Outcome(first, "full", vector, merge_s, eval_s, worker)
     rest, rest_merge_s, rest_eval_s = score(job.recipe, job.role, rest_ids)
-    examples = {t: {**first.examples[t], **rest.examples[t]} for t in first.examples}
-    result = EvalResult({t: sum(v.values()) / len(v) for t, v in examples.items()}, examples, first.weights)
-    return Outcome(result, "full", vector, merge_s + rest_merge_s, eval_s + rest_eval_s, worker)
+    return Outcome(first.merged(rest), "full", vector, merge_s + rest_merge_s, eval_s + rest_eval_s, worker)
 
 
 class Worker:
@@ -170,7 +168,10 @@ class Worker:
         self.spec = spec
         dataflow = spec.space.kind == "dataflow"
         # a data-flow worker merges weights only for the hold-out check's references: built then, not before
-        self._merger = None if dataflow else LiveMerger(self.model, spec.base_model, spec.models)
+        self._merger = None if dataflow else LiveMerger(self.model, spec.base_model, spec.models,
+                                                        tokenizer_source=spec.tokenizer_source)
+        if self._merger is not None and self._merger.vocab is not None:  # candidates speak the merged vocabulary
+            tokenizer = self._merger.vocab.tokenizer
         self.paths = LivePath(self.model, [spec.base_model, *spec.models]) if dataflow else None
         self.evaluator = Evaluator(self.model, tokenizer, spec.evaluation.tasks, include_paths(spec),
                                    batch_size=spec.evaluation.batch_size)

@@ -30,6 +30,7 @@ from evomerge.errors import SpecError
 from evomerge.lora import model_folders, named_models
 from evomerge.methods import MergeMethod
 from evomerge.spec import AnyRecipe, MergeRecipe, Recipe, resolve_setting
+from evomerge.vocab import VocabPlan, align_inputs, is_vocab_tensor, plan_vocab, source_model, write_vocab
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -128,11 +129,13 @@ def stack_deltas(base_w: torch.Tensor, tensors: Sequence[torch.Tensor], *, subtr
 
 @dataclass
 class MergeInputs:
-    """The opened, mutually compatible checkpoints of a recipe, by model reference."""
+    """The opened, mutually compatible checkpoints of a recipe, by model reference, and the output vocabulary
+    when the recipe has a ``tokenizer_source``."""
 
     recipe: MergeRecipe
     base: Checkpoint | None
     inputs: dict[str, Checkpoint]
+    vocab: VocabPlan | None = None
 
     @property
     def reference(self) -> Checkpoint:
@@ -142,14 +145,29 @@ class MergeInputs:
     def names(self) -> list[str]:
         return list(self.reference.tensors)
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape in the output: a vocabulary tensor has a row per token of the output vocabulary."""
+        shape = self.reference.tensors[name].shape
+        return (self.vocab.size, *shape[1:]) if self.vocab and is_vocab_tensor(name) else shape
+
+
+def tokenizer_source(recipe: MergeRecipe) -> str | None:
+    """The recipe's ``tokenizer_source`` (a layer-wise recipe's groups have none)."""
+    return recipe.parts[0].tokenizer_source
+
 
 def open_inputs(recipe: MergeRecipe) -> MergeInputs:
-    """Open every model of a recipe and check them against each other; reads headers only."""
+    """Open every model of a recipe and check them against each other, and plan the output vocabulary; reads
+    headers and tokenizers only."""
     base = open_checkpoint(recipe.base_model) if any(p.reads_base for p in recipe.parts) else None
     refs = dict.fromkeys(m.model for part in recipe.parts for m in part.inputs)
     inputs = {ref: open_checkpoint(ref) for ref in refs}
-    check_compatible(([base] if base else []) + list(inputs.values()))
+    source = tokenizer_source(recipe)
+    check_compatible(([base] if base else []) + list(inputs.values()), aligned_vocab=source is not None)
     merged = MergeInputs(recipe, base, inputs)
+    if source is not None:  # the union starts with the base's tokenizer when the merge reads the base
+        opened = {**({recipe.base_model: base} if base else {}), **inputs}
+        merged.vocab = plan_vocab(source, {ref: opened[ref] for ref in recipe.model_refs}, recipe.base_model)
     recipe.check_layers(merged.reference.num_layers)
     check_resolved(recipe, merged.names, merged.reference.num_layers)
     return merged
@@ -163,9 +181,13 @@ def output_dtype(recipe: MergeRecipe | AnyRecipe, source: torch.dtype) -> torch.
 
 
 def _read_tensor(opened: MergeInputs, part: Recipe, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """The base's and every input's copy of one tensor as ``part`` merges it, read from the files."""
+    """The base's and every input's copy of one tensor as ``part`` merges it, read from the files (a vocabulary
+    tensor laid out in the output vocabulary)."""
     base = opened.base.read(name) if opened.base and part.reads_base else None
-    return base, [opened.inputs[m.model].read(name) for m in part.inputs]
+    inputs = [opened.inputs[m.model].read(name) for m in part.inputs]
+    if opened.vocab is not None and is_vocab_tensor(name):
+        return align_inputs(opened.vocab, part, base, inputs)
+    return base, inputs
 
 
 def _streamed_tensor(opened: MergeInputs, name: str, num_layers: int) -> torch.Tensor:
@@ -202,12 +224,15 @@ def merge_to_folder(recipe: MergeRecipe, out: Path, *, force: bool = False, max_
     # a base the method does not read is still the user's folder (but not worth a Hub lookup); a LoRA input
     # protects both its base and its adapter folder
     unread = [r for r in named_models(recipe.base_model or "") if r and hub_id_of(r) is None]
-    inputs = [folder for ref in [*recipe.model_refs, *unread] for folder in model_folders(ref)]
+    source = tokenizer_source(recipe)
+    named = source_model(source, recipe.base_model) if source else None  # its tokenizer is read
+    inputs = [folder for ref in [*recipe.model_refs, *unread, *([named] if named else [])]
+              for folder in model_folders(ref)]
     check_output_folder(out, force, protected=[*inputs, *protected])
     opened = open_inputs(recipe)
     ref = opened.reference
     num_layers = ref.num_layers
-    entries = [(n, ref.tensors[n].shape, output_dtype(recipe, ref.tensors[n].dtype)) for n in opened.names]
+    entries = [(n, opened.shape(n), output_dtype(recipe, ref.tensors[n].dtype)) for n in opened.names]
     with atomic_folder(out) as tmp:
         writer = ShardedWriter(tmp, entries, max_shard_bytes)
         # two tensors merge at once (each reads its own inputs, so reading overlaps compute), unless
@@ -241,6 +266,8 @@ def merge_to_folder(recipe: MergeRecipe, out: Path, *, force: bool = False, max_
         writer.finish()
         float_dtype = next((d for _, _, d in entries if d.is_floating_point), torch.float32)
         copy_side_files(ref.path, tmp, float_dtype)
+        if opened.vocab is not None:
+            write_vocab(opened.vocab, tmp)
         atomic_write_text(tmp / "evomerge_recipe.yaml", recipe.to_yaml())
         atomic_write_text(tmp / recipe.mergekit_file,
                           recipe.to_mergekit_yaml(DTYPE_NAMES.get(float_dtype), ref.layer_prefix))
@@ -251,15 +278,26 @@ def merge_to_folder(recipe: MergeRecipe, out: Path, *, force: bool = False, max_
 
 class LiveMerger:
     """Holds a base and its task vectors on the model's device and writes each recipe's merge into the
-    live model's parameters in place. Built once per worker; ``apply`` is the per-candidate cost."""
+    live model's parameters in place. Built once per worker; ``apply`` is the per-candidate cost.
 
-    def __init__(self, model: torch.nn.Module, base: str, models: list[str]) -> None:
+    With ``tokenizer_source`` the live model is resized to the output vocabulary (``vocab``) of a recipe that
+    merges the base and all the models, and each recipe's vocabulary tensors are laid out as the streamed merge
+    lays them out (the rows a model lacks depend on which models the recipe merges)."""
+
+    def __init__(self, model: torch.nn.Module, base: str, models: list[str],
+                 tokenizer_source: str | None = None) -> None:
         self.model = model
         self.base_ref = base
         self.model_refs = models
+        self.tokenizer_source = tokenizer_source
         ckpts = [open_checkpoint(base)] + [open_checkpoint(m) for m in models]
-        check_compatible(ckpts)
+        check_compatible(ckpts, aligned_vocab=tokenizer_source is not None)
         self.num_layers = ckpts[0].num_layers
+        self.checkpoints = dict(zip([base, *models], ckpts, strict=True))
+        self.vocab = plan_vocab(tokenizer_source, self.checkpoints, base) if tokenizer_source else None
+        if self.vocab is not None:  # apply overwrites every row
+            model.resize_token_embeddings(self.vocab.size, mean_resizing=False)
+        self._same_vocab = {tuple(self.checkpoints): True}  # model lists whose recipes give the live vocabulary
         self.params = dict(model.named_parameters())
         params = self.params
         missing = [n for n in ckpts[0].tensors if n not in params]
@@ -269,8 +307,29 @@ class LiveMerger:
         self.base = {n: ckpts[0].read(n, params[n].device).to(torch.float32) for n in ckpts[0].tensors}
         self.weights = {ref: {n: c.read(n, params[n].device).to(torch.float32) for n in c.tensors}
                         for ref, c in zip(models, ckpts[1:], strict=True)}
-        self.deltas = {ref: {n: w[n] - self.base[n] for n in w} for ref, w in self.weights.items()}
+        self.deltas = {ref: {n: w[n] - self.base[n] for n in w if not self._aligned(n)}
+                       for ref, w in self.weights.items()}
         self.layers = {n: layer_index(n) for n in self.base}
+
+    def _aligned(self, name: str) -> bool:
+        """Whether a tensor is laid out in the output vocabulary per recipe (its task vectors are not kept)."""
+        return self.vocab is not None and is_vocab_tensor(name)
+
+    def _check_vocab(self, part: Recipe) -> None:
+        """A recipe must give the live model's vocabulary: the same ``tokenizer_source`` and the same tokens at the
+        same ids (a union depends on the models merged; checked once per model list)."""
+        if part.tokenizer_source != self.tokenizer_source:
+            raise SpecError(f"recipe has tokenizer_source {part.tokenizer_source!r}, this merger was built with "
+                            f"{self.tokenizer_source!r}")
+        if self.vocab is None:
+            return
+        refs = tuple(part.model_refs)
+        if refs not in self._same_vocab:
+            plan = plan_vocab(self.tokenizer_source, {r: self.checkpoints[r] for r in refs}, part.base_model)
+            self._same_vocab[refs] = plan.tokenizer.get_vocab() == self.vocab.tokenizer.get_vocab()
+        if not self._same_vocab[refs]:
+            raise SpecError(f"a recipe over {', '.join(refs)} gives another output vocabulary than the live model's "
+                            f"(over {', '.join(self.checkpoints)}); merge it to a folder instead")
 
     @torch.no_grad()
     def apply(self, recipe: MergeRecipe) -> None:
@@ -280,6 +339,7 @@ class LiveMerger:
             unknown = [m.model for m in part.inputs if m.model not in self.weights]
             if unknown or (part.reads_base and part.base_model != self.base_ref):
                 raise SpecError(f"recipe uses models this merger was not built with: {unknown or part.base_model}")
+            self._check_vocab(part)
         for name, base in self.base.items():
             part = recipe.part_for(self.layers[name])
             method, use_base = part.method, part.reads_base
@@ -287,6 +347,11 @@ class LiveMerger:
             gen = tensor_generator(part.seed, name, base.device) if method.seeded else None
             refs = [m.model for m in part.inputs]
             inputs = [self.weights[r][name] for r in refs]
-            deltas = [self.deltas[r][name] for r in refs] if method.uses_deltas and use_base else None
-            merged = merge_tensor(method, params, base if use_base else None, inputs, deltas=deltas, generator=gen)
+            base_in = base if use_base else None
+            if self._aligned(name):
+                base_in, inputs = align_inputs(self.vocab, part, base_in, inputs)
+                deltas = None
+            else:
+                deltas = [self.deltas[r][name] for r in refs] if method.uses_deltas and use_base else None
+            merged = merge_tensor(method, params, base_in, inputs, deltas=deltas, generator=gen)
             self.params[name].copy_(merged)

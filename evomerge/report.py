@@ -16,7 +16,7 @@ from optuna.trial import TrialState
 
 from evomerge.checkpoint import atomic_write_text, layer_index, open_checkpoint
 from evomerge.merge import resolve_params
-from evomerge.run import Attr, RunFolder, counted, describe_margin, summary_table_markdown
+from evomerge.run import Attr, RunFolder, counted, describe_margin, structured_attr, summary_table_markdown
 from evomerge.scores import weighted_mean
 from evomerge.spec import AnyRecipe, MergeRecipe, PathRecipe, SearchSpec, parse_recipe
 
@@ -170,7 +170,7 @@ def write_report(run_dir: Path) -> Path:
         chosen = (f"winner: trial {summary['winner_trial']}", parse_recipe(summary["winner_recipe"]))
     elif full:
         best = max(full, key=lambda p: p.score)
-        recipe = parse_recipe(trials[best.number].user_attrs[Attr.RECIPE])
+        recipe = parse_recipe(structured_attr(trials[best.number], Attr.RECIPE))
         chosen = (f"best trial so far: {best.number}", recipe)
     per_layer = layer_parameters(chosen[1]) if chosen is not None and not isinstance(chosen[1], PathRecipe) else {}
     png = run.root / "report.png"

@@ -33,17 +33,29 @@ STUDY_FILE = "study.db"
 class Attr:
     """Names of the user attributes a search stores on each trial."""
 
-    RECIPE = "recipe"  # the evaluated recipe (JSON)
+    RECIPE = "recipe"  # the evaluated recipe (JSON text)
     RECIPE_HASH = "recipe_hash"  # detects duplicates
     SCORES = "scores"  # per-task search scores
     FIDELITY = "fidelity"  # "full" or "screen"
-    SCREEN = "screen"  # weighted per-example answers on the screening subset
+    SCREEN = "screen"  # weighted per-example answers on the screening subset (JSON text)
     BASELINE = "baseline"  # label of an enqueued baseline recipe
     DUPLICATE_OF = "duplicate_of"  # number of the trial whose score a duplicate reuses
     RETRY = "retry"  # how often this candidate's parameters were re-queued after a failure
     RERUN_OF = "rerun_of"  # the interrupted trial this one runs again
     ERROR = "error"  # why a trial failed
     EXAMPLES = "examples"  # examples scored for this trial (screen + rest)
+
+
+def as_text(value: Any) -> str:
+    """A structured attribute as compact JSON text: optuna-dashboard shows text whole, while it cuts any
+    other value's JSON at 1024 characters, mid-value (a recipe or a screening vector is longer)."""
+    return json.dumps(value, separators=(",", ":"))
+
+
+def structured_attr(trial: FrozenTrial, name: str, default: Any = None) -> Any:
+    """A user attribute stored by ``as_text`` (or, by runs written before it, as the value itself)."""
+    value = trial.user_attrs.get(name, default)
+    return json.loads(value) if isinstance(value, str) else value
 
 
 def counted(trial: FrozenTrial) -> bool:

@@ -15,7 +15,7 @@ import optuna
 from scipy.stats import wilcoxon
 
 from evomerge.evaluate import EvalResult
-from evomerge.run import Attr
+from evomerge.run import Attr, structured_attr
 from evomerge.scores import task_shares
 
 P_THRESHOLD = 0.1
@@ -36,17 +36,17 @@ class Screen:
     def __init__(self, doc_ids: dict[str, Sequence[int]], weights: dict[str, float],
                  trials: Iterable[optuna.trial.FrozenTrial] = ()) -> None:
         self.doc_ids = doc_ids
-        shares = task_shares(weights)
-        self._scale = {t: shares[t] / len(ids) for t, ids in doc_ids.items()}
+        self._shares = task_shares(weights)
         self.best_value: float | None = None
         self.best: list[float] | None = None
         for trial in trials:  # a resumed run: the best so far among its full-fidelity trials
             if trial.user_attrs.get(Attr.FIDELITY) == "full" and Attr.SCREEN in trial.user_attrs:
-                self.record(trial.value, trial.user_attrs[Attr.SCREEN])
+                self.record(trial.value, structured_attr(trial, Attr.SCREEN))
 
     def vector(self, result: EvalResult) -> list[float]:
         """Per-example scores in a fixed order, each weighted so that their sum is the weighted score."""
-        return [self._scale[t] * result.examples[t][d] for t, ids in self.doc_ids.items() for d in ids]
+        return [self._shares[t] * weight * result.examples[t][d] for t, ids in self.doc_ids.items()
+                for d, weight in result.example_weights(t, ids).items()]
 
     def prunes(self, vector: Sequence[float]) -> bool:
         return self.best is not None and significantly_worse(vector, self.best)

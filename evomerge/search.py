@@ -30,7 +30,7 @@ from evomerge.errors import SearchError, SpecError
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate, Executor, InProcessExecutor, Outcome, Worker, has_room, run_all
 from evomerge.interrupt import CtrlC
-from evomerge.run import STUDY_NAME, Attr, RunFolder, counted, sqlite_file
+from evomerge.run import STUDY_NAME, Attr, RunFolder, as_text, counted, sqlite_file, structured_attr
 from evomerge.scores import task_shares, weighted_mean
 from evomerge.screening import Screen
 from evomerge.space import LayerLayout, Space, make_space
@@ -52,11 +52,16 @@ def spec_hash(spec: SearchSpec) -> str:
         unchanged.setdefault("space", set()).update({"kind", *SpaceSpec.DATAFLOW_FIELDS})
     if spec.then is None:
         unchanged["then"] = True
+    if spec.tokenizer_source is None:
+        unchanged["tokenizer_source"] = True
     return hashlib.sha256(spec.model_dump_json(exclude=unchanged).encode()).hexdigest()[:16]
 
 
 def recipe_hash(recipe: AnyRecipe) -> str:
-    return hashlib.sha256(recipe.model_dump_json().encode()).hexdigest()[:16]
+    """A recipe's identity in its run (duplicates reuse a score); a field added later is left out while it
+    holds its default, so that a resumed older run still knows its recipes."""
+    later = {"tokenizer_source"} if isinstance(recipe, Recipe) and recipe.tokenizer_source is None else None
+    return hashlib.sha256(recipe.model_dump_json(exclude=later).encode()).hexdigest()[:16]
 
 
 def default_run_name(spec_path: str | None) -> str:
@@ -70,14 +75,33 @@ def check_spec(spec: SearchSpec) -> None:
     from evomerge.evaluate import check_tasks
     from evomerge.executors import include_paths
 
-    check_compatible([open_checkpoint(spec.base_model)] + [open_checkpoint(m) for m in spec.models])
+    checkpoints = {ref: open_checkpoint(ref) for ref in [spec.base_model, *spec.models]}
+    check_compatible(list(checkpoints.values()), aligned_vocab=spec.tokenizer_source is not None)
+    if spec.tokenizer_source is not None:
+        from evomerge.methods import get_method
+        from evomerge.vocab import plan_vocab
+
+        searched = plan_vocab(spec.tokenizer_source, checkpoints, spec.base_model).tokenizer.get_vocab()
+        baseless = [m for m in spec.space.methods if get_method(m).base == "none"]
+        if baseless and spec.tokenizer_source == "union":  # their union starts from models[0], not the base
+            without = {ref: checkpoints[ref] for ref in spec.models}
+            if plan_vocab("union", without, spec.base_model).tokenizer.get_vocab() != searched:
+                raise SpecError(f"tokenizer_source union: {baseless[0]} merges without the base, and the union of the "
+                                "models alone numbers the tokens otherwise than the one that starts from the base; "
+                                "drop it from space.methods, put the model that shares the base's token ids first, "
+                                "or use tokenizer_source base")
     paths = spec.space if spec.space.kind == "dataflow" else spec.then.space if spec.then else None
     if paths is not None and paths.scale is not None:  # a then stage's too: checked before the first stage runs
         from evomerge.dataflow import check_scalable
 
         for ref in spec.models:
             check_scalable(open_checkpoint(ref), f"{'then.' if spec.then else ''}space.scale ({ref})")
-    check_tasks(spec.evaluation.tasks, include_paths(spec), tokenizer=resolve_model_path(spec.base_model))
+    tokenizer = spec.base_model  # the union starts from the base's tokenizer
+    if spec.tokenizer_source is not None:
+        from evomerge.vocab import source_model
+
+        tokenizer = source_model(spec.tokenizer_source, spec.base_model) or tokenizer
+    check_tasks(spec.evaluation.tasks, include_paths(spec), tokenizer=resolve_model_path(tokenizer))
 
 
 def check_storage(url: str) -> None:
@@ -320,7 +344,7 @@ class Search:
                     self._tell_duplicate(trial, key)
                 continue
             duplicates = 0
-            trial.set_user_attr(Attr.RECIPE, recipe.model_dump(mode="json", exclude_defaults=True))
+            trial.set_user_attr(Attr.RECIPE, as_text(recipe.model_dump(mode="json", exclude_defaults=True)))
             self._flight[trial.number] = _Flight(trial, recipe, key, time.perf_counter())
             self.executor.submit(trial.number, Candidate(recipe, "search", self.search_ids, self.screen))
 
@@ -356,7 +380,7 @@ class Search:
         trial.set_user_attr(Attr.SCORES, result.scores)
         trial.set_user_attr(Attr.EXAMPLES, examples)
         if outcome.screen_vector is not None:
-            trial.set_user_attr(Attr.SCREEN, outcome.screen_vector)
+            trial.set_user_attr(Attr.SCREEN, as_text(outcome.screen_vector))
         self.study.tell(trial, values)
         if self.screen is not None and outcome.fidelity == "full" and outcome.screen_vector is not None:
             self.screen.record(result.score, outcome.screen_vector)
@@ -405,12 +429,26 @@ class Search:
                       reverse=True)[: self.spec.evaluation.top_k]
 
     def reference_recipes(self) -> dict[str, Recipe]:
-        """What the winner is compared with: each parent alone and their uniform average."""
+        """What the winner is compared with: each parent alone and their uniform average. With a
+        ``tokenizer_source`` each is a task arithmetic of all the models on the base (a parent: weight 1, the
+        others 0; equal up to float rounding), so that it has the searched vocabulary: a union depends on the
+        models merged and starts from the base only when the merge reads it."""
         spec = self.spec
-        refs = {f"parent {m}": Recipe(merge_method="linear", models=[{"model": m}], dtype=spec.dtype)
-                for m in spec.models}
-        refs["uniform average"] = Recipe(merge_method="linear", models=[{"model": m} for m in spec.models],
-                                         dtype=spec.dtype)
+        if spec.tokenizer_source is None:
+            refs = {f"parent {m}": Recipe(merge_method="linear", models=[{"model": m}], dtype=spec.dtype)
+                    for m in spec.models}
+            refs["uniform average"] = Recipe(merge_method="linear", models=[{"model": m} for m in spec.models],
+                                             dtype=spec.dtype)
+            return refs
+
+        def arithmetic(weights: list[float]) -> Recipe:
+            return Recipe(merge_method="task_arithmetic", base_model=spec.base_model, dtype=spec.dtype,
+                          tokenizer_source=spec.tokenizer_source,
+                          models=[{"model": m, "parameters": {"weight": w}} for m, w in zip(spec.models, weights,
+                                                                                             strict=True)])
+
+        refs = {f"parent {m}": arithmetic([float(o == m) for o in spec.models]) for m in spec.models}
+        refs["uniform average"] = arithmetic([1 / len(spec.models)] * len(spec.models))
         return refs
 
     def _score_all(self, jobs: list[tuple[AnyRecipe, str]]) -> list[EvalResult]:
@@ -453,7 +491,7 @@ class Search:
 
 
 def _recipe_of(trial: optuna.trial.FrozenTrial) -> AnyRecipe:
-    return parse_recipe(trial.user_attrs[Attr.RECIPE])
+    return parse_recipe(structured_attr(trial, Attr.RECIPE))
 
 
 def paired_margin(a: EvalResult, b: EvalResult) -> dict[str, float]:
@@ -462,9 +500,9 @@ def paired_margin(a: EvalResult, b: EvalResult) -> dict[str, float]:
     weights: list[float] = []
     shares = task_shares(a.weights)
     for task, per_doc in a.examples.items():
-        for doc, value in per_doc.items():
-            diffs.append(value - b.examples[task][doc])
-            weights.append(shares[task] / len(per_doc))
+        for doc, weight in a.example_weights(task, per_doc).items():
+            diffs.append(per_doc[doc] - b.examples[task][doc])
+            weights.append(shares[task] * weight)
     mean = sum(w * d for w, d in zip(weights, diffs, strict=True))
     variance = sum(w * w * (d - mean) ** 2 for w, d in zip(weights, diffs, strict=True)) * len(diffs) / max(
         1, len(diffs) - 1)

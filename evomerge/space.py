@@ -159,7 +159,7 @@ class SearchSpace:
         """The single-method recipe for given slot values."""
         spec = self.spec
         return Recipe(**self._fields(method, values, self.slots), base_model=spec.base_model, dtype=spec.dtype,
-                      seed=spec.seed)
+                      seed=spec.seed, tokenizer_source=spec.tokenizer_source)
 
     def layerwise(self, parts: list[tuple[MergeMethod, Values]]) -> LayerwiseRecipe:
         """The layer-wise recipe for each method group's method and slot values."""

@@ -105,6 +105,7 @@ class Recipe(_RecipeForms):
     dtype: DType | None = None
     out_dtype: DType | None = None
     seed: int = 0
+    tokenizer_source: str | None = None  # mergekit's: base, union or a model reference (evomerge.vocab)
 
     @property
     def method(self) -> MergeMethod:
@@ -128,6 +129,7 @@ class Recipe(_RecipeForms):
         for i, entry in enumerate(self.models):
             for name, setting in entry.parameters.items():
                 _check_setting(method, name, setting, method.per_model, f"models[{i}] ({entry.model})")
+        _check_tokenizer_source(self.tokenizer_source, self.base_model)
         return self
 
     # ------------------------------------------------------------------ the MergeRecipe contract
@@ -179,7 +181,17 @@ class Recipe(_RecipeForms):
         doc["dtype"] = "float32"
         if out_dtype:
             doc["out_dtype"] = out_dtype
+        if self.tokenizer_source:
+            doc["tokenizer_source"] = self._mergekit_tokenizer_source(base)
         return doc
+
+    def _mergekit_tokenizer_source(self, base: str | None) -> str:
+        """``tokenizer_source`` as mergekit reads it: without a ``base_model`` in its config (a method that
+        does not read ours) mergekit's ``base`` would be any one of the models, so ours is named by path."""
+        source = self.tokenizer_source
+        if source == "union" or (source == "base" and base):
+            return source
+        return _abs_path(self.base_model if source == "base" else source)
 
 
 class LayerGroup(BaseModel):
@@ -412,6 +424,20 @@ def _abs_path(ref: str) -> str:
 def _plain(params: dict[str, Setting]) -> dict[str, Any]:
     return {k: [v.model_dump(exclude_none=True) if isinstance(v, Filtered) else v for v in s]
             if isinstance(s, list) else s for k, s in params.items()}
+
+
+def _check_tokenizer_source(source: str | None, base_model: str | None) -> None:
+    """mergekit's values: ``base`` (which needs a base_model), ``union`` or a model reference, named as the
+    recipe names models (mergekit has no ``model:`` prefix: it would look for a folder of that name)."""
+    if source is None:
+        return
+    if not source.strip():
+        raise ValueError("tokenizer_source must be base, union or a model (a folder or Hub id)")
+    if source.startswith("model:"):
+        raise ValueError(f"tokenizer_source {source!r}: name the model itself, as mergekit does "
+                         f"({source.removeprefix('model:')!r}, without 'model:')")
+    if source == "base" and not base_model:
+        raise ValueError("tokenizer_source base needs a base_model")
 
 
 def _check_setting(method: MergeMethod, name: str, setting: Setting, allowed: dict[str, Param], where: str) -> None:
@@ -711,9 +737,15 @@ class SearchSpec(BaseModel):
     dtype: DType = "float32"
     device: str = "auto"
     then: ThenSpec | None = None
+    tokenizer_source: str | None = None  # as in a recipe: models whose vocabularies differ (evomerge.vocab)
 
     @model_validator(mode="after")
     def _check(self) -> SearchSpec:
+        _check_tokenizer_source(self.tokenizer_source, self.base_model)
+        if self.tokenizer_source is not None and (self.space.kind == "dataflow" or self.then is not None
+                                                  or self.space.method_granularity != "global"):
+            raise ValueError("tokenizer_source works with one method for the whole network (layer-wise recipes and "
+                             "layer paths have none)")
         if self.then is not None:
             if self.space.kind != "weights":
                 raise ValueError("then follows a parameter-space search: space.kind must be weights")

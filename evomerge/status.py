@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from evomerge.errors import SpecError
-from evomerge.run import Attr, RunFolder, counted
+from evomerge.run import Attr, RunFolder, counted, structured_attr
 
 
 def run_table(run_dir: Path, limit: int = 20) -> Table:
@@ -28,7 +28,7 @@ def run_table(run_dir: Path, limit: int = 20) -> Table:
     ranked = sorted(finished, key=lambda t: (t.user_attrs.get(Attr.FIDELITY) == "full", t.values[0]), reverse=True)
     for t in ranked[:limit]:
         note = t.user_attrs.get(Attr.BASELINE) or ("winner" if t.number == winner else "")
-        recipe = t.user_attrs.get(Attr.RECIPE, {})  # layer-wise: the groups' methods, first block's first
+        recipe = structured_attr(t, Attr.RECIPE, {})  # layer-wise: the groups' methods, first block's first
         method = recipe.get("merge_method") or "/".join(g["merge_method"] for g in recipe.get("groups", [])) \
             or (f"path of {len(recipe['path'])} blocks" if "path" in recipe else "")
         table.add_row(str(t.number), t.user_attrs.get(Attr.FIDELITY, ""), " ".join(f"{v:.4f}" for v in t.values),

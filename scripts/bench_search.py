@@ -25,7 +25,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import DEMO_SPEC  # noqa: E402
 from evomerge.executors import Candidate, InProcessExecutor, Worker  # noqa: E402
-from evomerge.run import Attr, RunFolder, counted  # noqa: E402
+from evomerge.run import Attr, RunFolder, counted, structured_attr  # noqa: E402
 from evomerge.search import Search, prepare_run  # noqa: E402
 from evomerge.spec import MergeRecipe, Recipe, SearchSpec, parse_recipe  # noqa: E402
 
@@ -87,7 +87,7 @@ def curve(spec: SearchSpec, executor: InProcessExecutor, budget: int, step: int)
             full = [t for t in trials[:k] if t.user_attrs.get(Attr.FIDELITY) == "full"]
             best = max(full, key=lambda t: t.value)
             if best.number not in cache:
-                recipe = parse_recipe(best.user_attrs[Attr.RECIPE])
+                recipe = parse_recipe(structured_attr(best, Attr.RECIPE))
                 cache[best.number] = test_score(executor.worker, recipe)
             points.append(cache[best.number])
         return points, seconds

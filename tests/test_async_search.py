@@ -11,7 +11,7 @@ from test_search import SPEC
 from evomerge.errors import SearchError
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate, InProcessExecutor, Outcome, Worker, run_all, screen_then_rest
-from evomerge.run import Attr, RunFolder, counted
+from evomerge.run import Attr, RunFolder, counted, structured_attr
 from evomerge.search import Search, prepare_run
 from evomerge.spec import Recipe, SearchSpec
 
@@ -108,12 +108,12 @@ def test_screening_reference_follows_results_in_any_order(tmp_path):
     full = [t for t in trials if t.user_attrs[Attr.FIDELITY] == "full"]
     screened = [t for t in trials if t.user_attrs[Attr.FIDELITY] == "screen"]
     assert len(trials) == 30 and full and screened
-    assert all(len(t.user_attrs[Attr.SCREEN]) == 30 and t.user_attrs[Attr.EXAMPLES] == 30 for t in screened)
+    assert all(len(structured_attr(t, Attr.SCREEN)) == 30 and t.user_attrs[Attr.EXAMPLES] == 30 for t in screened)
     assert all(t.user_attrs[Attr.EXAMPLES] == 80 for t in full)
     best = max(full, key=lambda t: t.value)  # the reference is the best full trial, whatever the arrival order
-    assert search.screen.best_value == best.value and search.screen.best == best.user_attrs[Attr.SCREEN]
+    assert search.screen.best_value == best.value and search.screen.best == structured_attr(best, Attr.SCREEN)
     resumed = Search(spec, run, ShuffledExecutor(slots=3))
-    assert resumed.screen.best_value == best.value and resumed.screen.best == best.user_attrs[Attr.SCREEN]
+    assert resumed.screen.best_value == best.value and resumed.screen.best == structured_attr(best, Attr.SCREEN)
 
 
 def test_duplicate_of_a_candidate_in_flight_waits_for_it(tmp_path):

@@ -18,7 +18,7 @@ from evomerge.checkpoint import open_checkpoint
 from evomerge.cli import main
 from evomerge.demo import TASKS_DIR
 from evomerge.evaluate import Evaluator
-from evomerge.run import RunFolder, counted
+from evomerge.run import Attr, RunFolder, counted, structured_attr
 from evomerge.space import LayerLayout, PathSpace, make_space
 from evomerge.spec import PathRecipe, SearchSpec, TaskSpec
 from tests.test_search import wait_for
@@ -141,7 +141,8 @@ def test_dataflow_resume_after_sigkill_at_events(tmp_path):
     logged = {row["trial"]: row for row in run.log_rows() if row["state"] != "fail"}
     for t in trials:  # what the log says was scored is what the study holds, path and score
         if counted(t) and t.number in logged and "duplicate_of" not in t.user_attrs:
-            assert logged[t.number]["recipe"] == t.user_attrs["recipe"] and logged[t.number]["score"] == t.values[0]
+            assert logged[t.number]["recipe"] == structured_attr(t, Attr.RECIPE)
+            assert logged[t.number]["score"] == t.values[0]
 
 
 CHAIN = {**SPEC, "space": {"methods": ["linear"], "granularity": "global"}, "sampler": "random",

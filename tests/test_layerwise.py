@@ -20,7 +20,7 @@ from evomerge.errors import SpecError
 from evomerge.merge import LiveMerger, merge_to_folder, resolve_params
 from evomerge.methods import get_method
 from evomerge.report import layer_methods
-from evomerge.run import STUDY_NAME, RunFolder, counted
+from evomerge.run import STUDY_NAME, Attr, RunFolder, counted, structured_attr
 from evomerge.space import LayerLayout, SearchSpace
 from evomerge.spec import LayerwiseRecipe, Recipe, SearchSpec, parse_recipe, recipe_from_yaml
 
@@ -422,7 +422,7 @@ def test_layerwise_search_status_report_export_resume(tmp_path, capsys, monkeypa
     assert main(["search", str(spec), "--budget", "6", "--run", str(run)]) == 0
     trials = study_trials(run)
     assert sum(counted(t) for t in trials) == 6
-    recipes = {t.number: parse_recipe(t.user_attrs["recipe"]) for t in trials if counted(t)}
+    recipes = {t.number: parse_recipe(structured_attr(t, Attr.RECIPE)) for t in trials if counted(t)}
     assert all(isinstance(r, LayerwiseRecipe) and [g.layers for g in r.groups] == [(0, 2), (2, 4)]
                for r in recipes.values())
     assert [t.user_attrs.get("baseline") for t in trials[:3]] == ["uniform average", "demo:add alone",
@@ -444,7 +444,7 @@ def test_layerwise_search_status_report_export_resume(tmp_path, capsys, monkeypa
     # (in a copy of the run) a winner with two methods, so that the check never depends on which one won
     shutil.copytree(run, tmp_path / "copy")
     (tmp_path / "copy" / "summary.json").write_text(json.dumps(
-        {**summary, "winner_trial": mixed[0], "winner_recipe": trials[mixed[0]].user_attrs["recipe"]}))
+        {**summary, "winner_trial": mixed[0], "winner_recipe": structured_attr(trials[mixed[0]], Attr.RECIPE)}))
     assert main(["report", str(tmp_path / "copy")]) == 0
     for folder, number in ((run, summary["winner_trial"]), (tmp_path / "copy", mixed[0])):
         report = (folder / "report.md").read_text()
@@ -479,5 +479,5 @@ def test_layerwise_search_status_report_export_resume(tmp_path, capsys, monkeypa
     assert sum(counted(t) for t in again) == 8
     assert [(t.number, t.params, t.values) for t in again[: len(trials)]] == \
         [(t.number, t.params, t.values) for t in trials]  # the first six are kept, not re-run
-    assert all(isinstance(parse_recipe(t.user_attrs["recipe"]), LayerwiseRecipe) for t in again if counted(t))
+    assert all(isinstance(parse_recipe(structured_attr(t, Attr.RECIPE)), LayerwiseRecipe) for t in again if counted(t))
     assert json.loads((run / "summary.json").read_text())["finished_trials"] == 8

@@ -131,7 +131,7 @@ def test_trims_keep_mergekits_entries_among_ties(dtype):
     magnitudes must be the ones mergekit's sparsifiers keep (their sort order, not index order)."""
     sparsify = pytest.importorskip("mergekit.sparsify")
     gen = torch.Generator().manual_seed(0)
-    for shape in [(64,), (96, 80), (300, 257)]:
+    for shape in [(64,), (96, 80), (300, 257), (1024, 700)]:
         base = (torch.randint(-32, 33, shape, generator=gen) / 256).to(dtype).float()
         delta = (base + torch.randint(-3, 4, shape, generator=gen) / 512).to(dtype).float() - base
         for density in (0.05, 0.3, 0.5, 0.77):

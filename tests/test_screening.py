@@ -7,7 +7,7 @@ from optuna.trial import TrialState
 from test_search import SPEC
 
 from evomerge.evaluate import EvalResult
-from evomerge.run import Attr, RunFolder
+from evomerge.run import Attr, RunFolder, structured_attr
 from evomerge.scores import weighted_mean
 from evomerge.screening import P_THRESHOLD, Screen, significantly_worse
 from evomerge.search import Search, prepare_run
@@ -68,10 +68,10 @@ def test_search_screens_out_a_worse_parent_with_one_write_per_trial(tmp_path):
     assert add_alone.user_attrs["baseline"] == "demo:add alone"
     assert (average.user_attrs["fidelity"], add_alone.user_attrs["fidelity"]) == ("full", "screen")
     assert add_alone.value < average.value
-    assert len(add_alone.user_attrs[Attr.SCREEN]) == 30 and not add_alone.intermediate_values
-    weighted = sum(add_alone.user_attrs[Attr.SCREEN])
+    assert len(structured_attr(add_alone, Attr.SCREEN)) == 30 and not add_alone.intermediate_values
+    weighted = sum(structured_attr(add_alone, Attr.SCREEN))
     assert weighted == pytest.approx(add_alone.value)  # the weighted screen vector sums to the screen score
 
     resumed = Search(spec, run, executor=search.executor)
     assert resumed.screen.best_value == pytest.approx(average.value)
-    assert resumed.screen.best == average.user_attrs[Attr.SCREEN]
+    assert resumed.screen.best == structured_attr(average, Attr.SCREEN)
