@@ -114,11 +114,12 @@ def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Na
             if lock is None:
                 run.root.mkdir(parents=True, exist_ok=True)
                 lock = run.lock()
-            prepare_run(spec, run, budget, force=args.force, storage=storage)
+            max_examples = args.max_examples or (run.max_examples() if run.spec.exists() else None)
+            prepare_run(spec, run, budget, force=args.force, storage=storage, max_examples=max_examples)
             console.print(Text(f"run folder: {run.root}"))
             with CtrlC() as ctrl_c:
                 search = Search(spec, run, executor, ctrl_c)
-                _run_with_progress(search, budget)
+                _run_with_progress(search, budget, max_examples)
                 console.print("re-scoring the best candidates on the validation split ...")
                 summary = search.finalize()
                 ctrl_c.check()
@@ -135,7 +136,7 @@ def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Na
             lock.close()
 
 
-def _run_with_progress(search: Search, budget: int) -> None:
+def _run_with_progress(search: Search, budget: int, max_examples: int | None) -> None:
     columns = (TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
                TextColumn("workers {task.fields[busy]}"), TimeRemainingColumn())
     with Progress(*columns, console=console) as progress:
@@ -145,7 +146,7 @@ def _run_with_progress(search: Search, budget: int) -> None:
             progress.update(task, completed=p.done, best="-" if p.best is None else f"{p.best:.4f}",
                             busy=f"{p.busy}/{p.workers} busy")
 
-        search.run_budget(budget, show)
+        search.run_budget(budget, show, max_examples)
 
 
 class _Interrupted(Exception):
@@ -200,6 +201,9 @@ def build_parser() -> argparse.ArgumentParser:
     search = sub.add_parser("search", help="search merge recipes (no spec: the built-in demo)")
     search.add_argument("spec", nargs="?", help="search spec YAML (default: the built-in demo)")
     search.add_argument("--budget", type=_positive_int, help="finished candidate evaluations to reach")
+    search.add_argument("--max-examples", type=_positive_int,
+                        help="also stop once the trials have scored this many examples (no new candidate starts; "
+                             "recorded for --resume)")
     search.add_argument("--run", help="run folder (default: runs/SPEC-TIMESTAMP)")
     search.add_argument("--resume", metavar="RUN", help="continue the search of this run folder")
     search.add_argument("--storage", help="SQLAlchemy URL of the study (default: sqlite in the run folder); "

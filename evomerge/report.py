@@ -16,7 +16,15 @@ from optuna.trial import TrialState
 
 from evomerge.checkpoint import atomic_write_text, layer_index, open_checkpoint
 from evomerge.merge import resolve_params
-from evomerge.run import Attr, RunFolder, counted, describe_margin, structured_attr, summary_table_markdown
+from evomerge.run import (
+    Attr,
+    RunFolder,
+    counted,
+    describe_margin,
+    examples_scored,
+    structured_attr,
+    summary_table_markdown,
+)
 from evomerge.scores import weighted_mean
 from evomerge.spec import AnyRecipe, MergeRecipe, PathRecipe, SearchSpec, parse_recipe
 
@@ -77,7 +85,7 @@ def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna
     failed = sum(t.state == TrialState.FAIL for t in trials)
     duplicates = sum(Attr.DUPLICATE_OF in t.user_attrs for t in trials)
     seconds = sum(row.get("seconds", 0.0) for row in run.log_rows())
-    examples = sum(t.user_attrs.get(Attr.EXAMPLES, 0) for t in trials if counted(t))
+    examples = examples_scored(trials)
     lines = [f"# evomerge run `{run.root.name}`", "",
              f"- models: {', '.join(spec.models)} (base {spec.base_model})",
              f"- space: methods {', '.join(spec.space.methods)} (chosen per {spec.space.method_granularity}), "

@@ -58,6 +58,11 @@ def structured_attr(trial: FrozenTrial, name: str, default: Any = None) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
+def examples_scored(trials: list[FrozenTrial]) -> int:
+    """Examples scored by these trials (screen and rest; a failed or duplicate trial scored none)."""
+    return sum(t.user_attrs.get(Attr.EXAMPLES, 0) for t in trials)
+
+
 def counted(trial: FrozenTrial) -> bool:
     """Whether a trial uses up budget: a finished evaluation that was not a duplicate."""
     return trial.state == TrialState.COMPLETE and Attr.DUPLICATE_OF not in trial.user_attrs
@@ -140,11 +145,17 @@ class RunFolder:
         ``--storage`` database, which other runs may share."""
         return self.read_doc().get("study") or STUDY_NAME
 
+    def max_examples(self) -> int | None:
+        """The example budget the run was given (``--max-examples``), if any."""
+        return self.read_doc().get("max_examples")
+
     def write_doc(self, spec_doc: dict[str, Any], digest: str, budget: int, storage: str | None,
-                  study: str) -> None:
+                  study: str, max_examples: int | None = None) -> None:
         from evomerge.checkpoint import atomic_write_text
 
         doc = {"spec_hash": digest, "budget": budget, "storage": storage, "study": study, "spec": spec_doc}
+        if max_examples is not None:
+            doc["max_examples"] = max_examples
         atomic_write_text(self.spec, yaml.safe_dump(doc, sort_keys=False))
 
     # ------------------------------------------------------------------ the study, read-only

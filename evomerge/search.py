@@ -30,7 +30,16 @@ from evomerge.errors import SearchError, SpecError
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate, Executor, InProcessExecutor, Outcome, Worker, has_room, run_all
 from evomerge.interrupt import CtrlC
-from evomerge.run import STUDY_NAME, Attr, RunFolder, as_text, counted, sqlite_file, structured_attr
+from evomerge.run import (
+    STUDY_NAME,
+    Attr,
+    RunFolder,
+    as_text,
+    counted,
+    examples_scored,
+    sqlite_file,
+    structured_attr,
+)
 from evomerge.scores import task_shares, weighted_mean
 from evomerge.screening import Screen
 from evomerge.space import LayerLayout, Space, make_space
@@ -146,14 +155,16 @@ def check_run_folder(spec: SearchSpec, run: RunFolder, force: bool, storage: str
     return doc.get("storage")
 
 
-def prepare_run(spec: SearchSpec, run: RunFolder, budget: int, force: bool, storage: str | None = None) -> None:
-    """Create the run folder (or take over one made by the same spec) and record spec, budget, storage and
-    study name (a fresh one in a ``--storage`` database, so that runs sharing it never share a study)."""
+def prepare_run(spec: SearchSpec, run: RunFolder, budget: int, force: bool, storage: str | None = None,
+                max_examples: int | None = None) -> None:
+    """Create the run folder (or take over one made by the same spec) and record spec, budget (and example
+    budget), storage and study name (a fresh one in a ``--storage`` database, so that runs sharing it never
+    share a study)."""
     storage = check_run_folder(spec, run, force, storage)
     study = run.study_name() if run.spec.exists() else \
         (f"{run.root.name}-{uuid.uuid4().hex[:8]}" if storage else STUDY_NAME)
     run.root.mkdir(parents=True, exist_ok=True)
-    run.write_doc(spec.model_dump(mode="json"), spec_hash(spec), budget, storage, study)
+    run.write_doc(spec.model_dump(mode="json"), spec_hash(spec), budget, storage, study, max_examples)
 
 
 STAGE_WINNER = "ps-winner"  # the first stage's winner, exported into the run folder for the then stage
@@ -299,18 +310,23 @@ class Search:
         return max((values[0] for _, values, fidelity in self._seen.values() if fidelity == "full"
                     and len(values) == 1), default=None)
 
-    def run_budget(self, budget: int, on_progress: Callable[[Progress], None] | None = None) -> None:
-        """Evaluate until ``budget`` trials are counted. On any exception (Ctrl-C included) the candidates in
-        flight are marked failed and queued again, so a resumed search re-runs them."""
+    def run_budget(self, budget: int, on_progress: Callable[[Progress], None] | None = None,
+                   max_examples: int | None = None) -> None:
+        """Evaluate until ``budget`` trials are counted, or, with ``max_examples``, until the trials have scored
+        that many examples (no new candidate starts then; those in flight finish). On any exception (Ctrl-C
+        included) the candidates in flight are marked failed and queued again, so a resumed search re-runs
+        them."""
         recover_interrupted(self.study)
         self.seed_baselines()
+        trials = self.study.get_trials(deepcopy=False)
         self._seen = {t.user_attrs[Attr.RECIPE_HASH]: (t.number, t.values, t.user_attrs.get(Attr.FIDELITY))
-                      for t in self.study.get_trials(deepcopy=False)
-                      if counted(t) and Attr.RECIPE_HASH in t.user_attrs}
-        done = self.finished()
+                      for t in trials if counted(t) and Attr.RECIPE_HASH in t.user_attrs}
+        done, scored = self.finished(), examples_scored(trials)
+        capped = False
         try:
             while True:
-                self._dispatch(budget - done)
+                capped = max_examples is not None and scored >= max_examples
+                self._dispatch(0 if capped else budget - done)
                 if on_progress:
                     on_progress(Progress(done, budget, self.best(), *self.executor.workers()))
                 if not self._flight:
@@ -318,10 +334,11 @@ class Search:
                 with self.ctrl_c.waiting():
                     number, outcome = self.executor.wait_any()
                 done += self._receive(self._flight.pop(number), outcome)
+                scored += _examples(outcome.result) if outcome.error is None and outcome.result else 0
         except BaseException:
             self._abandon_flight()
             raise
-        if done < budget:
+        if done < budget and not capped:
             raise SearchError(f"no worker left ({done} of {budget} trials finished); resume when workers are back")
 
     def _dispatch(self, remaining: int) -> None:
@@ -375,7 +392,7 @@ class Search:
         self._failures = 0
         result = outcome.result
         values = _objective(self.spec, result)
-        examples = sum(len(v) for v in result.examples.values())
+        examples = _examples(result)
         trial.set_user_attr(Attr.FIDELITY, outcome.fidelity)
         trial.set_user_attr(Attr.SCORES, result.scores)
         trial.set_user_attr(Attr.EXAMPLES, examples)
@@ -485,9 +502,14 @@ class Search:
             "table": rows,
             "margin_vs_uniform_average": paired_margin(winner_test, scored["uniform average"][1]),
             "finished_trials": self.finished(),
+            "examples_scored": examples_scored(self.study.get_trials(deepcopy=False)),
         }
         atomic_write_text(self.run.summary, json.dumps(summary, indent=2))
         return summary
+
+
+def _examples(result: EvalResult) -> int:
+    return sum(len(v) for v in result.examples.values())
 
 
 def _recipe_of(trial: optuna.trial.FrozenTrial) -> AnyRecipe:

@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from evomerge.errors import SpecError
-from evomerge.run import Attr, RunFolder, counted, structured_attr
+from evomerge.run import Attr, RunFolder, counted, examples_scored, structured_attr
 
 
 def run_table(run_dir: Path, limit: int = 20) -> Table:
@@ -19,9 +19,10 @@ def run_table(run_dir: Path, limit: int = 20) -> Table:
     summary = run.read_summary()
     finished = [t for t in trials if counted(t)]
     winner = summary["winner_trial"] if summary else None
-    examples = sum(t.user_attrs.get(Attr.EXAMPLES, 0) for t in finished)
+    cap = run.max_examples()
     table = Table(title=Text(f"{run_dir}: {len(finished)}/{budget} finished, "
-                             f"{sum(t.state.name == 'FAIL' for t in trials)} failed, {examples} examples scored"
+                             f"{sum(t.state.name == 'FAIL' for t in trials)} failed, {examples_scored(trials)} "
+                             f"examples scored" + (f" (at most {cap})" if cap is not None else "")
                              + (f", winner: trial {winner}" if winner is not None else "")))
     for col in ("trial", "fidelity", "score", "method", "note"):
         table.add_column(col, justify="right" if col in ("trial", "score") else "left")

@@ -217,3 +217,26 @@ def test_ctrl_c_ends_with_one_line_and_a_resumable_run(tmp_path, spec_file):
     assert sum(counted(t) for t in trials) == 12
     reruns = {t.user_attrs.get("rerun_of") for t in trials if t.state == TrialState.COMPLETE}
     assert set(interrupted) <= reruns
+
+
+def test_max_examples_stops_the_search_and_holds_on_resume(spec_file, tmp_path, capsys):
+    """--max-examples: no candidate starts once the trials have scored that many examples (the one in flight
+    finishes: in process, the last one crosses the line), the search still ends with its hold-out check; the
+    cap is recorded, so a plain --resume scores nothing more."""
+    import json
+
+    from evomerge.run import Attr, examples_scored
+
+    run = RunFolder(tmp_path / "run")
+    assert main(["search", str(spec_file), "--budget", "10", "--max-examples", "50", "--run", str(run.root)]) == 0
+    trials = run.trials()
+    scored = examples_scored(trials)
+    last = max((t for t in trials if Attr.EXAMPLES in t.user_attrs), key=lambda t: t.number)
+    assert scored >= 50 > scored - last.user_attrs[Attr.EXAMPLES]
+    assert sum(counted(t) for t in trials) < 10 and run.max_examples() == 50
+    assert json.loads(run.summary.read_text())["examples_scored"] == scored
+    capsys.readouterr()
+    assert main(["status", str(run.root)]) == 0
+    assert f"{scored} examples scored (at most 50)" in " ".join(capsys.readouterr().out.split())
+    assert main(["search", "--resume", str(run.root)]) == 0
+    assert examples_scored(run.trials()) == scored
