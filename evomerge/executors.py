@@ -168,10 +168,9 @@ class Worker:
         self.spec = spec
         dataflow = spec.space.kind == "dataflow"
         # a data-flow worker merges weights only for the hold-out check's references: built then, not before
-        self._merger = None if dataflow else LiveMerger(self.model, spec.base_model, spec.models,
-                                                        tokenizer_source=spec.tokenizer_source)
-        if self._merger is not None and self._merger.vocab is not None:  # candidates speak the merged vocabulary
-            tokenizer = self._merger.vocab.tokenizer
+        self._merger: LiveMerger | None = None
+        if not dataflow and self.merger.vocab is not None:  # candidates speak the merged vocabulary
+            tokenizer = self.merger.vocab.tokenizer
         self.paths = LivePath(self.model, [spec.base_model, *spec.models]) if dataflow else None
         self.evaluator = Evaluator(self.model, tokenizer, spec.evaluation.tasks, include_paths(spec),
                                    batch_size=spec.evaluation.batch_size)
@@ -207,7 +206,8 @@ class Worker:
     @property
     def merger(self) -> LiveMerger:
         if self._merger is None:
-            self._merger = LiveMerger(self.model, self.spec.base_model, self.spec.models)
+            self._merger = LiveMerger(self.model, self.spec.base_model, self.spec.models,
+                                      tokenizer_source=self.spec.tokenizer_source)
         return self._merger
 
     def run(self, job: Candidate) -> Outcome:

@@ -86,10 +86,12 @@ def check_spec(spec: SearchSpec) -> None:
 
     checkpoints = {ref: open_checkpoint(ref) for ref in [spec.base_model, *spec.models]}
     check_compatible(list(checkpoints.values()), aligned_vocab=spec.tokenizer_source is not None)
+    tokenizer = spec.base_model  # the tasks' tokenizer (a union starts from the base's)
     if spec.tokenizer_source is not None:
         from evomerge.methods import get_method
-        from evomerge.vocab import plan_vocab
+        from evomerge.vocab import plan_vocab, source_model
 
+        tokenizer = source_model(spec.tokenizer_source, spec.base_model) or tokenizer
         searched = plan_vocab(spec.tokenizer_source, checkpoints, spec.base_model).tokenizer.get_vocab()
         baseless = [m for m in spec.space.methods if get_method(m).base == "none"]
         if baseless and spec.tokenizer_source == "union":  # their union starts from models[0], not the base
@@ -104,12 +106,7 @@ def check_spec(spec: SearchSpec) -> None:
         from evomerge.dataflow import check_scalable
 
         for ref in spec.models:
-            check_scalable(open_checkpoint(ref), f"{'then.' if spec.then else ''}space.scale ({ref})")
-    tokenizer = spec.base_model  # the union starts from the base's tokenizer
-    if spec.tokenizer_source is not None:
-        from evomerge.vocab import source_model
-
-        tokenizer = source_model(spec.tokenizer_source, spec.base_model) or tokenizer
+            check_scalable(checkpoints[ref], f"{'then.' if spec.then else ''}space.scale ({ref})")
     check_tasks(spec.evaluation.tasks, include_paths(spec), tokenizer=resolve_model_path(tokenizer))
 
 

@@ -54,6 +54,16 @@ def one_line_error(capsys, expected: str) -> str:
     return err
 
 
+def search_refused(doc: dict, tmp_path, capsys, expected: str) -> None:
+    """A search on the spec ``doc`` stops before compute: exit 2, one line naming ``expected``, no run folder."""
+    spec, run = tmp_path / "bad.yaml", tmp_path / "run"
+    spec.write_text(yaml.safe_dump(doc))
+    capsys.readouterr()
+    assert main(["search", str(spec), "--budget", "2", "--run", str(run)]) == 2
+    one_line_error(capsys, expected)
+    assert not run.exists()
+
+
 def test_recorded_storage_serves_every_command(external_run, tmp_path, capsys):
     run, db = external_run
     assert not (run / "study.db").exists() and db.exists()

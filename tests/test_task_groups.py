@@ -7,6 +7,7 @@ from collections import Counter
 import pytest
 import torch
 import yaml
+from test_run_cli import search_refused
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.cli import main
@@ -182,12 +183,7 @@ SPEC = {
 def test_bad_group_stops_before_compute(group_dir, tmp_path, capsys, tasks, message):
     doc = json.loads(json.dumps(SPEC))
     doc["evaluation"].update(tasks=tasks, include_paths=[str(group_dir)])
-    spec, run = tmp_path / "bad.yaml", tmp_path / "run"
-    spec.write_text(yaml.safe_dump(doc))
-    assert main(["search", str(spec), "--budget", "2", "--run", str(run)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
-    assert not run.exists()
+    search_refused(doc, tmp_path, capsys, message)
 
 
 def test_search_on_a_group_of_demo_tasks(tmp_path):

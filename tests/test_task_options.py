@@ -7,9 +7,9 @@ import shutil
 import pytest
 import torch
 import yaml
+from test_run_cli import search_refused
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.cli import main
 from evomerge.demo import TASKS_DIR, model_path
 from evomerge.errors import SpecError
 from evomerge.evaluate import Evaluator, check_tasks
@@ -142,12 +142,7 @@ SPEC = {
 def test_bad_options_fail_before_compute(options, message, tmp_path, capsys):
     doc = json.loads(json.dumps(SPEC))
     doc["evaluation"]["tasks"][0].update(options)
-    spec, run = tmp_path / "bad.yaml", tmp_path / "run"
-    spec.write_text(yaml.safe_dump(doc))
-    assert main(["search", str(spec), "--budget", "2", "--run", str(run)]) == 2
-    err = capsys.readouterr().err.strip()
-    assert message in err and len(err.splitlines()) == 1, err
-    assert not run.exists()
+    search_refused(doc, tmp_path, capsys, message)
 
 
 def test_a_tasks_own_fewshot_samples_are_kept(model, tmp_path):

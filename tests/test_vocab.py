@@ -295,15 +295,10 @@ def test_search_over_differing_vocabularies(chat_zoo, tmp_path):
     ({"tokenizer_source": "model:demo:base"}, "name the model itself"),
 ])
 def test_search_with_differing_vocabularies_checked_up_front(chat_zoo, tmp_path, capsys, changes, expected):
-    from test_run_cli import one_line_error
+    from test_run_cli import search_refused
 
-    doc = {k: v for k, v in chat_spec(chat_zoo, **changes).items() if v is not None}
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(doc))
-    capsys.readouterr()
-    assert main(["search", str(spec), "--budget", "2", "--run", str(tmp_path / "run")]) == 2
-    one_line_error(capsys, expected)
-    assert not (tmp_path / "run").exists()
+    search_refused({k: v for k, v in chat_spec(chat_zoo, **changes).items() if v is not None}, tmp_path, capsys,
+                   expected)
 
 
 def test_union_search_with_a_baseless_method_checked_up_front(zoo, tmp_path, capsys):
@@ -311,19 +306,14 @@ def test_union_search_with_a_baseless_method_checked_up_front(zoo, tmp_path, cap
     otherwise than the base-first union of the searched models (d renames a base token: the base-first union
     puts d's z16 before a's appended tokens, a's own tokenizer after them), the search stops before compute;
     where both agree (a appends, c keeps the base's vocabulary) the check passes."""
-    from test_run_cli import SMALL, one_line_error
+    from test_run_cli import SMALL, search_refused
 
     from evomerge.search import check_spec
     from evomerge.spec import SearchSpec
 
     doc = {**SMALL, "base_model": str(zoo["base"]), "models": [str(zoo["d"]), str(zoo["a"])],
            "tokenizer_source": "union", "space": {"methods": ["linear"]}}
-    spec = tmp_path / "spec.yaml"
-    spec.write_text(yaml.safe_dump(doc))
-    capsys.readouterr()
-    assert main(["search", str(spec), "--budget", "2", "--run", str(tmp_path / "run")]) == 2
-    one_line_error(capsys, "linear merges without the base")
-    assert not (tmp_path / "run").exists()
+    search_refused(doc, tmp_path, capsys, "linear merges without the base")
     check_spec(SearchSpec.model_validate({**doc, "models": [str(zoo["a"]), str(zoo["c"])]}))
 
 
