@@ -11,6 +11,7 @@ Everything that reaches into lm-eval beyond its public API sits in one section a
 
 from __future__ import annotations
 
+import inspect
 from array import array
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -470,36 +471,45 @@ def score_continuations(model: torch.nn.Module, requests: Sequence[tuple[list[in
                         batch_size: int, pad_id: int) -> list[tuple[float, bool]]:
     """(sum of continuation log-probs, every continuation token is the argmax) per (context, continuation)
     token pair: right-padded batches, longest first, one gather per batch instead of a loop per request.
-    Only the continuation positions' logits are kept, so a large vocabulary costs no copy."""
+    Requests whose model input is the same (a multiple-choice question's answers that differ only in their
+    last token, as lm-eval's logits cache groups them) share one row of the batch. Only the continuation
+    positions' logits are kept, so a large vocabulary costs no copy."""
     inputs, continuations = [], []
     for context, continuation in requests:
         whole = (context + continuation)[-(max_length + 1):]
         inputs.append(whole[:-1])
         continuations.append(whole[1:][-len(continuation):])  # at most what the kept input can predict
-    order = sorted(range(len(requests)), key=lambda i: -len(inputs[i]))
+    rows: dict[tuple[int, ...], int] = {}  # distinct model input -> its row
+    row_of = [rows.setdefault(tuple(x), len(rows)) for x in inputs]
+    distinct = list(rows)
+    members: list[list[int]] = [[] for _ in distinct]
+    for i, row in enumerate(row_of):
+        members[row].append(i)
+    order = sorted(range(len(distinct)), key=lambda r: -len(distinct[r]))
     device = next(model.parameters()).device
-    n_cont = max(len(c) for c in continuations)
-    offsets = torch.arange(n_cont, device=device)
-    targets = _long_tensor([continuations[i] for i in order], n_cont, 0, device)
-    lengths = torch.tensor([len(continuations[i]) for i in order], device=device)
-    first = torch.tensor([len(inputs[i]) - len(continuations[i]) for i in order], device=device)
-    logprobs, hits = [], []
-    for start in range(0, len(order), batch_size):
-        batch = slice(start, start + batch_size)
-        width = len(inputs[order[start]])
-        ids = _long_tensor([inputs[i] for i in order[batch]], width, pad_id, device)
-        positions = (first[batch].unsqueeze(1) + offsets).clamp(max=width - 1)
-        logits = model(ids, use_cache=False).logits
-        picked = logits[torch.arange(len(ids), device=device).unsqueeze(1), positions].float()  # (b, n_cont, vocab)
-        target = targets[batch].unsqueeze(-1)
-        logprobs.append((picked.gather(-1, target) - picked.logsumexp(-1, keepdim=True)).squeeze(-1))
-        hits.append(picked.argmax(-1) == targets[batch])
-    valid = offsets < lengths.unsqueeze(1)
-    sums = (torch.cat(logprobs) * valid).sum(dim=1).tolist()
-    greedy = (torch.cat(hits) | ~valid).all(dim=1).tolist()
+    offsets = torch.arange(max(len(c) for c in continuations), device=device)
+    keeps = "logits_to_keep" in inspect.signature(model.forward).parameters
     out: list[tuple[float, bool]] = [(0.0, False)] * len(requests)
-    for j, i in enumerate(order):
-        out[i] = (sums[j], greedy[j])
+    for start in range(0, len(order), batch_size):
+        batch = order[start:start + batch_size]
+        width = len(distinct[batch[0]])
+        done = [i for r in batch for i in members[r]]
+        local = torch.tensor([j for j, r in enumerate(batch) for _ in members[r]], device=device)
+        first = torch.tensor([len(inputs[i]) - len(continuations[i]) for i in done], device=device)
+        # the head only where some request of the batch reads it (its rows are of similar length)
+        low = int(first.min()) if keeps else 0
+        kept = {"logits_to_keep": torch.arange(low, width, device=device)} if keeps else {}
+        ids = _long_tensor([distinct[r] for r in batch], width, pad_id, device)
+        logits = model(ids, use_cache=False, **kept).logits
+        positions = (first.unsqueeze(1) + offsets).clamp(max=width - 1) - low
+        picked = logits[local.unsqueeze(1), positions].float()  # (requests, longest continuation, vocab)
+        targets = _long_tensor([continuations[i] for i in done], len(offsets), 0, device)
+        valid = offsets < torch.tensor([len(continuations[i]) for i in done], device=device).unsqueeze(1)
+        logprobs = (picked.gather(-1, targets.unsqueeze(-1)) - picked.logsumexp(-1, keepdim=True)).squeeze(-1)
+        sums = (logprobs * valid).sum(dim=1).tolist()
+        greedy = ((picked.argmax(-1) == targets) | ~valid).all(dim=1).tolist()
+        for i, total, hit in zip(done, sums, greedy, strict=True):
+            out[i] = (total, hit)
     return out
 
 

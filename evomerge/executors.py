@@ -44,12 +44,13 @@ def include_paths(spec: SearchSpec) -> list[str]:
 @dataclass(frozen=True)
 class Candidate:
     """One job for a worker: merge ``recipe``, score it on ``doc_ids`` of ``role`` (None: every document of
-    the role). With ``screen``, score its subset first and stop there when the paired test prunes."""
+    the role). With ``screens`` (the rungs of a race, nested prefixes of ``doc_ids``), score each rung's
+    subset in turn and stop at the first where the paired test prunes."""
 
     recipe: AnyRecipe
     role: str = "search"
     doc_ids: dict[str, list[int]] | None = None
-    screen: Screen | None = None
+    screens: tuple[Screen, ...] = ()
 
 
 @dataclass
@@ -58,7 +59,7 @@ class Outcome:
 
     result: EvalResult | None
     fidelity: Fidelity
-    screen_vector: list[float] | None
+    rung_vectors: list[list[float]] | None  # the weighted answers on each rung scored (Screen.vector)
     merge_s: float
     eval_s: float
     worker: str
@@ -129,21 +130,29 @@ Scorer = Callable[[AnyRecipe, str, "dict[str, Sequence[int]] | None"], tuple[Eva
 
 
 def screen_then_rest(job: Candidate, score: Scorer, worker: str) -> Outcome:
-    """A job on a scorer (recipe, role, doc ids -> result, merge s, eval s): with a screen, its subset first,
-    stopping there when the paired test prunes, else the rest of the documents; without, all at once."""
-    screen = job.screen
-    if screen is None:
+    """A job on a scorer (recipe, role, doc ids -> result, merge s, eval s): with screens, each rung's new
+    documents in turn, stopping at the first rung where the paired test prunes, then the rest of the
+    documents; without, all at once."""
+    if not job.screens:
         result, merge_s, eval_s = score(job.recipe, job.role, job.doc_ids)
         return Outcome(result, "full", None, merge_s, eval_s, worker)
-    first, merge_s, eval_s = score(job.recipe, job.role, screen.doc_ids)
-    vector = screen.vector(first)
-    if screen.prunes(vector):
-        return Outcome(first, "screen", vector, merge_s, eval_s, worker)
-    rest_ids = {t: ids[len(screen.doc_ids[t]):] for t, ids in (job.doc_ids or {}).items()}
-    if not any(rest_ids.values()):
-        return Outcome(first, "full", vector, merge_s, eval_s, worker)
-    rest, rest_merge_s, rest_eval_s = score(job.recipe, job.role, rest_ids)
-    return Outcome(first.merged(rest), "full", vector, merge_s + rest_merge_s, eval_s + rest_eval_s, worker)
+    result, merge_s, eval_s, vectors = None, 0.0, 0.0, []
+    done = dict.fromkeys(job.screens[0].doc_ids, 0)
+    for screen in job.screens:
+        new = {t: ids[done[t]:] for t, ids in screen.doc_ids.items()}
+        if any(new.values()):
+            part, part_merge_s, part_eval_s = score(job.recipe, job.role, new)
+            result = part if result is None else result.merged(part)
+            merge_s, eval_s = merge_s + part_merge_s, eval_s + part_eval_s
+        done = {t: len(ids) for t, ids in screen.doc_ids.items()}
+        vectors.append(screen.vector(result))
+        if screen.prunes(vectors[-1]):
+            return Outcome(result, "screen", vectors, merge_s, eval_s, worker)
+    rest = {t: ids[done[t]:] for t, ids in (job.doc_ids or {}).items()}
+    if any(rest.values()):
+        part, part_merge_s, part_eval_s = score(job.recipe, job.role, rest)
+        result, merge_s, eval_s = result.merged(part), merge_s + part_merge_s, eval_s + part_eval_s
+    return Outcome(result, "full", vectors, merge_s, eval_s, worker)
 
 
 class Worker:

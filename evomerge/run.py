@@ -38,6 +38,7 @@ class Attr:
     SCORES = "scores"  # per-task search scores
     FIDELITY = "fidelity"  # "full" or "screen"
     SCREEN = "screen"  # weighted per-example answers on the screening subset (JSON text)
+    RUNGS = "rungs"  # the same on each later rung of a race (JSON text: a list of vectors)
     BASELINE = "baseline"  # label of an enqueued baseline recipe
     DUPLICATE_OF = "duplicate_of"  # number of the trial whose score a duplicate reuses
     RETRY = "retry"  # how often this candidate's parameters were re-queued after a failure

@@ -1,5 +1,7 @@
 """Multi-fidelity screening: score a candidate on a small subset first and stop there when a paired test
-says it is worse than the best full-fidelity trial on the same examples.
+says it is worse than the best full-fidelity trial on the same examples. Racing (successive screens) is
+several such subsets, nested prefixes of the search documents (rungs, e.g. 25, then 100, then all 500),
+with the test at each: a candidate goes on to the next rung only while it is not significantly worse there.
 
 The test is a one-sided Wilcoxon signed-rank test on per-example differences (the candidate and the best
 trial answered the same questions), as Optuna's ``WilcoxonPruner`` does; it runs here, on vectors kept
@@ -31,17 +33,22 @@ def significantly_worse(candidate: Sequence[float], best: Sequence[float], p_thr
 
 
 class Screen:
-    """The screening subset of each task and the best full-fidelity trial's answers on it."""
+    """One rung: the screening subset of each task and the best full-fidelity trial's answers on it.
+
+    ``rung`` is its place in a race (0: the first subset, kept in a trial's ``screen`` attribute; k >= 1 in
+    the k-th entry of its ``rungs`` attribute), which a resumed run reads back."""
 
     def __init__(self, doc_ids: dict[str, Sequence[int]], weights: dict[str, float],
-                 trials: Iterable[optuna.trial.FrozenTrial] = ()) -> None:
+                 trials: Iterable[optuna.trial.FrozenTrial] = (), rung: int = 0) -> None:
         self.doc_ids = doc_ids
         self._shares = task_shares(weights)
         self.best_value: float | None = None
         self.best: list[float] | None = None
         for trial in trials:  # a resumed run: the best so far among its full-fidelity trials
             if trial.user_attrs.get(Attr.FIDELITY) == "full" and Attr.SCREEN in trial.user_attrs:
-                self.record(trial.value, structured_attr(trial, Attr.SCREEN))
+                vectors = rung_vectors(trial)
+                if rung < len(vectors):
+                    self.record(trial.value, vectors[rung])
 
     def vector(self, result: EvalResult) -> list[float]:
         """Per-example scores in a fixed order, each weighted so that their sum is the weighted score."""
@@ -55,3 +62,17 @@ class Screen:
         """Note a full-fidelity trial; it becomes the reference when it beats the best so far."""
         if self.best_value is None or value > self.best_value:
             self.best_value, self.best = value, list(vector)
+
+
+def rung_vectors(trial: optuna.trial.FrozenTrial) -> list[list[float]]:
+    """A trial's weighted answers on each rung it was scored on (first rung first)."""
+    rest = structured_attr(trial, Attr.RUNGS) if Attr.RUNGS in trial.user_attrs else []
+    return [structured_attr(trial, Attr.SCREEN), *rest]
+
+
+def race(doc_ids: dict[str, Sequence[int]], rungs: Sequence[int], weights: dict[str, float],
+         trials: Iterable[optuna.trial.FrozenTrial] = ()) -> tuple[Screen, ...]:
+    """One screen per rung size (each task's first ``size`` search documents), in order."""
+    finished = list(trials)
+    return tuple(Screen({n: list(ids[:size]) for n, ids in doc_ids.items()}, weights, finished, rung=k)
+                 for k, size in enumerate(rungs))

@@ -41,7 +41,7 @@ from evomerge.run import (
     structured_attr,
 )
 from evomerge.scores import task_shares, weighted_mean
-from evomerge.screening import Screen
+from evomerge.screening import race
 from evomerge.space import LayerLayout, Space, make_space
 from evomerge.spec import AnyRecipe, Recipe, SearchSpec, SpaceSpec, TaskSpec, parse_recipe, recipe_from_yaml
 
@@ -283,9 +283,8 @@ class Search:
         names = [t.name for t in ev.tasks]
         self.search_ids = {n: self.executor.doc_ids(n, "search")[: ev.search_examples] for n in names}
         screens = ev.screen_examples is not None and ev.objective == "weighted"
-        self.screen = Screen({n: ids[: ev.screen_examples] for n, ids in self.search_ids.items()},
-                             ev.weights, self.study.get_trials(deepcopy=False)) \
-            if screens else None
+        self.screens = race(self.search_ids, ev.rungs, ev.weights, self.study.get_trials(deepcopy=False)) \
+            if screens else ()
         self._seen: dict[str, tuple[int, list[float], str]] = {}  # recipe hash -> (trial, values, fidelity)
         self._flight: dict[int, _Flight] = {}
         self._waiting: dict[str, list[optuna.Trial]] = {}  # duplicates of in-flight recipes, by recipe hash
@@ -360,7 +359,7 @@ class Search:
             duplicates = 0
             trial.set_user_attr(Attr.RECIPE, as_text(recipe.model_dump(mode="json", exclude_defaults=True)))
             self._flight[trial.number] = _Flight(trial, recipe, key, time.perf_counter())
-            self.executor.submit(trial.number, Candidate(recipe, "search", self.search_ids, self.screen))
+            self.executor.submit(trial.number, Candidate(recipe, "search", self.search_ids, self.screens))
 
     def _tell_duplicate(self, trial: optuna.Trial, key: str) -> None:
         number, values, fidelity = self._seen[key]
@@ -393,11 +392,14 @@ class Search:
         trial.set_user_attr(Attr.FIDELITY, outcome.fidelity)
         trial.set_user_attr(Attr.SCORES, result.scores)
         trial.set_user_attr(Attr.EXAMPLES, examples)
-        if outcome.screen_vector is not None:
-            trial.set_user_attr(Attr.SCREEN, as_text(outcome.screen_vector))
+        if outcome.rung_vectors:
+            trial.set_user_attr(Attr.SCREEN, as_text(outcome.rung_vectors[0]))
+            if len(outcome.rung_vectors) > 1:
+                trial.set_user_attr(Attr.RUNGS, as_text(outcome.rung_vectors[1:]))
         self.study.tell(trial, values)
-        if self.screen is not None and outcome.fidelity == "full" and outcome.screen_vector is not None:
-            self.screen.record(result.score, outcome.screen_vector)
+        if outcome.fidelity == "full" and outcome.rung_vectors:
+            for screen, vector in zip(self.screens, outcome.rung_vectors, strict=True):
+                screen.record(result.score, vector)
         self._seen[flight.key] = (trial.number, values, outcome.fidelity)
         for dup in waiting:
             self._tell_duplicate(dup, flight.key)

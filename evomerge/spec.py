@@ -9,6 +9,7 @@ back as a mergekit YAML. ``seed`` (for DARE/DELLA masks) is our only addition. A
 from __future__ import annotations
 
 import functools
+import itertools
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -687,7 +688,9 @@ class EvaluationSpec(BaseModel):
     tasks: list[TaskSpec] = Field(min_length=1)
     include_paths: list[str] = []  # task folders; "demo" is the built-in demo tasks
     search_examples: int | None = Field(500, ge=1)  # per task and candidate (None: the whole search split)
-    screen_examples: int | None = Field(100, ge=1)  # first-fidelity subset; None disables multi-fidelity
+    # first-fidelity subset per task; a list races over several nested subsets (rungs, e.g. [25, 100]), the
+    # paired test at each; None disables multi-fidelity
+    screen_examples: Annotated[int, Field(ge=1)] | list[int] | None = 100
     objective: Literal["weighted", "pareto"] = "weighted"
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 64
     top_k: int = Field(5, ge=1)  # re-scored on validation at the end
@@ -697,14 +700,25 @@ class EvaluationSpec(BaseModel):
         """Each task's weight by name (the weighted task mean's weights)."""
         return {t.name: t.weight for t in self.tasks}
 
+    @property
+    def rungs(self) -> list[int]:
+        """The screening subsets' sizes per task, smallest first (empty: no screening)."""
+        if self.screen_examples is None:
+            return []
+        return [self.screen_examples] if isinstance(self.screen_examples, int) else list(self.screen_examples)
+
     @model_validator(mode="after")
     def _check(self) -> EvaluationSpec:
         try:
             task_shares(self.weights)
         except SpecError as err:
             raise ValueError(f"evaluation.tasks: {err}") from None
-        if self.screen_examples is not None and self.search_examples is not None \
-                and self.screen_examples >= self.search_examples:
+        rungs = self.rungs
+        if isinstance(self.screen_examples, list) and (not rungs or min(rungs) < 1):
+            raise ValueError(f"evaluation.screen_examples {rungs}: a race needs one or more rungs of 1 example or more")
+        if any(a >= b for a, b in itertools.pairwise(rungs)):
+            raise ValueError(f"evaluation.screen_examples {rungs} must grow from one rung to the next")
+        if rungs and self.search_examples is not None and rungs[-1] >= self.search_examples:
             raise ValueError("evaluation.screen_examples must be below search_examples")
         return self
 

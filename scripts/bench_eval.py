@@ -1,12 +1,14 @@
-"""Benchmark the per-candidate cost of evaluation on the demo zoo: evomerge's live path vs the naive one.
+"""Benchmark the per-candidate cost of evaluation: evomerge's live path vs the naive one.
 
 Live path: one worker merges each recipe into the loaded model in place, then runs lm-eval's
 ``evaluate`` on tasks built once. Naive path: write the merged model to disk, then
-``lm_eval.simple_evaluate`` on that folder, per candidate. For the three demo tasks (test split) at
-subset sizes 50, 200 and all (500) per task, prints per-candidate wall time, the part spent in the
-model's forward passes, the rest (overhead) and its share, and the speed-up over the naive path.
+``lm_eval.simple_evaluate`` on that folder, per candidate. On the demo zoo's three tasks (test split) at
+subset sizes 50, 200 and all (500) per task, or with ``--zoo real`` on the real zoo (SmolLM2-135M and its
+experts, scripts/build_real_zoo.py; its four tasks, 50 and 200 documents per task), prints per-candidate
+wall time, the part spent in the model's forward passes, the rest (overhead) and its share, and the
+speed-up over the naive path.
 
-    python scripts/bench_eval.py [--candidates 10] [--naive-candidates 2]
+    python scripts/bench_eval.py [--zoo demo|real] [--candidates 10] [--naive-candidates 2]
 """
 
 from __future__ import annotations
@@ -24,13 +26,20 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import torch  # noqa: E402
 
 from evomerge.cli import _quiet_libraries  # noqa: E402
-from evomerge.demo import SKILLS, TASKS_DIR, task_name  # noqa: E402
+from evomerge.demo import TASKS_DIR  # noqa: E402
 from evomerge.executors import Candidate, Worker  # noqa: E402
 from evomerge.merge import merge_to_folder  # noqa: E402
 from evomerge.spec import Recipe, SearchSpec  # noqa: E402
 
-MODELS = ["demo:add", "demo:reverse", "demo:sort"]
-TASKS = [task_name(s) for s in SKILLS]
+REAL_ZOO = Path("~/.cache/evomerge/real_zoo").expanduser()
+REAL_TASKS = Path(__file__).resolve().parent.parent / "search_spaces" / "real_zoo_tasks"
+ZOOS = {  # base, models, tasks (name, metric), task folder, documents per task to time
+    "demo": ("demo:base", ["demo:add", "demo:reverse", "demo:sort"],
+             [("demo_add", "acc"), ("demo_reverse", "acc"), ("demo_sort", "acc")], TASKS_DIR, (50, 200, 500)),
+    "real": (str(REAL_ZOO / "base"), [str(REAL_ZOO / "arith"), str(REAL_ZOO / "dates")],
+             [("real_add", "acc"), ("real_add_gen", "exact_match"), ("real_date", "acc"), ("real_capital", "acc")],
+             REAL_TASKS, (50, 200)),
+}
 
 
 class ForwardTimer:
@@ -49,45 +58,51 @@ class ForwardTimer:
         self.seconds += time.perf_counter() - self._start
 
 
-def random_recipe(rng: random.Random) -> Recipe:
+def random_recipe(models: list[str], rng: random.Random) -> Recipe:
     return Recipe(merge_method="linear", dtype="float32",
-                  models=[{"model": m, "parameters": {"weight": [rng.random() for _ in range(4)]}} for m in MODELS])
+                  models=[{"model": m, "parameters": {"weight": [rng.random() for _ in range(4)]}} for m in models])
 
 
-def score(worker: Worker, rng: random.Random, ids: dict[str, list[int]]) -> None:
-    """One candidate on the live path; a failed one would make the timing meaningless."""
-    outcome = worker.run(Candidate(random_recipe(rng), "test", ids))
+def score(worker: Worker, rng: random.Random, ids: dict[str, list[int]]) -> float:
+    """One candidate on the live path (a failed one would make the timing meaningless); its merge seconds."""
+    outcome = worker.run(Candidate(random_recipe(worker.spec.models, rng), "test", ids))
     if outcome.error:
         raise RuntimeError(outcome.error)
+    return outcome.merge_s
 
 
-def live_path(n_docs: int | None, candidates: int, rng: random.Random, batch_size: int) -> tuple[float, float]:
+def live_path(zoo: str, n_docs: int, candidates: int, rng: random.Random,
+              batch_size: int) -> tuple[float, float, float]:
+    """Per candidate: wall seconds, seconds inside the model's forward calls, seconds merging in place."""
+    base, models, tasks, folder, _ = ZOOS[zoo]
     spec = SearchSpec.model_validate({
-        "base_model": "demo:base", "models": MODELS,
-        "evaluation": {"include_paths": ["demo"], "tasks": [{"name": t} for t in TASKS], "batch_size": batch_size}})
+        "base_model": base, "models": models, "evaluation": {
+            "include_paths": [str(folder)], "tasks": [{"name": t, "metric": m} for t, m in tasks],
+            "batch_size": batch_size}})
     worker = Worker(spec)
     timer = ForwardTimer(worker.model)
-    ids = {t: worker.doc_ids(t, "test")[:n_docs] for t in TASKS}
+    ids = {t: worker.doc_ids(t, "test")[:n_docs] for t, _ in tasks}
     for _ in range(2):  # warm-up: first-call allocations and caches
         score(worker, rng, ids)
     timer.seconds, start = 0.0, time.perf_counter()
-    for _ in range(candidates):
-        score(worker, rng, ids)
-    return (time.perf_counter() - start) / candidates, timer.seconds / candidates
+    merge_s = sum(score(worker, rng, ids) for _ in range(candidates))
+    return (time.perf_counter() - start) / candidates, timer.seconds / candidates, merge_s / candidates
 
 
-def naive_path(n_docs: int | None, candidates: int, rng: random.Random, batch_size: int) -> float:
+def naive_path(zoo: str, n_docs: int, candidates: int, rng: random.Random, batch_size: int) -> float:
     import lm_eval
 
+    _, models, tasks, folder, _ = ZOOS[zoo]
     start = time.perf_counter()
     cwd = os.getcwd()
-    os.chdir(TASKS_DIR)  # the task YAMLs' data_files are relative to their folder
+    os.chdir(folder)  # the task YAMLs' data_files are relative to their folder
     try:
         for _ in range(candidates):
             with tempfile.TemporaryDirectory() as tmp:
-                out = merge_to_folder(random_recipe(rng), Path(tmp) / "model")
-                lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32", tasks=TASKS,
-                                        task_manager=lm_eval.tasks.TaskManager(include_path=str(TASKS_DIR)),
+                out = merge_to_folder(random_recipe(models, rng), Path(tmp) / "model")
+                lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32",
+                                        tasks=[t for t, _ in tasks],
+                                        task_manager=lm_eval.tasks.TaskManager(include_path=str(folder)),
                                         limit=n_docs, batch_size=batch_size, bootstrap_iters=0, device="cpu")
     finally:
         os.chdir(cwd)
@@ -96,6 +111,7 @@ def naive_path(n_docs: int | None, candidates: int, rng: random.Random, batch_si
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--zoo", choices=list(ZOOS), default="demo")
     parser.add_argument("--candidates", type=int, default=10)
     parser.add_argument("--naive-candidates", type=int, default=2, help="0 skips the naive path")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -103,18 +119,19 @@ def main() -> None:
     _quiet_libraries()
     rng = random.Random(0)
     rows = []
-    for n_docs in (50, 200, None):
-        total, model_s = live_path(n_docs, args.candidates, rng, args.batch_size)
-        naive = naive_path(n_docs, args.naive_candidates, rng, args.batch_size) if args.naive_candidates \
+    for n_docs in ZOOS[args.zoo][4]:
+        total, model_s, merge_s = live_path(args.zoo, n_docs, args.candidates, rng, args.batch_size)
+        naive = naive_path(args.zoo, n_docs, args.naive_candidates, rng, args.batch_size) if args.naive_candidates \
             else float("nan")
-        rows.append((n_docs or 500, total, model_s, naive))
-    print(f"\nper candidate, 3 demo tasks, batch size {args.batch_size}, CPU threads {torch.get_num_threads()}")
-    print("| docs per task | live s | model s | overhead s | overhead share | naive s | speed-up |")
-    print("|---|---|---|---|---|---|---|")
-    for n, total, model_s, naive in rows:
+        rows.append((n_docs, total, model_s, merge_s, naive))
+    print(f"\nper candidate, {len(ZOOS[args.zoo][2])} {args.zoo} tasks, batch size {args.batch_size}, "
+          f"CPU threads {torch.get_num_threads()}")
+    print("| docs per task | live s | model s | overhead s | overhead share | of which merge s | naive s | speed-up |")
+    print("|---|---|---|---|---|---|---|---|")
+    for n, total, model_s, merge_s, naive in rows:
         over = total - model_s
-        print(f"| {n} | {total:.3f} | {model_s:.3f} | {over:.3f} | {over / total:.0%} | {naive:.2f} | "
-              f"{naive / total:.1f}x |")
+        print(f"| {n} | {total:.3f} | {model_s:.3f} | {over:.3f} | {over / total:.0%} | {merge_s:.3f} | "
+              f"{naive:.2f} | {naive / total:.1f}x |")
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """How many scored examples does a search need? On a spec (default: the demo's), the same sampler, budget and
-seeds with the evaluation knobs that set a candidate's cost: every search example (full fidelity), today's
-screen then the rest, and smaller search subsets with and without a screen. Each search ends as
+seeds with the evaluation knobs that set a candidate's cost: every search example (full fidelity), a
+screen then the rest, smaller search subsets with and without a screen, and races over several rungs (the
+paired test at each). Each search ends as
 `evomerge search` does (top-k re-scored on validation, the winner scored on test), so a cheap fitness can
 mislead the sampler but not the final pick.
 
@@ -10,7 +11,8 @@ trial reached full fidelity's mean final test score, and the wall time; writes a
 score against examples scored.
 
     python scripts/bench_fitness.py [--spec search_spaces/demo.yaml] [--budget 200] [--seeds 0 1 2]
-                                    [--step 20] [--png scripts/bench_fitness.png]
+                                    [--step 20] [--png scripts/bench_fitness.png] [--strategies LABEL ...]
+                                    [--full TEST EXAMPLES]  (full fidelity's figures from an earlier run)
 """
 
 from __future__ import annotations
@@ -32,13 +34,15 @@ from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
 from evomerge.run import Attr, structured_attr  # noqa: E402
 from evomerge.spec import SearchSpec, parse_recipe  # noqa: E402
 
-# label: (search_examples, screen_examples) per task
+# label: (search_examples, screen_examples) per task; a list of screens is a race over those rungs
 STRATEGIES = {
     "full (500)": (500, None),
-    "screen 100, then 500 (today)": (500, 100),
+    "screen 100, then 500 (the demo before)": (500, 100),
     "subset 100": (100, None),
     "subset 100, screen 25": (100, 25),
     "subset 50": (50, None),
+    "race 25, 100, then 500": (500, [25, 100]),
+    "subset 100, race 10, 25 (the demo)": (100, [10, 25]),
 }
 FULL = "full (500)"
 
@@ -80,6 +84,8 @@ def main() -> None:
     parser.add_argument("--step", type=int, default=20)
     parser.add_argument("--strategies", nargs="+", choices=list(STRATEGIES), default=list(STRATEGIES))
     parser.add_argument("--png", type=Path, default=Path(__file__).with_name("bench_fitness.png"))
+    parser.add_argument("--full", type=float, nargs=2, metavar=("TEST", "EXAMPLES"),
+                        help="full fidelity's mean final test score and examples scored, when it is not rerun")
     args = parser.parse_args()
     _quiet_libraries()
     base = SearchSpec.from_yaml(args.spec)
@@ -96,8 +102,10 @@ def main() -> None:
             print(f"{label} | seed {seed} | examples {result['examples']} | validation {result['validation']:.4f} | "
                   f"test {result['test']:.4f} | {result['seconds']:.0f} s", flush=True)
 
-    full_examples = statistics.mean(r["examples"] for r in results[FULL]) if FULL in results else None
-    target = statistics.mean(r["test"] for r in results[FULL]) if FULL in results else None
+    target, full_examples = args.full or (None, None)
+    if FULL in results:
+        full_examples = statistics.mean(r["examples"] for r in results[FULL])
+        target = statistics.mean(r["test"] for r in results[FULL])
     print(f"\n{args.spec.name}, budget {args.budget}, seeds {args.seeds}"
           + (f"; full fidelity's mean final test score {target:.4f}" if target is not None else ""))
     print("| strategy | examples scored (mean) | fewer than full | validation (mean ± sd) | test (mean ± sd) | "

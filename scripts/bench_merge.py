@@ -4,9 +4,10 @@ Two models: ``llama-322m`` (20 layers, hidden 1024, vocab 32000) and ``large-voc
 1024, vocab 128256: embeddings and head dominate). For each, builds the base and three perturbed
 "fine-tunes" once (cached in /tmp/evomerge-bench-merge/NAME), then runs ties and task_arithmetic merges of
 the three with both tools, each in a fresh process, and prints wall time, peak RSS and the ratios
-(mergekit / evomerge: above 1 means evomerge is faster or smaller).
+(mergekit / evomerge: above 1 means evomerge is faster or smaller). ``--models smollm2-135m`` merges the real
+zoo instead (scripts/build_real_zoo.py: SmolLM2-135M and its two fine-tuned experts, bf16, tied embeddings).
 
-    python scripts/bench_merge.py [--models llama-322m large-vocab] [--repeat 2] [--cache DIR]
+    python scripts/bench_merge.py [--models llama-322m large-vocab smollm2-135m] [--repeat 2] [--cache DIR]
 """
 
 from __future__ import annotations
@@ -30,6 +31,8 @@ COMMON = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, 
               tie_word_embeddings=False)
 CONFIGS = {"llama-322m": dict(COMMON, vocab_size=32000, num_hidden_layers=20),
            "large-vocab": dict(COMMON, vocab_size=128256, num_hidden_layers=4)}
+REAL = "smollm2-135m"  # the real zoo's base and experts, where scripts/build_real_zoo.py writes them
+REAL_ZOO = Path("~/.cache/evomerge/real_zoo").expanduser()
 MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
            "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode; "
            "dt = time.perf_counter() - t; "
@@ -58,10 +61,18 @@ def build_models(cache: Path, config: dict) -> dict[str, Path]:
     return paths
 
 
+def real_models() -> dict[str, Path]:
+    paths = {"base": REAL_ZOO / "base", "arith": REAL_ZOO / "arith", "dates": REAL_ZOO / "dates"}
+    if not all((p / "model.safetensors").exists() for p in paths.values()):
+        raise SystemExit(f"no real zoo in {REAL_ZOO}: run scripts/build_real_zoo.py first")
+    return paths
+
+
 def recipe(method: str, paths: dict[str, Path]) -> Recipe:
+    """Every model but the base, weight 1 (density 0.5 for TIES), in bf16."""
     params = {"weight": 1.0, **({"density": 0.5} if method == "ties" else {})}
     return Recipe(merge_method=method, base_model=str(paths["base"]), dtype="bfloat16",
-                  models=[{"model": str(paths[f"ft{i}"]), "parameters": params} for i in (1, 2, 3)])
+                  models=[{"model": str(p), "parameters": params} for name, p in paths.items() if name != "base"])
 
 
 def measure(cmd: list[str]) -> tuple[float, float]:
@@ -74,14 +85,15 @@ def measure(cmd: list[str]) -> tuple[float, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", choices=list(CONFIGS), default=list(CONFIGS))
+    parser.add_argument("--models", nargs="+", choices=[*CONFIGS, REAL], default=list(CONFIGS))
     parser.add_argument("--methods", nargs="+", default=["ties", "task_arithmetic"])
     parser.add_argument("--repeat", type=int, default=1, help="runs per tool and method (best time kept)")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "evomerge-bench-merge")
     args = parser.parse_args()
+    args.cache.mkdir(parents=True, exist_ok=True)
     rows = []
     for model in args.models:
-        paths = build_models(args.cache / model, CONFIGS[model])
+        paths = real_models() if model == REAL else build_models(args.cache / model, CONFIGS[model])
         with tempfile.TemporaryDirectory(dir=args.cache) as work:
             work = Path(work)
             for method in args.methods:

@@ -111,9 +111,11 @@ def test_screening_reference_follows_results_in_any_order(tmp_path):
     assert all(len(structured_attr(t, Attr.SCREEN)) == 30 and t.user_attrs[Attr.EXAMPLES] == 30 for t in screened)
     assert all(t.user_attrs[Attr.EXAMPLES] == 80 for t in full)
     best = max(full, key=lambda t: t.value)  # the reference is the best full trial, whatever the arrival order
-    assert search.screen.best_value == best.value and search.screen.best == structured_attr(best, Attr.SCREEN)
+    (screen,) = search.screens
+    assert screen.best_value == best.value and screen.best == structured_attr(best, Attr.SCREEN)
     resumed = Search(spec, run, ShuffledExecutor(slots=3))
-    assert resumed.screen.best_value == best.value and resumed.screen.best == structured_attr(best, Attr.SCREEN)
+    (screen,) = resumed.screens
+    assert screen.best_value == best.value and screen.best == structured_attr(best, Attr.SCREEN)
 
 
 def test_duplicate_of_a_candidate_in_flight_waits_for_it(tmp_path):

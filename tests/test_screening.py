@@ -1,15 +1,21 @@
 """Screening: the paired test's decisions, and a search that stops clearly worse candidates early."""
 
 import itertools
+import os
+import random
+import signal
+import subprocess
+import sys
 
 import pytest
+import yaml
 from optuna.trial import TrialState
-from test_search import SPEC
+from test_search import SPEC, wait_for
 
 from evomerge.evaluate import EvalResult
-from evomerge.run import Attr, RunFolder, structured_attr
+from evomerge.run import Attr, RunFolder, counted, structured_attr
 from evomerge.scores import weighted_mean
-from evomerge.screening import P_THRESHOLD, Screen, significantly_worse
+from evomerge.screening import P_THRESHOLD, Screen, rung_vectors, significantly_worse
 from evomerge.search import Search, prepare_run
 from evomerge.spec import SearchSpec
 
@@ -73,5 +79,123 @@ def test_search_screens_out_a_worse_parent_with_one_write_per_trial(tmp_path):
     assert weighted == pytest.approx(add_alone.value)  # the weighted screen vector sums to the screen score
 
     resumed = Search(spec, run, executor=search.executor)
-    assert resumed.screen.best_value == pytest.approx(average.value)
-    assert resumed.screen.best == structured_attr(average, Attr.SCREEN)
+    assert resumed.screens[0].best_value == pytest.approx(average.value)
+    assert resumed.screens[0].best == structured_attr(average, Attr.SCREEN)
+
+
+
+# ---- racing: several rungs, the paired test at each ---------------------------------------------------------
+
+WEIGHTS = {"a": 1.0, "b": 3.0}
+RUNGS = [20, 60]
+SIZE = 200  # search documents per task
+
+
+def synthetic_answers(accuracy: float, rng: random.Random, difficulty: list[float]) -> dict[str, list[float]]:
+    """Right (1) or wrong (0) per document: a document of difficulty d is right with chance accuracy - d."""
+    return {t: [float(rng.random() < accuracy - d) for d in difficulty] for t in WEIGHTS}
+
+
+def race_outcome(screens, answers: dict[str, list[float]]):
+    """screen_then_rest (the worker's loop) on a scorer that looks the answers up."""
+    from evomerge.executors import Candidate, screen_then_rest
+    from evomerge.spec import Recipe
+
+    def score(recipe, role, ids):
+        examples = {t: {d: answers[t][d] for d in v} for t, v in ids.items()}
+        return EvalResult({t: sum(e.values()) / len(e) for t, e in examples.items()}, examples, WEIGHTS), 0.0, 0.0
+
+    recipe = Recipe(merge_method="linear", models=[{"model": "demo:add"}])
+    return screen_then_rest(Candidate(recipe, "search", {t: list(range(SIZE)) for t in WEIGHTS}, screens), score, "s")
+
+
+def by_hand(answers: dict[str, list[float]], incumbent: dict[str, list[float]]) -> tuple[str, int]:
+    """The race decided independently: at each rung, each task's share over the rung's size weighs its
+    per-document differences; the rung prunes where significantly_worse says so."""
+    shares = {t: w / sum(WEIGHTS.values()) for t, w in WEIGHTS.items()}
+    for k, size in enumerate(RUNGS):
+        mine = [shares[t] / size * answers[t][d] for t in WEIGHTS for d in range(size)]
+        theirs = [shares[t] / size * incumbent[t][d] for t in WEIGHTS for d in range(size)]
+        if significantly_worse(mine, theirs):
+            return "screen", k + 1
+    return "full", len(RUNGS)
+
+
+def test_race_decisions_and_examples_scored_match_an_independent_computation():
+    from evomerge.screening import race
+
+    rng = random.Random(0)
+    difficulty = [rng.uniform(-0.3, 0.3) for _ in range(SIZE)]
+    incumbent = synthetic_answers(0.6, rng, difficulty)
+    screens = race({t: list(range(SIZE)) for t in WEIGHTS}, RUNGS, WEIGHTS)
+    first = race_outcome(screens, incumbent)  # nothing to compare with: scored in full
+    assert first.fidelity == "full" and len(first.result.examples["a"]) == SIZE
+    for screen, vector in zip(screens, first.rung_vectors, strict=True):
+        screen.record(first.result.score, vector)
+    seen = set()
+    for accuracy in [0.3, 0.45, 0.5, 0.55, 0.6, 0.7] * 5:
+        answers = synthetic_answers(accuracy, rng, difficulty)
+        outcome = race_outcome(screens, answers)
+        fidelity, rungs = by_hand(answers, incumbent)
+        assert (outcome.fidelity, len(outcome.rung_vectors)) == (fidelity, rungs)
+        scored = RUNGS[rungs - 1] if fidelity == "screen" else SIZE
+        assert all(len(v) == scored for v in outcome.result.examples.values())
+        assert sum(outcome.rung_vectors[-1]) == pytest.approx(
+            EvalResult({t: sum(answers[t][:RUNGS[rungs - 1]]) / RUNGS[rungs - 1] for t in WEIGHTS}, {}, WEIGHTS).score)
+        seen.add((fidelity, rungs))
+    assert seen == {("screen", 1), ("screen", 2), ("full", 2)}  # pruned at each rung, and kept
+
+
+@pytest.mark.parametrize("gap,bound", [(0.0, 2 * P_THRESHOLD), (0.05, P_THRESHOLD)])
+def test_race_keeps_an_equal_or_better_candidate_with_the_stated_probability(gap, bound):
+    """With a paired test at level 0.1 at each of 2 rungs, a candidate as good as the incumbent is dropped with
+    probability at most 2 x 0.1 (a union bound), a better one less often; a much worse one rarely survives.
+    Measured over 300 synthetic races each (answers that share document difficulty, as real models' do)."""
+    from evomerge.screening import race
+
+    rng = random.Random(1)
+    dropped = worse_kept = 0
+    for _ in range(300):
+        difficulty = [rng.uniform(-0.3, 0.3) for _ in range(SIZE)]
+        incumbent = synthetic_answers(0.6, rng, difficulty)
+        screens = race({t: list(range(SIZE)) for t in WEIGHTS}, RUNGS, WEIGHTS)
+        for screen, size in zip(screens, RUNGS, strict=True):
+            screen.record(0.6, [w / 4 / size * incumbent[t][d] for t, w in WEIGHTS.items() for d in range(size)])
+        dropped += race_outcome(screens, synthetic_answers(0.6 + gap, rng, difficulty)).fidelity == "screen"
+        worse_kept += race_outcome(screens, synthetic_answers(0.4, rng, difficulty)).fidelity == "full"
+    assert dropped / 300 <= bound
+    assert worse_kept / 300 <= 0.05
+
+
+def test_racing_search_stores_each_rung_and_resumes_its_state_after_sigkill(tmp_path):
+    """A racing search (rungs 8 and 20 of 40 documents per task) killed with SIGKILL after its 5th trial line,
+    then resumed to the end: each trial holds its rungs' answers, a pruned one scored only its rungs, and a
+    resumed search's reference on every rung is the best full trial's (as the killed process held it)."""
+    racing = {**SPEC, "evaluation": {**SPEC["evaluation"], "screen_examples": [8, 20]}}
+    spec_path = tmp_path / "spec.yaml"
+    spec_path.write_text(yaml.safe_dump(racing))
+    run = RunFolder(tmp_path / "run")
+    cmd = [sys.executable, "-m", "evomerge.cli", "search", str(spec_path), "--budget", "14", "--run", str(run.root)]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
+    assert wait_for(lambda: len(run.log_rows()) >= 5, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    spec = SearchSpec.model_validate(racing)
+    killed = Search(spec, run)
+    full = [t for t in killed.study.get_trials() if t.user_attrs.get(Attr.FIDELITY) == "full"]
+    best = max(full, key=lambda t: t.value)
+    for screen, vector in zip(killed.screens, rung_vectors(best), strict=True):
+        assert (screen.best_value, screen.best) == (best.value, vector)
+    killed.executor.close()
+    done = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    trials = [t for t in Search(spec, run).study.get_trials() if counted(t)]
+    assert len(trials) == 14
+    for t in trials:
+        vectors = rung_vectors(t)
+        assert [len(v) for v in vectors] == [16, 40][:len(vectors)]  # two tasks: 8, then 20 documents each
+        expected = {"full": 80, "screen": [16, 40][len(vectors) - 1]}[t.user_attrs[Attr.FIDELITY]]
+        assert t.user_attrs[Attr.EXAMPLES] == expected
+        if t.user_attrs[Attr.FIDELITY] == "full":
+            assert len(vectors) == 2

@@ -82,6 +82,12 @@ BAD_VALUES = {
     "reversed split range": ("evaluation.tasks.1.splits.test", "test[9:3]", "start must be below stop"),
     "search examples 0": ("evaluation.search_examples", 0, "evaluation.search_examples: Input should be greater than"),
     "screen examples 0": ("evaluation.screen_examples", 0, "evaluation.screen_examples: Input should be greater"),
+    "race of no rungs": ("evaluation.screen_examples", [], "screen_examples []: a race needs one or more rungs"),
+    "race rung 0": ("evaluation.screen_examples", [0, 10], "screen_examples [0, 10]: a race needs one or more rungs "
+                                                           "of 1 example or more"),
+    "race shrinking": ("evaluation.screen_examples", [50, 20], "screen_examples [50, 20] must grow from one rung"),
+    "race rung fraction": ("evaluation.screen_examples", [10, 2.5], "screen_examples.1: Input should be a valid int"),
+    "race past search": ("evaluation.screen_examples", [100, 500], "screen_examples must be below search_examples"),
     "top_k 0": ("evaluation.top_k", 0, "evaluation.top_k: Input should be greater than or equal to 1"),
     "batch size 0": ("evaluation.batch_size", 0, "evaluation.batch_size: Input should be greater than or equal to 1"),
     "batch size word": ("evaluation.batch_size", "big", "batch_size: Input should be a valid integer, unable to parse "
@@ -118,11 +124,14 @@ def test_bad_spec_value_is_one_line(case, tmp_path):
 
 
 def test_specs_keep_the_hash_their_run_folders_recorded():
-    """Run folders written before method_granularity existed recorded this hash of the demo spec; the field at
-    its default stays out of the hash, so those runs still resume."""
+    """Run folders written before method_granularity existed recorded this hash of the demo spec of that time
+    (screen 100 of 500 examples); fields added since, at their defaults, stay out of the hash, so those runs
+    still resume."""
     from evomerge.search import spec_hash
 
-    assert spec_hash(SearchSpec.from_yaml(SPACES / "demo.yaml")) == "f03c721198cef942"
+    earlier = yaml.safe_load((SPACES / "demo.yaml").read_text())
+    earlier["evaluation"].update(search_examples=500, screen_examples=100)
+    assert spec_hash(SearchSpec.model_validate(earlier)) == "f03c721198cef942"
     data = yaml.safe_load((SPACES / "method_choice.yaml").read_text())
     assert spec_hash(SearchSpec.model_validate(data)) == "a608daad55f03919"
     data["space"]["method_granularity"] = "groups:2"
