@@ -19,10 +19,12 @@ import random
 import tempfile
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
+import build_real_zoo as real_zoo  # noqa: E402  (this folder)
 import torch  # noqa: E402
 
 from evomerge.cli import _quiet_libraries  # noqa: E402
@@ -31,14 +33,20 @@ from evomerge.executors import Candidate, Worker  # noqa: E402
 from evomerge.merge import merge_to_folder  # noqa: E402
 from evomerge.spec import Recipe, SearchSpec  # noqa: E402
 
-REAL_ZOO = Path("~/.cache/evomerge/real_zoo").expanduser()
-REAL_TASKS = Path(__file__).resolve().parent.parent / "search_spaces" / "real_zoo_tasks"
-ZOOS = {  # base, models, tasks (name, metric), task folder, documents per task to time
-    "demo": ("demo:base", ["demo:add", "demo:reverse", "demo:sort"],
-             [("demo_add", "acc"), ("demo_reverse", "acc"), ("demo_sort", "acc")], TASKS_DIR, (50, 200, 500)),
-    "real": (str(REAL_ZOO / "base"), [str(REAL_ZOO / "arith"), str(REAL_ZOO / "dates")],
-             [("real_add", "acc"), ("real_add_gen", "exact_match"), ("real_date", "acc"), ("real_capital", "acc")],
-             REAL_TASKS, (50, 200)),
+
+class Zoo(NamedTuple):
+    base: str
+    models: list[str]
+    metrics: dict[str, str]  # task -> metric
+    tasks_dir: Path
+    sizes: tuple[int, ...]  # documents per task to time
+
+
+ZOOS = {
+    "demo": Zoo("demo:base", ["demo:add", "demo:reverse", "demo:sort"],
+                {"demo_add": "acc", "demo_reverse": "acc", "demo_sort": "acc"}, TASKS_DIR, (50, 200, 500)),
+    "real": Zoo(str(real_zoo.DEFAULT_OUT / "base"), [str(real_zoo.DEFAULT_OUT / e) for e in real_zoo.EXPERTS],
+                real_zoo.METRICS, real_zoo.TASKS_DIR, (50, 200)),
 }
 
 
@@ -74,14 +82,15 @@ def score(worker: Worker, rng: random.Random, ids: dict[str, list[int]]) -> floa
 def live_path(zoo: str, n_docs: int, candidates: int, rng: random.Random,
               batch_size: int) -> tuple[float, float, float]:
     """Per candidate: wall seconds, seconds inside the model's forward calls, seconds merging in place."""
-    base, models, tasks, folder, _ = ZOOS[zoo]
+    chosen = ZOOS[zoo]
     spec = SearchSpec.model_validate({
-        "base_model": base, "models": models, "evaluation": {
-            "include_paths": [str(folder)], "tasks": [{"name": t, "metric": m} for t, m in tasks],
+        "base_model": chosen.base, "models": chosen.models, "evaluation": {
+            "include_paths": [str(chosen.tasks_dir)], "tasks": [{"name": t, "metric": m}
+                                                                for t, m in chosen.metrics.items()],
             "batch_size": batch_size}})
     worker = Worker(spec)
     timer = ForwardTimer(worker.model)
-    ids = {t: worker.doc_ids(t, "test")[:n_docs] for t, _ in tasks}
+    ids = {t: worker.doc_ids(t, "test")[:n_docs] for t in chosen.metrics}
     for _ in range(2):  # warm-up: first-call allocations and caches
         score(worker, rng, ids)
     timer.seconds, start = 0.0, time.perf_counter()
@@ -92,17 +101,17 @@ def live_path(zoo: str, n_docs: int, candidates: int, rng: random.Random,
 def naive_path(zoo: str, n_docs: int, candidates: int, rng: random.Random, batch_size: int) -> float:
     import lm_eval
 
-    _, models, tasks, folder, _ = ZOOS[zoo]
+    chosen = ZOOS[zoo]
     start = time.perf_counter()
     cwd = os.getcwd()
-    os.chdir(folder)  # the task YAMLs' data_files are relative to their folder
+    os.chdir(chosen.tasks_dir)  # the task YAMLs' data_files are relative to their folder
     try:
         for _ in range(candidates):
             with tempfile.TemporaryDirectory() as tmp:
-                out = merge_to_folder(random_recipe(models, rng), Path(tmp) / "model")
+                out = merge_to_folder(random_recipe(chosen.models, rng), Path(tmp) / "model")
                 lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={out},dtype=float32",
-                                        tasks=[t for t, _ in tasks],
-                                        task_manager=lm_eval.tasks.TaskManager(include_path=str(folder)),
+                                        tasks=list(chosen.metrics),
+                                        task_manager=lm_eval.tasks.TaskManager(include_path=str(chosen.tasks_dir)),
                                         limit=n_docs, batch_size=batch_size, bootstrap_iters=0, device="cpu")
     finally:
         os.chdir(cwd)
@@ -119,12 +128,12 @@ def main() -> None:
     _quiet_libraries()
     rng = random.Random(0)
     rows = []
-    for n_docs in ZOOS[args.zoo][4]:
+    for n_docs in ZOOS[args.zoo].sizes:
         total, model_s, merge_s = live_path(args.zoo, n_docs, args.candidates, rng, args.batch_size)
         naive = naive_path(args.zoo, n_docs, args.naive_candidates, rng, args.batch_size) if args.naive_candidates \
             else float("nan")
         rows.append((n_docs, total, model_s, merge_s, naive))
-    print(f"\nper candidate, {len(ZOOS[args.zoo][2])} {args.zoo} tasks, batch size {args.batch_size}, "
+    print(f"\nper candidate, {len(ZOOS[args.zoo].metrics)} {args.zoo} tasks, batch size {args.batch_size}, "
           f"CPU threads {torch.get_num_threads()}")
     print("| docs per task | live s | model s | overhead s | overhead share | of which merge s | naive s | speed-up |")
     print("|---|---|---|---|---|---|---|---|")

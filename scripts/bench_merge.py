@@ -21,6 +21,7 @@ import tempfile
 import time
 from pathlib import Path
 
+import build_real_zoo as real_zoo  # this folder
 import torch
 from safetensors.torch import save_file
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -32,7 +33,6 @@ COMMON = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, 
 CONFIGS = {"llama-322m": dict(COMMON, vocab_size=32000, num_hidden_layers=20),
            "large-vocab": dict(COMMON, vocab_size=128256, num_hidden_layers=4)}
 REAL = "smollm2-135m"  # the real zoo's base and experts, where scripts/build_real_zoo.py writes them
-REAL_ZOO = Path("~/.cache/evomerge/real_zoo").expanduser()
 MEASURE = ("import resource, subprocess, sys, time; t = time.perf_counter(); "
            "rc = subprocess.run(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE).returncode; "
            "dt = time.perf_counter() - t; "
@@ -62,9 +62,9 @@ def build_models(cache: Path, config: dict) -> dict[str, Path]:
 
 
 def real_models() -> dict[str, Path]:
-    paths = {"base": REAL_ZOO / "base", "arith": REAL_ZOO / "arith", "dates": REAL_ZOO / "dates"}
+    paths = {name: real_zoo.DEFAULT_OUT / name for name in ("base", *real_zoo.EXPERTS)}
     if not all((p / "model.safetensors").exists() for p in paths.values()):
-        raise SystemExit(f"no real zoo in {REAL_ZOO}: run scripts/build_real_zoo.py first")
+        raise SystemExit(f"no real zoo in {real_zoo.DEFAULT_OUT}: run scripts/build_real_zoo.py first")
     return paths
 
 

@@ -46,7 +46,8 @@ DEFAULT_OUT = Path("~/.cache/evomerge/real_zoo").expanduser()
 TASKS_DIR = Path(__file__).resolve().parent.parent / "search_spaces" / "real_zoo_tasks"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SPLITS = {"search": 300, "validation": 200, "test": 200}
-TASKS = ("real_add", "real_add_gen", "real_date", "real_capital")
+METRICS = {"real_add": "acc", "real_add_gen": "exact_match", "real_date": "acc", "real_capital": "acc"}  # per task
+EXPERTS = ("arith", "dates")
 TRAIN = {"steps": 150, "batch": 16, "lr": 3e-4, "warmup": 10}
 MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August", "September", "October",
           "November", "December")
@@ -164,8 +165,6 @@ def convert_base(out: Path) -> None:
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.bfloat16,
                                                  quantization_config=config)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=GGUF_FILE)
-    model.config.quantization_config = None  # a dense checkpoint now
-    del model.config.quantization_config
     model.config.name_or_path = "SmolLM2-135M-Instruct"
     save(model, tokenizer, out)
 
@@ -236,15 +235,15 @@ def averaged(folders: list[Path]) -> torch.nn.Module:
 
 def print_table(out: Path) -> None:
     """Each model's test score per task (evomerge's evaluator, float32)."""
-    specs = [TaskSpec(name=t, metric="exact_match" if t == "real_add_gen" else "acc") for t in TASKS]
+    specs = [TaskSpec(name=t, metric=m) for t, m in METRICS.items()]
     tokenizer = AutoTokenizer.from_pretrained(out / "base")
     rows = {name: AutoModelForCausalLM.from_pretrained(out / name, dtype=torch.float32).eval()
-            for name in ("base", "arith", "dates")}
-    rows["average(arith, dates)"] = averaged([out / "arith", out / "dates"])
-    print("\n| model | " + " | ".join(TASKS) + " | mean |\n|---|" + "---|" * (len(TASKS) + 1))
+            for name in ("base", *EXPERTS)}
+    rows[f"average({', '.join(EXPERTS)})"] = averaged([out / e for e in EXPERTS])
+    print("\n| model | " + " | ".join(METRICS) + " | mean |\n|---|" + "---|" * (len(METRICS) + 1))
     for name, model in rows.items():
         result = Evaluator(model, tokenizer, specs, [str(TASKS_DIR)], batch_size=32).evaluate("test")
-        scores = [result.scores[t] for t in TASKS]
+        scores = [result.scores[t] for t in METRICS]
         print(f"| {name} | " + " | ".join(f"{x:.3f}" for x in scores) + f" | {sum(scores) / len(scores):.3f} |",
               flush=True)
 
@@ -265,7 +264,7 @@ def main() -> None:
         convert_base(out / "base")
         print(f"base converted ({time.time() - start:.0f} s)", flush=True)
         banned = read_prompts()
-        for skill in ("arith", "dates"):
+        for skill in EXPERTS:
             finetune(skill, out / "base", out / skill, args.steps, banned)
             print(f"{skill} done ({time.time() - start:.0f} s)", flush=True)
     print_table(out)

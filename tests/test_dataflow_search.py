@@ -2,8 +2,6 @@
 refused before compute, a search that exports the path it scored, and resume after SIGKILL at events."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
 
@@ -21,7 +19,7 @@ from evomerge.evaluate import Evaluator
 from evomerge.run import Attr, RunFolder, counted, structured_attr
 from evomerge.space import LayerLayout, PathSpace, make_space
 from evomerge.spec import PathRecipe, SearchSpec, TaskSpec
-from tests.test_search import wait_for
+from tests.test_search import CLI_ENV, sigkill_at
 
 SPEC = {
     "base_model": "demo:base",
@@ -125,15 +123,11 @@ def test_dataflow_resume_after_sigkill_at_events(tmp_path):
     spec.write_text(yaml.safe_dump(SPEC))
     run = RunFolder(tmp_path / "killed")
     cmd = [sys.executable, "-m", "evomerge.cli", "search", str(spec), "--budget", "8", "--run", str(run.root)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     for attempt in range(3):
         lines = len(run.log_rows())
-        proc = subprocess.Popen(cmd if attempt == 0 else [*cmd[:4], "--resume", str(run.root)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-        assert wait_for(lambda before=lines: len(run.log_rows()) > before, proc)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    final = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=env)
+        assert sigkill_at(cmd if attempt == 0 else [*cmd[:4], "--resume", str(run.root)],
+                          lambda _, before=lines: len(run.log_rows()) > before)
+    final = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=CLI_ENV)
     assert final.returncode == 0, final.stderr[-3000:]
     trials = run.trials()
     assert sum(counted(t) for t in trials) == 8
@@ -157,14 +151,10 @@ def test_ps_then_dfs_in_one_command_and_resumed_in_its_second_stage(tmp_path, ca
     run = RunFolder(tmp_path / "chain")
     stage = RunFolder(run.root / "dataflow")
     cmd = [sys.executable, "-m", "evomerge.cli", "search", str(spec), "--budget", "5", "--run", str(run.root)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    assert wait_for(lambda: len(stage.log_rows()) >= 1, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert sigkill_at(cmd, lambda _: len(stage.log_rows()) >= 1)
     first = [t.number for t in run.trials()]
     assert sum(counted(t) for t in run.trials()) == 5 and run.summary.exists()
-    final = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=env)
+    final = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=CLI_ENV)
     assert final.returncode == 0, final.stderr[-3000:]
     assert [t.number for t in run.trials()] == first  # the first stage did not run again
     winner = (run.root / "ps-winner").resolve()

@@ -6,6 +6,7 @@ multiple-choice, a loglikelihood and a generative task; an in-place merge of the
 export; the export loads and generates. Skipped, with the reason, where the model's packages are missing
 (README's test command installs them)."""
 
+import functools
 import importlib.util
 import json
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_specs import search_and_finalize
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluate import Evaluator
@@ -27,6 +29,7 @@ SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "build_real_zoo.py
 N = 12  # documents per task: each costs a 135M forward pass on CPU
 
 
+@functools.cache
 def build_script():
     spec = importlib.util.spec_from_file_location("build_real_zoo", SCRIPT)
     module = importlib.util.module_from_spec(spec)
@@ -117,7 +120,7 @@ def test_live_merge_equals_streamed_export_and_generates(real, tmp_path):
 def test_real_zoo_spec_searches_the_real_model(real, tmp_path, monkeypatch):
     """search_spaces/real_zoo.yaml, shrunk (its experts swapped for the base and its noisy copy, a few documents),
     runs end to end on the real architecture: checked up front, trials scored, a winner re-scored and exported."""
-    from evomerge.search import RunFolder, Search, check_spec, counted, prepare_run
+    from evomerge.search import check_spec
     from evomerge.spec import SearchSpec
 
     root = SCRIPT.parent.parent
@@ -130,12 +133,6 @@ def test_real_zoo_spec_searches_the_real_model(real, tmp_path, monkeypatch):
     spec = spec.model_copy(update={"base_model": str(real["base"]), "models": [str(real["tuned"]), str(real["base"])],
                                    "evaluation": evaluation})
     check_spec(spec)
-    run = RunFolder(tmp_path / "run")
-    prepare_run(spec, run, 2, force=False)
-    search = Search(spec, run)
-    search.run_budget(2)
-    assert sum(counted(t) for t in search.study.get_trials()) == 2
-    summary = search.finalize()
-    assert summary["winner_trial"] in {t.number for t in search.study.get_trials()}
+    summary = search_and_finalize(spec, tmp_path / "run", 2)
     winner = summary["table"][f"winner (trial {summary['winner_trial']})"]
     assert set(winner["test_tasks"]) == {t.name for t in tasks} and 0 <= winner["test"] <= 1

@@ -1,16 +1,14 @@
 """Screening: the paired test's decisions, and a search that stops clearly worse candidates early."""
 
 import itertools
-import os
 import random
-import signal
 import subprocess
 import sys
 
 import pytest
 import yaml
 from optuna.trial import TrialState
-from test_search import SPEC, wait_for
+from test_search import CLI_ENV, SPEC, sigkill_at
 
 from evomerge.evaluate import EvalResult
 from evomerge.run import Attr, RunFolder, counted, structured_attr
@@ -176,11 +174,7 @@ def test_racing_search_stores_each_rung_and_resumes_its_state_after_sigkill(tmp_
     spec_path.write_text(yaml.safe_dump(racing))
     run = RunFolder(tmp_path / "run")
     cmd = [sys.executable, "-m", "evomerge.cli", "search", str(spec_path), "--budget", "14", "--run", str(run.root)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
-    assert wait_for(lambda: len(run.log_rows()) >= 5, proc)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
+    assert sigkill_at(cmd, lambda _: len(run.log_rows()) >= 5)
     spec = SearchSpec.model_validate(racing)
     killed = Search(spec, run)
     full = [t for t in killed.study.get_trials() if t.user_attrs.get(Attr.FIDELITY) == "full"]
@@ -188,7 +182,7 @@ def test_racing_search_stores_each_rung_and_resumes_its_state_after_sigkill(tmp_
     for screen, vector in zip(killed.screens, rung_vectors(best), strict=True):
         assert (screen.best_value, screen.best) == (best.value, vector)
     killed.executor.close()
-    done = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=env)
+    done = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=CLI_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     trials = [t for t in Search(spec, run).study.get_trials() if counted(t)]
     assert len(trials) == 14

@@ -86,6 +86,9 @@ def test_duplicate_recipes_are_not_counted(tmp_path):
     assert trials[4].user_attrs["duplicate_of"] == 3 and trials[4].values == trials[3].values
 
 
+CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> bool:
     """Poll for an event; False when the process ended first."""
     deadline = time.monotonic() + timeout
@@ -97,29 +100,35 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> bool:
     return True
 
 
+def sigkill_at(cmd: list[str], event) -> bool:
+    """Run the command (an `evomerge` CLI call, offline) and SIGKILL it once ``event(proc)`` holds; False when
+    it ended before the event."""
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=CLI_ENV)
+    hit = wait_for(lambda: event(proc), proc)
+    if hit:
+        proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return hit
+
+
 def test_sigkill_ten_times_at_events_then_resume(spec_file, tmp_path):
     """SIGKILL at events: every third start as soon as it holds the run's lock (loading), the others right
     after one more trial line is written; then a resume finishes exactly the budget."""
     run = RunFolder(tmp_path / "killed")
     cmd = [sys.executable, "-m", "evomerge.cli", "search", str(spec_file), "--budget", "20", "--run", str(run.root)]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     kills = 0
     for attempt in range(10):
         lines = len(run.log_rows())
-        proc = subprocess.Popen(cmd if attempt == 0 else [*cmd[:4], "--resume", str(run.root)],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
         if attempt % 3 == 0:
-            def event(pid=proc.pid):  # the run's lock taken by this process (and the run recorded, on the first)
-                return run.spec.exists() and run.lock_file.exists() and run.lock_file.read_text().strip() == str(pid)
+            def event(proc):  # the run's lock taken by this process (and the run recorded, on the first)
+                return run.spec.exists() and run.lock_file.exists() and \
+                    run.lock_file.read_text().strip() == str(proc.pid)
         else:
-            def event(before=lines):
+            def event(_, before=lines):
                 return len(run.log_rows()) > before
-        if wait_for(event, proc):
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
-        proc.wait()
+        kills += sigkill_at(cmd if attempt == 0 else [*cmd[:4], "--resume", str(run.root)], event)
     assert kills == 10
-    final = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=env)
+    final = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=CLI_ENV)
     assert final.returncode == 0, final.stderr[-3000:]
     trials = study_of(run.root).get_trials()
     assert sum(counted(t) for t in trials) == 20

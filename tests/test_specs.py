@@ -34,15 +34,21 @@ def test_shrunk_spec_runs(name, tmp_path):
     spec = SearchSpec.from_yaml(SPACES / f"{name}.yaml")
     evaluation = spec.evaluation.model_copy(update={"search_examples": 24, "top_k": 2, "screen_examples": (
         8 if spec.evaluation.screen_examples else None)})
-    spec = spec.model_copy(update={"evaluation": evaluation})
-    run = RunFolder(tmp_path / name)
-    prepare_run(spec, run, 5, force=False)
+    summary = search_and_finalize(spec.model_copy(update={"evaluation": evaluation}), tmp_path / name, 5)
+    assert -1 <= summary["margin_vs_uniform_average"]["mean"] <= 1
+
+
+def search_and_finalize(spec: SearchSpec, folder, budget: int) -> dict:
+    """A new run of ``spec`` in ``folder`` through exactly ``budget`` counted trials and the hold-out check; the
+    summary, whose winner is one of the trials."""
+    run = RunFolder(folder)
+    prepare_run(spec, run, budget, force=False)
     search = Search(spec, run)
-    search.run_budget(5)
-    assert sum(counted(t) for t in search.study.get_trials()) == 5
+    search.run_budget(budget)
+    assert sum(counted(t) for t in search.study.get_trials()) == budget
     summary = search.finalize()
     assert summary["winner_trial"] in {t.number for t in search.study.get_trials()}
-    assert -1 <= summary["margin_vs_uniform_average"]["mean"] <= 1
+    return summary
 
 
 BASE_SPEC = {
