@@ -119,6 +119,10 @@ def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Na
             console.print(Text(f"run folder: {run.root}"))
             with CtrlC() as ctrl_c:
                 search = Search(spec, run, executor, ctrl_c)
+                if search.subset is None:
+                    console.print(f"the reference models answer {spec.evaluation.subset_pool or 'all'} search "
+                                  "documents per task to choose the search subset ...")
+                    search.choose_subset()
                 _run_with_progress(search, budget, max_examples)
                 console.print("re-scoring the best candidates on the validation split ...")
                 summary = search.finalize()

@@ -47,6 +47,8 @@ class EvalResult:
     examples: dict[str, dict[int, float]]
     weights: dict[str, float]
     strata: dict[str, dict[int, str]] = field(default_factory=dict)
+    # per example, how surely the right answer was given where the responses show it (``evidence``)
+    evidence: dict[str, dict[int, float]] = field(default_factory=dict)
 
     @property
     def score(self) -> float:
@@ -68,7 +70,9 @@ class EvalResult:
         examples = {t: {**self.examples.get(t, {}), **other.examples.get(t, {})}
                     for t in {**self.examples, **other.examples}}
         strata = {t: {**self.strata.get(t, {}), **other.strata.get(t, {})} for t in {**self.strata, **other.strata}}
-        result = EvalResult({}, examples, self.weights, strata)
+        evidence = {t: {**self.evidence.get(t, {}), **other.evidence.get(t, {})}
+                    for t in {**self.evidence, **other.evidence}}
+        result = EvalResult({}, examples, self.weights, strata, evidence)
         result.scores = {t: sum(w * per_doc[d] for d, w in result.example_weights(t, per_doc).items())
                          for t, per_doc in examples.items()}
         return result
@@ -411,22 +415,26 @@ class Evaluator:
             for leaf, doc in self._leaf_docs(name, role, doc_ids[name] if doc_ids and name in doc_ids else
                                              self.doc_ids(name, role)):
                 docs.setdefault(leaf, []).append(doc)
-        leaf_scores, leaf_examples = self._score_leaves(role, docs)
-        scores, examples, strata = {}, {}, {}
+        leaf_scores, leaf_examples, leaf_evidence = self._score_leaves(role, docs)
+        scores, examples, strata, evidence = {}, {}, {}, {}
         for name, plan in self._plans.items():
             present = [t.name for t, _ in plan.leaves if t.name in leaf_scores]
             if not present:
                 continue
             if not plan.is_group:
                 scores[name], examples[name] = leaf_scores[name], leaf_examples[name]
+                if name in leaf_evidence:
+                    evidence[name] = leaf_evidence[name]
                 continue
             scores[name] = aggregate_subtask_metrics([leaf_scores[t] for t in present],
                                                      [len(leaf_examples[t]) for t in present], plan.weight_by_size)
             position = self._positions[(name, role)]
             examples[name] = {position[(t, d)]: v for t in present for d, v in leaf_examples[t].items()}
+            if all(t in leaf_evidence for t in present):
+                evidence[name] = {position[(t, d)]: v for t in present for d, v in leaf_evidence[t].items()}
             if not plan.weight_by_size:
                 strata[name] = {position[(t, d)]: t for t in present for d in leaf_examples[t]}
-        return EvalResult(scores, examples, {n: t.weight for n, t in self.tasks.items()}, strata)
+        return EvalResult(scores, examples, {n: t.weight for n, t in self.tasks.items()}, strata, evidence)
 
     def _leaf_docs(self, name: str, role: str, ids: Iterable[int]) -> list[tuple[str, int]]:
         """(YAML task, doc id) of a spec task's doc ids: its own, or a group's mapped to its tasks' documents."""
@@ -435,25 +443,46 @@ class Evaluator:
         members = self._members[(name, role)]
         return [members[i] for i in ids]
 
-    def _score_leaves(self, role: str, docs: dict[str, list[int]]) -> tuple[dict[str, float],
-                                                                           dict[str, dict[int, float]]]:
-        """One lm-eval ``evaluate`` on the chosen documents of every YAML task that has some: each task's score
-        and per-example scores (by its own doc ids) under the spec's metric and filter."""
+    def _score_leaves(self, role: str, docs: dict[str, list[int]]) -> tuple[
+            dict[str, float], dict[str, dict[int, float]], dict[str, dict[int, float]]]:
+        """One lm-eval ``evaluate`` on the chosen documents of every YAML task that has some: each task's score,
+        per-example scores (by its own doc ids) under the spec's metric and filter, and per-example evidence
+        where every sample's responses show it."""
         from lm_eval.evaluator import evaluate
 
         samples = {self.task_key(leaf, role): DocIds(ids) for leaf, ids in docs.items() if ids}
         loaded = self._loaded[role]["tasks"]
         out = evaluate(self.lm, {"tasks": {key: loaded[key] for key in samples}}, samples=samples, log_samples=True,
                        bootstrap_iters=0)
-        scores, examples = {}, {}
+        scores, examples, evidence = {}, {}, {}
         for leaf, ids in docs.items():
             if ids:
                 key = self.task_key(leaf, role)
                 metric, filter_name = self._keys[leaf]
                 scores[leaf] = float(out["results"][key][f"{metric},{filter_name}"])
-                examples[leaf] = {int(s["doc_id"]): float(s[metric]) for s in out["samples"][key]
-                                  if s["filter"] == filter_name}
-        return scores, examples
+                samples = [s for s in out["samples"][key] if s["filter"] == filter_name]
+                examples[leaf] = {int(s["doc_id"]): float(s[metric]) for s in samples}
+                shown = {int(s["doc_id"]): answer_evidence(s) for s in samples}
+                if all(v is not None for v in shown.values()):
+                    evidence[leaf] = shown
+        return scores, examples, evidence
+
+
+def answer_evidence(sample: dict) -> float | None:
+    """How surely a model gave a document's right answer, from lm-eval's logged responses: a loglikelihood
+    task's log-probability of the target, a multiple-choice task's log-probability margin of the right choice
+    over the best other; None where the responses do not show it (generated text, several right choices)."""
+    resps = sample.get("filtered_resps")
+    if not isinstance(resps, list) or not resps or not all(
+            isinstance(r, tuple | list) and len(r) == 2 and isinstance(r[0], float) for r in resps):
+        return None
+    lls = [r[0] for r in resps]
+    if len(lls) == 1:
+        return lls[0]
+    gold = sample.get("target")
+    if isinstance(gold, int) and not isinstance(gold, bool) and 0 <= gold < len(lls):
+        return lls[gold] - max(lls[:gold] + lls[gold + 1:])
+    return None
 
 
 def _long_tensor(rows: Sequence[Sequence[int]], width: int, pad: int, device: torch.device) -> torch.Tensor:

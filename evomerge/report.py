@@ -78,14 +78,15 @@ def layer_parameters(recipe: MergeRecipe) -> dict[str, dict[str, list[float | No
             for param, by_model in sums.items()}
 
 
-def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna.trial.FrozenTrial],
+def _markdown(run: RunFolder, spec: SearchSpec, budget: int, study: optuna.Study,
               points: list[TrialPoint], curve: list[float | None], chosen: tuple[str, AnyRecipe] | None,
               per_layer: dict[str, dict[str, list[float | None]]], summary: dict | None, png: Path) -> str:
+    trials = study.get_trials(deepcopy=False)
     full = sum(p.fidelity == "full" for p in points)
     failed = sum(t.state == TrialState.FAIL for t in trials)
     duplicates = sum(Attr.DUPLICATE_OF in t.user_attrs for t in trials)
     seconds = sum(row.get("seconds", 0.0) for row in run.log_rows())
-    examples = examples_scored(trials)
+    examples = examples_scored(study)
     lines = [f"# evomerge run `{run.root.name}`", "",
              f"- models: {', '.join(spec.models)} (base {spec.base_model})",
              f"- space: methods {', '.join(spec.space.methods)} (chosen per {spec.space.method_granularity}), "
@@ -168,7 +169,8 @@ def write_report(run_dir: Path) -> Path:
     """Write ``report.md`` and ``report.png`` into the run folder; returns the Markdown path."""
     run = RunFolder(run_dir)
     spec, budget = run.load()
-    trials = run.trials()
+    study = run.load_study()
+    trials = study.get_trials(deepcopy=False)
     points = trial_points(spec, trials)
     curve = best_so_far(points)
     summary = run.read_summary()
@@ -184,5 +186,5 @@ def write_report(run_dir: Path) -> Path:
     png = run.root / "report.png"
     _plot(points, curve, chosen[0] if chosen is not None else "", per_layer, png)
     out = run.root / "report.md"
-    atomic_write_text(out, _markdown(run, spec, budget, trials, points, curve, chosen, per_layer, summary, png))
+    atomic_write_text(out, _markdown(run, spec, budget, study, points, curve, chosen, per_layer, summary, png))
     return out

@@ -45,6 +45,9 @@ class Attr:
     RERUN_OF = "rerun_of"  # the interrupted trial this one runs again
     ERROR = "error"  # why a trial failed
     EXAMPLES = "examples"  # examples scored for this trial (screen + rest)
+    # the study's own: an answer-stratified search subset (JSON text) and the examples that choosing it scored
+    SUBSET = "search_subset"
+    SUBSET_EXAMPLES = "search_subset_examples"
 
 
 def as_text(value: Any) -> str:
@@ -59,9 +62,11 @@ def structured_attr(trial: FrozenTrial, name: str, default: Any = None) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-def examples_scored(trials: list[FrozenTrial]) -> int:
-    """Examples scored by these trials (screen and rest; a failed or duplicate trial scored none)."""
-    return sum(t.user_attrs.get(Attr.EXAMPLES, 0) for t in trials)
+def examples_scored(study: optuna.Study) -> int:
+    """Examples a search scored: its trials' (screen and rest; a failed or duplicate trial scored none) and the
+    reference models' answers that chose its subset."""
+    return study.user_attrs.get(Attr.SUBSET_EXAMPLES, 0) + sum(t.user_attrs.get(Attr.EXAMPLES, 0)
+                                                                for t in study.get_trials(deepcopy=False))
 
 
 def counted(trial: FrozenTrial) -> bool:

@@ -19,6 +19,7 @@ from scipy.stats import wilcoxon
 from evomerge.evaluate import EvalResult
 from evomerge.run import Attr, structured_attr
 from evomerge.scores import task_shares
+from evomerge.subsets import SearchSubset
 
 P_THRESHOLD = 0.1
 
@@ -33,14 +34,16 @@ def significantly_worse(candidate: Sequence[float], best: Sequence[float], p_thr
 
 
 class Screen:
-    """One rung: the screening subset of each task and the best full-fidelity trial's answers on it.
+    """One rung: the screening subset of each task (a prefix of the search subset's documents) and the best
+    full-fidelity trial's answers on it.
 
     ``rung`` is its place in a race (0: the first subset, kept in a trial's ``screen`` attribute; k >= 1 in
     the k-th entry of its ``rungs`` attribute), which a resumed run reads back."""
 
-    def __init__(self, doc_ids: dict[str, Sequence[int]], weights: dict[str, float],
+    def __init__(self, doc_ids: dict[str, Sequence[int]], subset: SearchSubset, weights: dict[str, float],
                  trials: Iterable[optuna.trial.FrozenTrial] = (), rung: int = 0) -> None:
         self.doc_ids = doc_ids
+        self.subset = subset
         self._shares = task_shares(weights)
         self.best_value: float | None = None
         self.best: list[float] | None = None
@@ -52,8 +55,8 @@ class Screen:
 
     def vector(self, result: EvalResult) -> list[float]:
         """Per-example scores in a fixed order, each weighted so that their sum is the weighted score."""
-        return [self._shares[t] * weight * result.examples[t][d] for t, ids in self.doc_ids.items()
-                for d, weight in result.example_weights(t, ids).items()]
+        return [self._shares[t] * share * result.examples[t][d] for t, ids in self.doc_ids.items()
+                for d, share in self.subset.shares(result, t, ids).items()]
 
     def prunes(self, vector: Sequence[float]) -> bool:
         return self.best is not None and significantly_worse(vector, self.best)
@@ -70,9 +73,9 @@ def rung_vectors(trial: optuna.trial.FrozenTrial) -> list[list[float]]:
     return [structured_attr(trial, Attr.SCREEN), *rest]
 
 
-def race(doc_ids: dict[str, Sequence[int]], rungs: Sequence[int], weights: dict[str, float],
+def race(subset: SearchSubset, rungs: Sequence[int], weights: dict[str, float],
          trials: Iterable[optuna.trial.FrozenTrial] = ()) -> tuple[Screen, ...]:
-    """One screen per rung size (each task's first ``size`` search documents), in order."""
+    """One screen per rung size (each task's first ``size`` documents of the subset), in order."""
     finished = list(trials)
-    return tuple(Screen({n: list(ids[:size]) for n, ids in doc_ids.items()}, weights, finished, rung=k)
-                 for k, size in enumerate(rungs))
+    return tuple(Screen({n: list(ids[:size]) for n, ids in subset.doc_ids.items()}, subset, weights, finished,
+                        rung=k) for k, size in enumerate(rungs))

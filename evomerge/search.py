@@ -41,9 +41,10 @@ from evomerge.run import (
     structured_attr,
 )
 from evomerge.scores import task_shares, weighted_mean
-from evomerge.screening import race
+from evomerge.screening import Screen, race
 from evomerge.space import LayerLayout, Space, make_space
 from evomerge.spec import AnyRecipe, Recipe, SearchSpec, SpaceSpec, TaskSpec, parse_recipe, recipe_from_yaml
+from evomerge.subsets import AnswerStrata, FirstDocuments, SearchSubset
 
 MAX_RETRIES = 2
 MAX_FAILURES_IN_ROW = 5
@@ -55,6 +56,8 @@ def spec_hash(spec: SearchSpec) -> str:
     means "as before" (one method everywhere, no task options), so older run folders keep their hash."""
     unchanged: dict[str, Any] = {"evaluation": {"tasks": {
         i: {o for o in TaskSpec.OPTIONS if getattr(task, o) is None} for i, task in enumerate(spec.evaluation.tasks)}}}
+    if spec.evaluation.subset == "first":
+        unchanged["evaluation"].update({"subset": True, "subset_pool": True})
     if spec.space.method_granularity == "global":
         unchanged["space"] = {"method_granularity"}
     if spec.space.kind == "weights":
@@ -279,18 +282,54 @@ class Search:
         self.space = make_space(spec, LayerLayout.of(open_checkpoint(spec.base_model)))
         self.executor = executor or InProcessExecutor(Worker(spec))
         self.study = open_study(spec, run, self.space, self.executor.slots())
-        ev = spec.evaluation
-        names = [t.name for t in ev.tasks]
-        self.search_ids = {n: self.executor.doc_ids(n, "search")[: ev.search_examples] for n in names}
-        screens = ev.screen_examples is not None and ev.objective == "weighted"
-        self.screens = race(self.search_ids, ev.rungs, ev.weights, self.study.get_trials(deepcopy=False)) \
-            if screens else ()
+        # None until the reference models have answered the pool (``subset: answers``, a new run)
+        self.subset: SearchSubset | None = self._stored_subset()
+        self.screens = self._race()
         self._seen: dict[str, tuple[int, list[float], str]] = {}  # recipe hash -> (trial, values, fidelity)
         self._flight: dict[int, _Flight] = {}
         self._waiting: dict[str, list[optuna.Trial]] = {}  # duplicates of in-flight recipes, by recipe hash
         self._failures = 0
 
     # ------------------------------------------------------------------ the loop
+
+    def _race(self) -> tuple[Screen, ...]:
+        ev = self.spec.evaluation
+        if ev.screen_examples is None or ev.objective != "weighted" or self.subset is None:
+            return ()
+        return race(self.subset, ev.rungs, ev.weights, self.study.get_trials(deepcopy=False))
+
+    def pool(self, size: int | None) -> dict[str, list[int]]:
+        """The first ``size`` search documents of each task (None: all), in the order a search takes them."""
+        return {t.name: self.executor.doc_ids(t.name, "search")[:size] for t in self.spec.evaluation.tasks}
+
+    def _stored_subset(self) -> SearchSubset | None:
+        """The search subset: the first documents, or an answer-stratified one this study chose before."""
+        ev = self.spec.evaluation
+        if ev.subset == "first":
+            return FirstDocuments(self.pool(ev.search_examples))
+        stored = self.study.user_attrs.get(Attr.SUBSET)
+        return AnswerStrata.from_json(json.loads(stored)) if stored else None
+
+    def choose_subset(self) -> None:
+        """``subset: answers`` on a new run: the reference models answer the pool, the strata give the subset,
+        stored in the study (with the examples it cost) before any candidate is scored."""
+        if self.subset is not None:
+            return
+        ev = self.spec.evaluation
+        pool = self.pool(ev.subset_pool)
+        refs = list(self.reference_recipes().values())
+        outcomes = run_all(self.executor, {i: Candidate(r, "search", pool) for i, r in enumerate(refs)},
+                           waiting=self.ctrl_c.waiting)
+        failed = [o.error for o in outcomes.values() if o.result is None]
+        if failed or len(outcomes) < len(refs):
+            raise SearchError(f"the reference models could not answer the subset's pool: "
+                              f"{failed[0] if failed else 'no worker left'}")
+        answers = [outcomes[i].result for i in range(len(refs))]
+        subset = AnswerStrata.from_answers(pool, answers, ev.search_examples or max(map(len, pool.values())))
+        self.study.set_user_attr(Attr.SUBSET, as_text(subset.to_json()))
+        self.study.set_user_attr(Attr.SUBSET_EXAMPLES, sum(map(_examples, answers)))
+        self.subset = subset
+        self.screens = self._race()
 
     def seed_baselines(self) -> None:
         if not self.study.get_trials(deepcopy=False):
@@ -313,11 +352,12 @@ class Search:
         included) the candidates in flight are marked failed and queued again, so a resumed search re-runs
         them."""
         recover_interrupted(self.study)
+        self.choose_subset()
         self.seed_baselines()
         trials = self.study.get_trials(deepcopy=False)
         self._seen = {t.user_attrs[Attr.RECIPE_HASH]: (t.number, t.values, t.user_attrs.get(Attr.FIDELITY))
                       for t in trials if counted(t) and Attr.RECIPE_HASH in t.user_attrs}
-        done, scored = self.finished(), examples_scored(trials)
+        done, scored = self.finished(), examples_scored(self.study)
         capped = False
         try:
             while True:
@@ -359,7 +399,8 @@ class Search:
             duplicates = 0
             trial.set_user_attr(Attr.RECIPE, as_text(recipe.model_dump(mode="json", exclude_defaults=True)))
             self._flight[trial.number] = _Flight(trial, recipe, key, time.perf_counter())
-            self.executor.submit(trial.number, Candidate(recipe, "search", self.search_ids, self.screens))
+            self.executor.submit(trial.number, Candidate(recipe, "search", self.subset.doc_ids,
+                                                             self.screens))
 
     def _tell_duplicate(self, trial: optuna.Trial, key: str) -> None:
         number, values, fidelity = self._seen[key]
@@ -386,7 +427,7 @@ class Search:
                                   f"{outcome.error}")
             return 0
         self._failures = 0
-        result = outcome.result
+        result = self.subset.weigh(outcome.result)
         values = _objective(self.spec, result)
         examples = _examples(result)
         trial.set_user_attr(Attr.FIDELITY, outcome.fidelity)
@@ -501,7 +542,7 @@ class Search:
             "table": rows,
             "margin_vs_uniform_average": paired_margin(winner_test, scored["uniform average"][1]),
             "finished_trials": self.finished(),
-            "examples_scored": examples_scored(self.study.get_trials(deepcopy=False)),
+            "examples_scored": examples_scored(self.study),
         }
         atomic_write_text(self.run.summary, json.dumps(summary, indent=2))
         return summary

@@ -691,6 +691,10 @@ class EvaluationSpec(BaseModel):
     # first-fidelity subset per task; a list races over several nested subsets (rungs, e.g. [25, 100]), the
     # paired test at each; None disables multi-fidelity
     screen_examples: Annotated[int, Field(ge=1)] | list[int] | None = 100
+    # which search documents: the first ones, or an informative subset drawn from strata of the reference
+    # models' answers on a pool of the first ``subset_pool`` search documents (None: all; evomerge.subsets)
+    subset: Literal["first", "answers"] = "first"
+    subset_pool: int | None = Field(None, ge=1)
     objective: Literal["weighted", "pareto"] = "weighted"
     batch_size: Annotated[int, Field(ge=1)] | Literal["auto"] = 64
     top_k: int = Field(5, ge=1)  # re-scored on validation at the end
@@ -720,6 +724,14 @@ class EvaluationSpec(BaseModel):
             raise ValueError(f"evaluation.screen_examples {rungs} must grow from one rung to the next")
         if rungs and self.search_examples is not None and rungs[-1] >= self.search_examples:
             raise ValueError("evaluation.screen_examples must be below search_examples")
+        if self.subset == "first" and self.subset_pool is not None:
+            raise ValueError("evaluation.subset_pool is read only with subset: answers")
+        if self.subset == "answers" and self.search_examples is None:
+            raise ValueError("evaluation.subset: answers needs search_examples (the subset's size per task)")
+        if self.subset_pool is not None and self.search_examples is not None \
+                and self.subset_pool <= self.search_examples:
+            raise ValueError(f"evaluation.subset_pool ({self.subset_pool}) must exceed search_examples "
+                             f"({self.search_examples}): the subset is drawn from the pool")
         return self
 
 

@@ -15,13 +15,14 @@ from evomerge.run import Attr, RunFolder, counted, examples_scored, structured_a
 def run_table(run_dir: Path, limit: int = 20) -> Table:
     run = RunFolder(run_dir)
     budget = run.budget()
-    trials = run.trials()
+    study = run.load_study()
+    trials = study.get_trials(deepcopy=False)
     summary = run.read_summary()
     finished = [t for t in trials if counted(t)]
     winner = summary["winner_trial"] if summary else None
     cap = run.max_examples()
     table = Table(title=Text(f"{run_dir}: {len(finished)}/{budget} finished, "
-                             f"{sum(t.state.name == 'FAIL' for t in trials)} failed, {examples_scored(trials)} "
+                             f"{sum(t.state.name == 'FAIL' for t in trials)} failed, {examples_scored(study)} "
                              f"examples scored" + (f" (at most {cap})" if cap is not None else "")
                              + (f", winner: trial {winner}" if winner is not None else "")))
     for col in ("trial", "fidelity", "score", "method", "note"):

@@ -13,6 +13,7 @@ score against examples scored.
     python scripts/bench_fitness.py [--spec search_spaces/demo.yaml] [--budget 200] [--seeds 0 1 2]
                                     [--step 20] [--png scripts/bench_fitness.png] [--strategies LABEL ...]
                                     [--full TEST EXAMPLES]  (full fidelity's figures from an earlier run)
+    python scripts/bench_fitness.py --fidelity 100 [--sizes 25 50 100]   (each subset against the pool)
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -31,18 +33,24 @@ from bench_search import searched, test_score  # noqa: E402  (this folder: a scr
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import DEMO_SPEC  # noqa: E402
 from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
-from evomerge.run import Attr, structured_attr  # noqa: E402
+from evomerge.run import Attr, RunFolder, structured_attr  # noqa: E402
+from evomerge.search import Search, prepare_run  # noqa: E402
 from evomerge.spec import SearchSpec, parse_recipe  # noqa: E402
 
-# label: (search_examples, screen_examples) per task; a list of screens is a race over those rungs
+# label: (search_examples, screen_examples, subset_pool) per task; a list of screens is a race over those rungs;
+# with a pool, the search documents are drawn from strata of the reference models' answers on that many
 STRATEGIES = {
-    "full (500)": (500, None),
-    "screen 100, then 500 (the demo before)": (500, 100),
-    "subset 100": (100, None),
-    "subset 100, screen 25": (100, 25),
-    "subset 50": (50, None),
-    "race 25, 100, then 500": (500, [25, 100]),
-    "subset 100, race 10, 25 (the demo)": (100, [10, 25]),
+    "full (500)": (500, None, None),
+    "screen 100, then 500 (the demo before)": (500, 100, None),
+    "subset 100": (100, None, None),
+    "subset 100, screen 25": (100, 25, None),
+    "subset 50": (50, None, None),
+    "race 25, 100, then 500": (500, [25, 100], None),
+    "subset 100, race 10, 25 (the demo)": (100, [10, 25], None),
+    "answers 100 of 500, race 10, 25": (100, [10, 25], 500),
+    "answers 100 of 300, race 10, 25": (100, [10, 25], 300),
+    "answers 50 of 500": (50, None, 500),
+    "answers 50 of 500, race 10, 25": (50, [10, 25], 500),
 }
 FULL = "full (500)"
 
@@ -55,7 +63,8 @@ def one_search(spec: SearchSpec, executor: InProcessExecutor, budget: int, step:
         summary = search.finalize()
         seconds = search_seconds + time.perf_counter() - start
         trials = sorted(search.study.get_trials(deepcopy=False), key=lambda t: t.number)
-    curve, cache, examples, best, counted_trials = [], {}, 0, None, 0
+        examples = search.study.user_attrs.get(Attr.SUBSET_EXAMPLES, 0)  # the reference models' answers first
+    curve, cache, best, counted_trials = [], {}, None, 0
     for t in trials:
         examples += t.user_attrs.get(Attr.EXAMPLES, 0)
         if t.value is None or Attr.DUPLICATE_OF in t.user_attrs:
@@ -72,6 +81,43 @@ def one_search(spec: SearchSpec, executor: InProcessExecutor, budget: int, step:
             "seconds": seconds}
 
 
+def subset_fidelity(base: SearchSpec, executor: InProcessExecutor, candidates: int, sizes: list[int]) -> None:
+    """How well each search subset stands in for the 500-document pool: random candidates of the spec's space
+    scored on the whole pool, each subset's score (FirstDocuments: plain mean of the first n; AnswerStrata:
+    drawn and weighted from the reference models' answers) against the pool's; prints mean absolute error and
+    Spearman's rank correlation over the candidates."""
+    import optuna
+    from scipy.stats import spearmanr
+
+    from evomerge.evaluate import EvalResult
+    from evomerge.executors import Candidate
+    from evomerge.subsets import AnswerStrata, FirstDocuments
+
+    with tempfile.TemporaryDirectory() as tmp:
+        run = RunFolder(Path(tmp) / "run")
+        prepare_run(base, run, 1, force=False)
+        search = Search(base, run, executor=executor)
+        pool = search.pool(500)
+        refs = [executor.worker.run(Candidate(r, "search", pool)).result for r in search.reference_recipes().values()]
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        scored = [executor.worker.run(Candidate(search.space.sample(study.ask()), "search", pool)).result
+                  for _ in range(candidates)]
+    print(f"\nsubset fidelity, {base.evaluation.tasks[0].name}..., {candidates} random candidates, pool 500 per task")
+    print("| subset | examples per task | mean abs error vs pool score | Spearman rank correlation |")
+    print("|---|---|---|---|")
+    truth = [r.score for r in scored]
+    for n in sizes:
+        for label, subset in (("first", FirstDocuments({t: ids[:n] for t, ids in pool.items()})),
+                              ("answers", AnswerStrata.from_answers(pool, refs, n))):
+            estimates = []
+            for r in scored:
+                part = {t: {d: r.examples[t][d] for d in subset.doc_ids[t]} for t in pool}
+                plain = EvalResult({t: sum(v.values()) / len(v) for t, v in part.items()}, part, r.weights)
+                estimates.append(subset.weigh(plain).score)
+            error = statistics.mean(abs(e - t) for e, t in zip(estimates, truth, strict=True))
+            print(f"| {label} | {n} | {error:.4f} | {spearmanr(estimates, truth).statistic:.3f} |", flush=True)
+
+
 def sd(values: list[float]) -> float:
     return statistics.stdev(values) if len(values) > 1 else 0.0
 
@@ -86,15 +132,22 @@ def main() -> None:
     parser.add_argument("--png", type=Path, default=Path(__file__).with_name("bench_fitness.png"))
     parser.add_argument("--full", type=float, nargs=2, metavar=("TEST", "EXAMPLES"),
                         help="full fidelity's mean final test score and examples scored, when it is not rerun")
+    parser.add_argument("--fidelity", type=int, metavar="CANDIDATES",
+                        help="only measure each subset against the pool on this many random candidates")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[25, 50, 100], help="subset sizes for --fidelity")
     args = parser.parse_args()
     _quiet_libraries()
     base = SearchSpec.from_yaml(args.spec)
     executor = InProcessExecutor(Worker(base))
+    if args.fidelity:
+        subset_fidelity(base, executor, args.fidelity, args.sizes)
+        return
     results: dict[str, list[dict]] = {}
     for label in args.strategies:
-        search_examples, screen = STRATEGIES[label]
-        evaluation = base.evaluation.model_copy(update={"search_examples": search_examples,
-                                                        "screen_examples": screen})
+        search_examples, screen, pool = STRATEGIES[label]
+        evaluation = base.evaluation.model_copy(update={
+            "search_examples": search_examples, "screen_examples": screen,
+            "subset": "first" if pool is None else "answers", "subset_pool": pool})
         for seed in args.seeds:
             spec = base.model_copy(update={"seed": seed, "evaluation": evaluation})
             result = one_search(spec, executor, args.budget, args.step)

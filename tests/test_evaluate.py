@@ -51,6 +51,19 @@ def test_scores_equal_greedy_decoding(live):
     assert result.score == pytest.approx(sum(result.scores.values()) / 3)
 
 
+def test_evidence_is_the_targets_log_probability(live):
+    """A loglikelihood task's per-document evidence (what an answer-stratified subset sorts by) is the model's
+    log-probability of the target after the prompt, computed here by a plain forward pass."""
+    model, tok, ev = live
+    result = ev.evaluate("search", {task_name("add"): list(range(5, 15))})
+    for i, row in enumerate(rows("add", "search")[5:15], start=5):
+        prompt, target = tok.encode(row["prompt"]), tok.encode(row["target"])
+        with torch.no_grad():
+            logits = model(torch.tensor([prompt + target])).logits[0].log_softmax(-1)
+        by_hand = sum(logits[len(prompt) - 1 + j, t].item() for j, t in enumerate(target))
+        assert result.evidence[task_name("add")][i] == pytest.approx(by_hand, abs=1e-4)
+
+
 def test_doc_id_range_selects_split_slice(live):
     model, tok, ev = live
     assert ev.doc_ids(task_name("sort"), "test") == list(range(100, 200))

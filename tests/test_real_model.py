@@ -76,8 +76,9 @@ def test_scores_equal_plain_lm_eval(real, task, metric, monkeypatch):
     model = AutoModelForCausalLM.from_pretrained(real["base"], dtype=torch.float32).eval()
     tok = AutoTokenizer.from_pretrained(real["base"])
     ids = list(range(3, 3 + N))
-    got = Evaluator(model, tok, [TaskSpec(name=task, metric=metric)], [tasks_dir], batch_size=8) \
-        .evaluate("test", {task: ids}).examples[task]
+    result = Evaluator(model, tok, [TaskSpec(name=task, metric=metric)], [tasks_dir], batch_size=8) \
+        .evaluate("test", {task: ids})
+    got = result.examples[task]
     monkeypatch.chdir(tasks_dir)  # plain lm-eval reads the YAML's data_files relative to the working directory
     fresh = TaskManager(include_path=str(tasks_dir), include_defaults=False).load([task])
     out = evaluate(HFLM(pretrained=model, tokenizer=tok, batch_size=8), fresh, samples={task: ids},
@@ -85,6 +86,13 @@ def test_scores_equal_plain_lm_eval(real, task, metric, monkeypatch):
     key = metric if task != "real_add_gen" else "exact_match"
     expected = {int(s["doc_id"]): float(s[key]) for s in out["samples"][task]}
     assert got == expected
+    # evidence: the right choice's log-likelihood margin over the best other; the target's log-likelihood
+    lls = {int(s["doc_id"]): ([r[0] for r in s["filtered_resps"]], s["target"]) for s in out["samples"][task]}
+    if task == "real_add_gen":  # generated text shows no such number
+        assert task not in result.evidence
+    else:
+        margin = {d: v[g] - max(v[:g] + v[g + 1:]) if len(v) > 1 else v[0] for d, (v, g) in lls.items()}
+        assert result.evidence[task] == pytest.approx(margin, abs=1e-3)
     if task == "real_add":  # a real model: some right, not all (so the comparison can fail)
         assert 0 < sum(got.values()) < N
 

@@ -240,7 +240,7 @@ def test_max_examples_stops_the_search_and_holds_on_resume(spec_file, tmp_path, 
     run = RunFolder(tmp_path / "run")
     assert main(["search", str(spec_file), "--budget", "10", "--max-examples", "50", "--run", str(run.root)]) == 0
     trials = run.trials()
-    scored = examples_scored(trials)
+    scored = examples_scored(run.load_study())
     last = max((t for t in trials if Attr.EXAMPLES in t.user_attrs), key=lambda t: t.number)
     assert scored >= 50 > scored - last.user_attrs[Attr.EXAMPLES]
     assert sum(counted(t) for t in trials) < 10 and run.max_examples() == 50
@@ -249,4 +249,4 @@ def test_max_examples_stops_the_search_and_holds_on_resume(spec_file, tmp_path, 
     assert main(["status", str(run.root)]) == 0
     assert f"{scored} examples scored (at most 50)" in " ".join(capsys.readouterr().out.split())
     assert main(["search", "--resume", str(run.root)]) == 0
-    assert examples_scored(run.trials()) == scored
+    assert examples_scored(run.load_study()) == scored

@@ -16,6 +16,7 @@ from evomerge.scores import weighted_mean
 from evomerge.screening import P_THRESHOLD, Screen, rung_vectors, significantly_worse
 from evomerge.search import Search, prepare_run
 from evomerge.spec import SearchSpec
+from evomerge.subsets import FirstDocuments
 
 
 def exact_signed_rank_p(diffs: list[float]) -> float:
@@ -47,7 +48,7 @@ def test_equal_or_better_is_never_pruned():
 
 
 def test_screen_keeps_the_best_full_trial():
-    screen = Screen({"a": [0, 1], "b": [5]}, {"a": 1.0, "b": 3.0})
+    screen = Screen({"a": [0, 1], "b": [5]}, FirstDocuments({"a": [0, 1], "b": [5]}), {"a": 1.0, "b": 3.0})
     assert not screen.prunes([0.0, 0.0, 0.0])  # nothing to compare with yet
     screen.record(0.5, [0.1, 0.2, 0.3])
     screen.record(0.4, [0.0, 0.0, 0.0])
@@ -56,7 +57,7 @@ def test_screen_keeps_the_best_full_trial():
 
 def test_screen_vector_sums_to_the_weighted_score():
     weights = {"a": 1.0, "b": 3.0}
-    screen = Screen({"a": [0, 1, 2], "b": [5]}, weights)
+    screen = Screen({"a": [0, 1, 2], "b": [5]}, FirstDocuments({"a": [0, 1, 2, 7], "b": [5]}), weights)
     result = EvalResult({}, {"a": {0: 1.0, 1: 0.0, 2: 1.0, 7: 0.0}, "b": {5: 0.0}}, weights)
     assert screen.vector(result) == pytest.approx([0.25 / 3, 0.0, 0.25 / 3, 0.0])
     assert sum(screen.vector(result)) == pytest.approx(weighted_mean({"a": 2 / 3, "b": 0.0}, weights))
@@ -125,7 +126,7 @@ def test_race_decisions_and_examples_scored_match_an_independent_computation():
     rng = random.Random(0)
     difficulty = [rng.uniform(-0.3, 0.3) for _ in range(SIZE)]
     incumbent = synthetic_answers(0.6, rng, difficulty)
-    screens = race({t: list(range(SIZE)) for t in WEIGHTS}, RUNGS, WEIGHTS)
+    screens = race(FirstDocuments({t: list(range(SIZE)) for t in WEIGHTS}), RUNGS, WEIGHTS)
     first = race_outcome(screens, incumbent)  # nothing to compare with: scored in full
     assert first.fidelity == "full" and len(first.result.examples["a"]) == SIZE
     for screen, vector in zip(screens, first.rung_vectors, strict=True):
@@ -156,7 +157,7 @@ def test_race_keeps_an_equal_or_better_candidate_with_the_stated_probability(gap
     for _ in range(300):
         difficulty = [rng.uniform(-0.3, 0.3) for _ in range(SIZE)]
         incumbent = synthetic_answers(0.6, rng, difficulty)
-        screens = race({t: list(range(SIZE)) for t in WEIGHTS}, RUNGS, WEIGHTS)
+        screens = race(FirstDocuments({t: list(range(SIZE)) for t in WEIGHTS}), RUNGS, WEIGHTS)
         for screen, size in zip(screens, RUNGS, strict=True):
             screen.record(0.6, [w / 4 / size * incumbent[t][d] for t, w in WEIGHTS.items() for d in range(size)])
         dropped += race_outcome(screens, synthetic_answers(0.6 + gap, rng, difficulty)).fidelity == "screen"

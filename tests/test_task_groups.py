@@ -16,6 +16,7 @@ from evomerge.evaluate import EvalResult, Evaluator
 from evomerge.screening import Screen
 from evomerge.search import paired_margin
 from evomerge.spec import TaskSpec
+from evomerge.subsets import FirstDocuments
 
 SIZES = {"sub_a": 30, "sub_b": 12}  # documents per split of each task
 SKILL = {"sub_a": "sort", "sub_b": "reverse", "sub_c": "add", "sub_d": "add", "sub_p": "add"}
@@ -119,7 +120,7 @@ def test_group_examples_combine_to_its_score(group_dir, lm):
     first = ev.evaluate("search", {t: v[:7] for t, v in ids.items()})
     rest = ev.evaluate("search", {t: v[7:] for t, v in ids.items()})
     assert first.merged(rest).scores == pytest.approx(whole.scores, abs=1e-12)
-    screen = Screen({t: v[:7] for t, v in ids.items()}, {t.name: t.weight for t in tasks})
+    screen = Screen({t: v[:7] for t, v in ids.items()}, FirstDocuments(ids), {t.name: t.weight for t in tasks})
     assert sum(screen.vector(first)) == pytest.approx(first.score, abs=1e-12)
 
 
@@ -204,3 +205,25 @@ def test_search_on_a_group_of_demo_tasks(tmp_path):
     assert len(log) == 4 and all(set(row["scores"]) == {"demo_skills", "demo_sort"} for row in log)
     summary = json.loads((run / "summary.json").read_text())
     assert set(summary["table"]["uniform average"]["test_tasks"]) == {"demo_skills", "demo_sort"}
+
+
+def test_answer_strata_of_a_group_keep_its_tasks_parts(group_dir, lm):
+    """An answer-stratified subset of a group that weighs its tasks equally: each document's evidence is its
+    own task's, strata form within each member task, and each task's strata hold half of the pool's mass; the
+    weighted score of the whole pool drawn as the subset is the group's own score."""
+    from evomerge.subsets import AnswerStrata
+
+    ev = Evaluator(*lm, [TaskSpec(name="grp_equal", splits=SPLITS)], [group_dir], batch_size=16)
+    pool = {"grp_equal": ev.doc_ids("grp_equal", "search")}
+    whole = ev.evaluate("search", pool)
+    alone = {t: ev_t.evaluate("search").evidence[t] for t, ev_t in
+             ((t, Evaluator(*lm, [TaskSpec(name=t, splits=SPLITS)], [group_dir], batch_size=16)) for t in SIZES)}
+    members = layout("search")
+    assert whole.evidence["grp_equal"] == pytest.approx({i: alone[members[i][0]][members[i][1]]
+                                                         for i in pool["grp_equal"]}, abs=1e-4)
+    subset = AnswerStrata.from_answers(pool, [whole], size=len(pool["grp_equal"]))
+    parts = Counter()
+    for stratum, mass in subset.mass["grp_equal"].items():
+        parts[stratum.split(":")[0]] += mass
+    assert parts == pytest.approx({"sub_a": 0.5, "sub_b": 0.5})
+    assert subset.weigh(whole).scores["grp_equal"] == pytest.approx(whole.scores["grp_equal"], abs=1e-12)
