@@ -77,24 +77,19 @@ def assert_exact_budget(run: Path, budget: int) -> list:
     return trials
 
 
-def test_two_cpu_workers_finish_exactly_the_budget(spec_file, tmp_path):
-    run = tmp_path / "two"
-    finish(search_cmd(spec_file, run, 8, "--workers", "2"))
-    assert_exact_budget(run, 8)
-    workers = {row["worker"].split(":")[0] for row in RunFolder(run).log_rows()}
-    assert workers == {"ray0", "ray1"}  # both workers took candidates
-
-
-def test_ray_workers_search_an_answer_stratified_subset(tmp_path):
-    """``subset: answers`` on two Ray workers: the references answer the pool (spread over the workers) before any
-    trial, and every trial is scored on the stored subset (16 documents per task, 6 per rung)."""
+def test_two_cpu_workers_finish_exactly_the_budget(tmp_path):
+    """Two Ray workers take candidates; with ``subset: answers`` the references answer the pool (spread over the
+    workers) before any trial, and every trial is scored on the stored subset (16 documents per task, 6 per
+    rung)."""
     answers = {**SMALL, "evaluation": {**SMALL["evaluation"], "search_examples": 16, "screen_examples": 6,
                                        "subset": "answers", "subset_pool": 40}}
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(answers))
-    run = tmp_path / "answers"
-    finish(search_cmd(spec_file, run, 6, "--workers", "2"))
-    trials = assert_exact_budget(run, 6)
+    run = tmp_path / "two"
+    finish(search_cmd(spec_file, run, 8, "--workers", "2"))
+    trials = assert_exact_budget(run, 8)
+    workers = {row["worker"].split(":")[0] for row in RunFolder(run).log_rows()}
+    assert workers == {"ray0", "ray1"}  # both workers took candidates
     study = study_of(run)
     assert study.user_attrs["search_subset_examples"] == 3 * 2 * 40
     chosen = json.loads(study.user_attrs["search_subset"])["doc_ids"]

@@ -163,7 +163,7 @@ BAD_SPECS = {
     "cmaes categorical": ({"space__methods": ["linear", "ties"]}, "sampler cmaes cannot choose among methods"),
     "unknown task": ({"evaluation__tasks": [{"name": "demo_multiply"}]}, "task 'demo_multiply' not found"),
     "task folder": ({"evaluation__include_paths": ["/no/tasks"]}, "task folder not found: /no/tasks"),
-    "unknown key": ({"evaluation__subset": 3}, "evaluation.subset: Extra inputs are not permitted"),
+    "unknown key": ({"evaluation__subsample": 3}, "evaluation.subsample: Extra inputs are not permitted"),
     "fidelity order": ({"evaluation__screen_examples": 50}, "screen_examples must be below search_examples"),
 }
 

@@ -15,7 +15,7 @@ from test_search import CLI_ENV, SPEC, sigkill_at
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate
 from evomerge.run import Attr, RunFolder, counted, examples_scored, structured_attr
-from evomerge.search import Search, prepare_run
+from evomerge.search import Search
 from evomerge.spec import SearchSpec, parse_recipe
 from evomerge.subsets import AnswerStrata, FirstDocuments
 
@@ -132,41 +132,13 @@ ANSWERS = {**SPEC, "evaluation": {**SPEC["evaluation"], "search_examples": 16, "
                                   "subset": "answers", "subset_pool": 40}}
 
 
-def test_search_scores_candidates_on_the_answer_strata(tmp_path):
-    """The reference models (each parent, the average) answer the 40-document pool once, before any trial; the
-    stored subset is what those answers give (recomputed here from the references scored independently); every
-    full trial's scores are the stratified estimator of its answers on the subset, and a screened trial's
-    value is its screen vector's sum."""
-    spec = SearchSpec.model_validate(ANSWERS)
-    run = RunFolder(tmp_path / "run")
-    prepare_run(spec, run, 6, force=False)
-    search = Search(spec, run)
-    assert search.subset is None and search.screens == ()
-    search.run_budget(6)
-    worker = search.executor.worker
-    pool = {t: worker.doc_ids(t, "search")[:40] for t in ("demo_add", "demo_reverse")}
-    refs = [worker.run(Candidate(r, "search", pool)).result for r in search.reference_recipes().values()]
-    expected = AnswerStrata.from_answers(pool, refs, 16)
-    stored = json.loads(search.study.user_attrs[Attr.SUBSET])
-    assert stored == json.loads(json.dumps(expected.to_json()))
-    assert search.study.user_attrs[Attr.SUBSET_EXAMPLES] == 3 * 2 * 40
-    trials = [t for t in search.study.get_trials() if counted(t)]
-    assert examples_scored(search.study) == 240 + sum(t.user_attrs[Attr.EXAMPLES] for t in trials)
-    for t in trials:
-        if t.user_attrs[Attr.FIDELITY] == "screen":
-            assert t.value == pytest.approx(sum(structured_attr(t, Attr.SCREEN)))
-            continue
-        answers = worker.run(Candidate(parse_recipe(structured_attr(t, Attr.RECIPE)), "search",
-                                       expected.doc_ids)).result
-        by_hand = {task: stratified_estimate(expected, task, answers.examples[task]) for task in pool}
-        assert t.user_attrs[Attr.SCORES] == pytest.approx(by_hand)
-        assert t.value == pytest.approx((by_hand["demo_add"] + 2 * by_hand["demo_reverse"]) / 3)
-
-
-def test_answer_subset_survives_sigkill_and_resume(tmp_path):
-    """SIGKILL once the process holds the run's lock (the subset may not be chosen yet), then once after the
-    third trial line; the resumed search finishes the budget on the subset it stored first: the references
-    answered once (their examples counted once), every trial scored on the same documents."""
+def test_search_on_answer_strata_by_hand_and_across_sigkill(tmp_path):
+    """A search with ``subset: answers`` killed with SIGKILL once the process holds the run's lock (the subset
+    may not be chosen yet), then after the third trial line, then resumed to the end. The references (each
+    parent, the average) answered the 40-document pool once (their examples counted once), and the stored
+    subset is what their answers give, recomputed here from the references scored independently; every trial
+    was scored on that subset, a full trial's scores being the stratified estimator of its answers and a
+    screened trial's value its screen vector's sum."""
     spec_path = tmp_path / "spec.yaml"
     spec_path.write_text(yaml.safe_dump(ANSWERS))
     run = RunFolder(tmp_path / "run")
@@ -177,9 +149,25 @@ def test_answer_subset_survives_sigkill_and_resume(tmp_path):
     done = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=CLI_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
     study = run.load_study()
-    assert study.user_attrs[Attr.SUBSET] == chosen and study.user_attrs[Attr.SUBSET_EXAMPLES] == 240
+    assert study.user_attrs[Attr.SUBSET] == chosen and study.user_attrs[Attr.SUBSET_EXAMPLES] == 3 * 2 * 40
     trials = [t for t in study.get_trials() if counted(t)]
     assert len(trials) == 10
+    assert json.loads(run.summary.read_text())["examples_scored"] == examples_scored(study) == \
+        240 + sum(t.user_attrs[Attr.EXAMPLES] for t in trials)
+
+    search = Search(SearchSpec.model_validate(ANSWERS), run)
+    worker = search.executor.worker
+    pool = {t: worker.doc_ids(t, "search")[:40] for t in ("demo_add", "demo_reverse")}
+    refs = [worker.run(Candidate(r, "search", pool)).result for r in search.reference_recipes().values()]
+    expected = AnswerStrata.from_answers(pool, refs, 16)
+    assert json.loads(chosen) == json.loads(json.dumps(expected.to_json()))
     for t in trials:
         assert t.user_attrs[Attr.EXAMPLES] == {"full": 32, "screen": 12}[t.user_attrs[Attr.FIDELITY]]
-    assert json.loads(run.summary.read_text())["examples_scored"] == examples_scored(study)
+        if t.user_attrs[Attr.FIDELITY] == "screen":
+            assert t.value == pytest.approx(sum(structured_attr(t, Attr.SCREEN)))
+            continue
+        answers = worker.run(Candidate(parse_recipe(structured_attr(t, Attr.RECIPE)), "search",
+                                       expected.doc_ids)).result
+        by_hand = {task: stratified_estimate(expected, task, answers.examples[task]) for task in pool}
+        assert t.user_attrs[Attr.SCORES] == pytest.approx(by_hand)
+        assert t.value == pytest.approx((by_hand["demo_add"] + 2 * by_hand["demo_reverse"]) / 3)
