@@ -317,19 +317,17 @@ class Search:
             return
         ev = self.spec.evaluation
         pool = self.pool(ev.subset_pool)
-        refs = list(self.reference_recipes().values())
-        outcomes = run_all(self.executor, {i: Candidate(r, "search", pool) for i, r in enumerate(refs)},
-                           waiting=self.ctrl_c.waiting)
-        failed = [o.error for o in outcomes.values() if o.result is None]
-        if failed or len(outcomes) < len(refs):
-            raise SearchError(f"the reference models could not answer the subset's pool: "
-                              f"{failed[0] if failed else 'no worker left'}")
-        answers = [outcomes[i].result for i in range(len(refs))]
-        subset = AnswerStrata.from_answers(pool, answers, ev.search_examples or max(map(len, pool.values())))
+        answers = self.reference_answers(pool)
+        subset = AnswerStrata.from_answers(pool, answers, ev.search_examples)
         self.study.set_user_attr(Attr.SUBSET, as_text(subset.to_json()))
         self.study.set_user_attr(Attr.SUBSET_EXAMPLES, sum(map(_examples, answers)))
         self.subset = subset
         self.screens = self._race()
+
+    def reference_answers(self, pool: dict[str, list[int]]) -> list[EvalResult]:
+        """Each reference model's answers on the ``pool`` search documents (what an answer subset is drawn by)."""
+        return self._score_all([Candidate(r, "search", pool) for r in self.reference_recipes().values()],
+                               "the reference models' answers on the subset's pool")
 
     def seed_baselines(self) -> None:
         if not self.study.get_trials(deepcopy=False):
@@ -508,13 +506,12 @@ class Search:
         refs["uniform average"] = arithmetic([1 / len(spec.models)] * len(spec.models))
         return refs
 
-    def _score_all(self, jobs: list[tuple[AnyRecipe, str]]) -> list[EvalResult]:
-        """Score (recipe, role) pairs on every document of the role, spread over the workers."""
-        outcomes = run_all(self.executor, {i: Candidate(recipe, role) for i, (recipe, role) in enumerate(jobs)},
-                           waiting=self.ctrl_c.waiting)
+    def _score_all(self, jobs: list[Candidate], what: str = "the hold-out re-check") -> list[EvalResult]:
+        """Run jobs spread over the workers; their results in order, or SearchError naming ``what`` failed."""
+        outcomes = run_all(self.executor, dict(enumerate(jobs)), waiting=self.ctrl_c.waiting)
         failed = [o.error for o in outcomes.values() if o.result is None]
         if failed or len(outcomes) < len(jobs):
-            raise SearchError(f"the hold-out re-check failed: {failed[0] if failed else 'no worker left'}")
+            raise SearchError(f"{what} failed: {failed[0] if failed else 'no worker left'}")
         return [outcomes[i].result for i in range(len(jobs))]
 
     def finalize(self) -> dict[str, Any]:
@@ -523,11 +520,11 @@ class Search:
         if not candidates:
             raise SearchError("no trial finished at full fidelity; nothing to choose from")
         refs = self.reference_recipes()
-        first = self._score_all([(_recipe_of(t), "validation") for t in candidates]
-                                + [(r, role) for r in refs.values() for role in ("validation", "test")])
+        first = self._score_all([Candidate(_recipe_of(t), "validation") for t in candidates]
+                                + [Candidate(r, role) for r in refs.values() for role in ("validation", "test")])
         validation = {t.number: first[i] for i, t in enumerate(candidates)}
         winner = max(candidates, key=lambda t: validation[t.number].score)
-        (winner_test,) = self._score_all([(_recipe_of(winner), "test")])
+        (winner_test,) = self._score_all([Candidate(_recipe_of(winner), "test")])
         winner_label = f"winner (trial {winner.number})"
         scored = {winner_label: (validation[winner.number], winner_test)}
         for i, label in enumerate(refs):

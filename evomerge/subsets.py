@@ -117,7 +117,7 @@ class AnswerStrata(SearchSubset):
                     docs = sorted(docs, key=surety.__getitem__)
                     docs = [docs[p] for p in _spread(len(docs), random.Random(f"{task}/{stratum}").random())]
                 rank.update({d: j for j, d in enumerate(docs)})
-            first = {k: i for i, k in reversed(list(enumerate(key[d] for d in ids)))}  # strata in pool order
+            first = {k: i for i, k in enumerate(members_of)}  # strata in the order the pool first shows them
             order = sorted(ids, key=lambda d: ((rank[d] + 0.5) / task_mass[key[d]], first[key[d]]))
             doc_ids[task] = order[:size]
             strata[task] = {d: key[d] for d in doc_ids[task]}

@@ -98,7 +98,7 @@ def subset_fidelity(base: SearchSpec, executor: InProcessExecutor, candidates: i
         prepare_run(base, run, 1, force=False)
         search = Search(base, run, executor=executor)
         pool = search.pool(500)
-        refs = [executor.worker.run(Candidate(r, "search", pool)).result for r in search.reference_recipes().values()]
+        refs = search.reference_answers(pool)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
         scored = [executor.worker.run(Candidate(search.space.sample(study.ask()), "search", pool)).result
                   for _ in range(candidates)]
