@@ -18,10 +18,10 @@ import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 
-from evomerge import hub
 from evomerge.errors import SpecError
 
 SINGLE_FILE = "model.safetensors"
@@ -58,7 +58,11 @@ def resolve_model_path(ref: str) -> Path:
         except KeyError as err:
             raise SpecError(str(err.args[0])) from None
     hub_id = hub_id_of(ref)
-    return Path(ref).expanduser() if hub_id is None else hub.resolve_hub_model(*hub_id)
+    if hub_id is None:
+        return Path(ref).expanduser()
+    from evomerge.hub import resolve_hub_model  # huggingface_hub loads in a quarter second: only when needed
+
+    return resolve_hub_model(*hub_id)
 
 
 def hub_id_of(ref: str) -> tuple[str, str | None] | None:
@@ -71,7 +75,9 @@ def hub_id_of(ref: str) -> tuple[str, str | None] | None:
         return hub_id_of(parts[0])
     if ref.startswith("demo:") or Path(ref).expanduser().exists():
         return None
-    return hub.parse_hub_id(ref)
+    from evomerge.hub import parse_hub_id
+
+    return parse_hub_id(ref)
 
 
 def layer_count_field(config: dict) -> tuple[dict, str]:
@@ -167,16 +173,37 @@ class Checkpoint:
         tensor's memory is gone as soon as it is dropped."""
         info = self.tensors[name]
         tensor = torch.empty(info.shape, dtype=info.dtype)
-        buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
         with info.file.open("rb", buffering=0) as f:
             f.seek(info.offset)
-            done = 0
-            while done < len(buffer):
-                got = f.readinto(buffer[done:])
-                if not got:
-                    raise SpecError(f"{info.file}: ends inside tensor {name}")
-                done += got
+            _fill(f, tensor, name)
         return tensor if str(device) == "cpu" else tensor.to(device, non_blocking=True)
+
+    def read_slices(self, name: str, size: int) -> Iterator[torch.Tensor]:
+        """A tensor's flattened data as consecutive slices of ``size`` entries (the last may be shorter), read
+        in order from one open file (CPU)."""
+        info = self.tensors[name]
+        total = math.prod(info.shape)
+        with info.file.open("rb", buffering=0) as f:
+            f.seek(info.offset)
+            for start in range(0, total, size):
+                tensor = torch.empty(min(size, total - start), dtype=info.dtype)
+                _fill(f, tensor, name)
+                yield tensor
+
+    def stored(self, name: str) -> bool:
+        """Whether the tensor is read as stored, so ``read_slices`` may read it in slices."""
+        return True
+
+
+def _fill(f: BinaryIO, tensor: torch.Tensor, name: str) -> None:
+    """Read ``tensor``'s bytes from where ``f`` stands."""
+    buffer = memoryview(tensor.view(-1).view(torch.uint8).numpy()) if tensor.numel() else memoryview(b"")
+    done = 0
+    while done < len(buffer):
+        got = f.readinto(buffer[done:])
+        if not got:
+            raise SpecError(f"{f.name}: ends inside tensor {name}")
+        done += got
 
 
 def _read_json_object(file: Path) -> dict:

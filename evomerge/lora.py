@@ -139,6 +139,9 @@ class AdaptedCheckpoint(Checkpoint):
     weights: Checkpoint  # the adapter's own tensors
     patches: dict[str, Patch]
 
+    def stored(self, name: str) -> bool:
+        return name not in self.patches
+
     def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         patch = self.patches.get(name)
         if patch is None:

@@ -18,6 +18,11 @@ import torch
 
 from evomerge.errors import SpecError
 
+try:
+    from evomerge import _topk  # evomerge/_topk.c, built at install where a C compiler is
+except ImportError:
+    _topk = None
+
 Tensor = torch.Tensor
 BasePolicy = Literal["none", "optional", "required"]
 
@@ -64,6 +69,7 @@ class MergeMethod:
     seeded: bool = False  # draws random masks: needs a generator
     check: Callable[[dict[str, float]], str | None] | None = None  # joint limits on one model's values
     stacks: bool = False  # fn also takes ``stacked=``: the deltas as rows of one scratch tensor
+    elementwise: bool = False  # an output entry depends on the inputs' entries at its position alone
 
     @property
     def parameters(self) -> dict[str, Param]:
@@ -90,25 +96,50 @@ def rescale_l1(delta: Tensor, mask: Tensor, eps: float = 1e-7) -> Tensor:
     return kept * (before / after)
 
 
+def _tied_samples() -> list[Tensor]:
+    """Magnitudes of bf16-rounded task vectors (ties everywhere) at sizes where sort strategies change."""
+    gen = torch.Generator().manual_seed(1234)
+    samples = []
+    for n in (1000, 70_000, 300_000):
+        base = torch.randn(n, generator=gen).to(torch.bfloat16).float()
+        samples.append(((base + 0.01 * torch.randn(n, generator=gen)).to(torch.bfloat16).float() - base).abs())
+    return samples
+
+
 def _desc_order_int32_ok() -> bool:
     """Whether, on this build, sorting the int32 bits of non-negative float32 values descending gives
     exactly the permutation of sorting the floats (same order, same tie order, cheaper: no NaN passes).
-    Checked once per process on tied data of the sizes where the sort's strategy changes."""
+    Checked once per process."""
     global _INT32_ORDER_OK
     if _INT32_ORDER_OK is None:
-        ok = True
-        gen = torch.Generator().manual_seed(1234)
-        for n in (1000, 70_000, 300_000):
-            base = torch.randn(n, generator=gen).to(torch.bfloat16).float()
-            w = ((base + 0.01 * torch.randn(n, generator=gen)).to(torch.bfloat16).float() - base).abs()
-            ok = ok and torch.equal(torch.argsort(w, descending=True),
-                                    torch.argsort(w.view(torch.int32), descending=True))
-        _INT32_ORDER_OK = ok
+        _INT32_ORDER_OK = all(torch.equal(torch.argsort(w, descending=True),
+                                          torch.argsort(w.view(torch.int32), descending=True))
+                              for w in _tied_samples())
     return _INT32_ORDER_OK
 
 
+def _compiled_top_k_ok() -> bool:
+    """Whether the compiled top-k is here and keeps, on this build of torch, the very entries the first k of
+    ``torch.argsort`` are (it follows libstdc++'s std::sort; another C++ library sorts ties otherwise).
+    Checked once per process."""
+    global _COMPILED_OK
+    if _COMPILED_OK is None:
+        _COMPILED_OK = _topk is not None and all(
+            torch.equal(_compiled_top_k(w, k), _sorted_top_k(w.clone(), k))
+            for w in _tied_samples() for k in (1, w.numel() // 3, w.numel() // 2, w.numel() - 1))
+    return _COMPILED_OK
+
+
 _INT32_ORDER_OK: bool | None = None
+_COMPILED_OK: bool | None = None
 _FLOAT32_INF_BITS = 0x7F800000
+
+
+def _compiled_top_k(values: Tensor, k: int) -> Tensor | None:
+    """The top-k mask of ``|values|`` (flat, float32, CPU, contiguous) from evomerge/_topk.c, in O(n); None
+    where it cannot say (a NaN, a degenerate input): the sort decides then."""
+    mask = torch.empty(values.numel(), dtype=torch.bool)
+    return mask if _topk.top_k_mask(values.detach().numpy(), mask.numpy(), k) == 0 else None
 
 
 def _descending_order(magnitude: Tensor) -> Tensor:
@@ -133,8 +164,8 @@ def _ties_likely(magnitude: Tensor) -> bool:
     return sample.unique().numel() < sample.numel()
 
 
-def _top_k_mask_(magnitude: Tensor, k: int) -> Tensor:
-    """``top_k_mask`` on a flat float32 tensor that may be overwritten."""
+def _sorted_top_k(magnitude: Tensor, k: int) -> Tensor:
+    """The top-k mask by torch alone (no compiler, or a GPU), on flat float32 magnitudes it may overwrite."""
     n = magnitude.numel()
     if not _ties_likely(magnitude):
         mask = magnitude >= torch.kthvalue(magnitude, n - k + 1).values
@@ -146,17 +177,21 @@ def _top_k_mask_(magnitude: Tensor, k: int) -> Tensor:
 
 
 def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
-    """Mask of the ``k`` largest entries of a flat tensor, the ones mergekit keeps: the first ``k`` of
-    ``argsort(magnitude.float(), descending=True)``. A kthvalue threshold settles it in O(n) unless more
-    entries equal the threshold than fit (common in fp16/bf16 task vectors); which of those an unstable
-    sort puts first depends on the whole tensor, so then the same sort decides."""
+    """Mask of the ``k`` largest ``|entries|`` of a flat tensor, the ones mergekit keeps: the first ``k`` of
+    ``argsort(magnitude.abs().float(), descending=True)``. Where more entries equal the k-th largest than
+    fit (common in fp16/bf16 task vectors), which of them an unstable sort puts first depends on the whole
+    tensor: evomerge/_topk.c follows that sort's partitions into the range holding the cut (O(n)); without
+    it (or on a GPU), the same sort decides."""
     n = magnitude.numel()
     if k >= n:
         return torch.ones_like(magnitude, dtype=torch.bool)
     if k <= 0:
         return torch.zeros_like(magnitude, dtype=torch.bool)
-    scratch = magnitude.float()
-    return _top_k_mask_(scratch.clone() if scratch.data_ptr() == magnitude.data_ptr() else scratch, k)
+    if magnitude.device.type == "cpu" and _compiled_top_k_ok():
+        mask = _compiled_top_k(magnitude.float().contiguous(), k)
+        if mask is not None:
+            return mask
+    return _sorted_top_k(magnitude.abs().float(), k)  # a fresh tensor: the sort uses it as scratch
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
@@ -166,8 +201,7 @@ def magnitude_mask(delta: Tensor, density: float) -> Tensor:
     k = max(1, int(density * delta.numel()))
     if k >= delta.numel():
         return torch.ones_like(delta, dtype=torch.bool)
-    magnitude = delta.abs().reshape(-1).float()  # a fresh tensor: the sort may use it as scratch
-    return _top_k_mask_(magnitude, k).reshape(delta.shape)
+    return top_k_mask(delta.reshape(-1), k).reshape(delta.shape)
 
 
 def outlier_mask(delta: Tensor, density: float, gamma: float) -> Tensor:
@@ -387,7 +421,7 @@ def _task_vector_entry(name: str, sparsify: Sparsifier, consensus: bool, normali
         per_model=per_model,
         shared={"lambda": _LAMBDA, "normalize": Param(normalize), "rescale": Param(rescale)},
         seeded=sparsify in ("random", "rank"), check=_della_limits if sparsify == "rank" else None,
-        stacks=True,
+        stacks=True, elementwise=sparsify == "none",
     )
 
 
@@ -395,7 +429,7 @@ METHODS: dict[str, MergeMethod] = {
     m.name: m
     for m in (
         MergeMethod("linear", linear, base="none", uses_deltas=False, per_model={"weight": WEIGHT},
-                    shared={"normalize": Param(True)}),
+                    shared={"normalize": Param(True)}, elementwise=True),
         _task_vector_entry("task_arithmetic", "none", consensus=False, normalize=False, rescale=False),
         _task_vector_entry("ties", "magnitude", consensus=True, normalize=True, rescale=False),
         _task_vector_entry("dare_ties", "random", consensus=True, normalize=False, rescale=True),

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import build_real_zoo as real_zoo  # this folder
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from evomerge.spec import Recipe
@@ -83,6 +83,22 @@ def measure(cmd: list[str]) -> tuple[float, float]:
     return float(seconds), float(rss_mb)
 
 
+def difference(ours: Path, theirs: Path) -> tuple[int, int, float]:
+    """How many entries of the two outputs differ (of how many), and the largest absolute difference."""
+    a, b = ({k: v for f in sorted(folder.glob("*.safetensors")) for k, v in load_file(f).items()}
+            for folder in (ours, theirs))
+    if a.keys() != b.keys():
+        raise RuntimeError(f"the outputs hold different tensors: {sorted(a.keys() ^ b.keys())[:5]}")
+    differ = total = 0
+    largest = 0.0
+    for name, x in a.items():
+        delta = (x.float() - b[name].float()).abs()
+        differ += int((delta > 0).sum())
+        total += x.numel()
+        largest = max(largest, float(delta.max()) if delta.numel() else 0.0)
+    return differ, total, largest
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="+", choices=[*CONFIGS, REAL], default=list(CONFIGS))
@@ -100,23 +116,29 @@ def main() -> None:
                 rec = recipe(method, paths)
                 (work / "ours.yaml").write_text(rec.to_yaml())
                 (work / "theirs.yaml").write_text(rec.to_mergekit_yaml())
-                tools = {
-                    "evomerge": ["evomerge", "merge", str(work / "ours.yaml"), "--out", str(work / "o"), "--force"],
-                    "mergekit": ["mergekit-yaml", str(work / "theirs.yaml"), str(work / "t"), "--allow-crimes"],
+                tools = {  # tool: (command, output folder)
+                    "evomerge": (["evomerge", "merge", str(work / "ours.yaml"), "--out", str(work / "o"), "--force"],
+                                 work / "o"),
+                    "mergekit": (["mergekit-yaml", str(work / "theirs.yaml"), str(work / "t"), "--allow-crimes"],
+                                 work / "t"),
                 }
                 result = {}
-                for tool, cmd in tools.items():
-                    runs = [measure(cmd) for _ in range(args.repeat)]
+                for tool, (cmd, out) in tools.items():
+                    runs = []
+                    for _ in range(args.repeat):
+                        shutil.rmtree(out, ignore_errors=True)
+                        runs.append(measure(cmd))
                     result[tool] = (min(r[0] for r in runs), max(r[1] for r in runs))
-                    shutil.rmtree(work / "o", ignore_errors=True)
-                    shutil.rmtree(work / "t", ignore_errors=True)
-                rows.append((model, method, result))
+                rows.append((model, method, result, difference(work / "o", work / "t")))
+                shutil.rmtree(work / "o")
+                shutil.rmtree(work / "t")
     print("\n| model | method | evomerge s | mergekit s | speed-up | evomerge peak RSS MB | mergekit peak RSS MB "
-          "| RSS ratio |")
-    print("|---|---|---|---|---|---|---|---|")
-    for model, method, r in rows:
+          "| RSS ratio | entries that differ |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for model, method, r, (differ, total, largest) in rows:
         (es, em), (ms, mm) = r["evomerge"], r["mergekit"]
-        print(f"| {model} | {method} | {es:.1f} | {ms:.1f} | {ms / es:.2f}x | {em:.0f} | {mm:.0f} | {mm / em:.2f}x |")
+        print(f"| {model} | {method} | {es:.1f} | {ms:.1f} | {ms / es:.2f}x | {em:.0f} | {mm:.0f} | {mm / em:.2f}x "
+              f"| {differ} of {total} (largest {largest:.2g}) |")
     print(json.dumps({"torch_threads": torch.get_num_threads(), "time": time.strftime("%Y-%m-%d")}))
 
 

@@ -156,6 +156,61 @@ def test_descending_order_is_torchs_argsort_among_ties():
     assert torch.equal(_descending_order(odd.clone()), torch.argsort(odd, descending=True))
 
 
+def _argsort_top_k(w: torch.Tensor, k: int) -> torch.Tensor:
+    """mergekit's kept set: the first k of argsort(|w|.float(), descending=True)."""
+    mask = torch.zeros(w.numel(), dtype=torch.bool)
+    mask[torch.argsort(w.abs().float(), descending=True)[:k]] = True
+    return mask
+
+
+def test_compiled_top_k_is_built_where_a_compiler_is():
+    """pip install builds evomerge/_topk.c (optional, so an install without a compiler still works): where
+    a C compiler is, the extension must be there and agree with this build's argsort."""
+    import shutil
+
+    import evomerge.methods as methods
+
+    if not (shutil.which("cc") or shutil.which("gcc")):
+        pytest.skip("no C compiler: the trim sorts instead")
+    assert methods._topk is not None, "evomerge/_topk.c was not built: pip install -e . (a C compiler is here)"
+    assert methods._compiled_top_k_ok()
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+def test_top_k_mask_keeps_argsorts_entries(compiled, monkeypatch):
+    """Both ways to the top-k (the compiled partition-follower and the torch sort) keep exactly the first k
+    of ``argsort`` on every tie pattern: none, bf16 and fp16 task vectors, a few distinct values, all equal,
+    at sizes around the sort's small-range threshold (16) and large, k from 1 to n-1; fp16, fp64 and strided
+    inputs, -0.0 and inf; a NaN makes the compiled path give way to the sort."""
+    import evomerge.methods as methods
+
+    if compiled and not methods._compiled_top_k_ok():
+        pytest.skip("the compiled top-k is not built here")
+    monkeypatch.setattr(methods, "_COMPILED_OK", compiled)
+    gen = torch.Generator().manual_seed(7)
+    for n in (2, 3, 16, 17, 18, 33, 100, 4097, 65_537, 300_001):
+        base = torch.randn(n, generator=gen)
+        patterns = [torch.randn(n, generator=gen),
+                    (base.bfloat16().float() + 0.01 * torch.randn(n, generator=gen)).bfloat16().float()
+                    - base.bfloat16().float(),
+                    (0.01 * torch.randn(n, generator=gen)).half().float(),
+                    torch.randint(-3, 4, (n,), generator=gen).float(),
+                    torch.ones(n)]
+        for w in patterns:
+            for k in sorted({1, n // 3, n // 2, n - 1} - {0}):
+                assert torch.equal(top_k_mask(w, k), _argsort_top_k(w, k)), (n, k)
+    w = (0.01 * torch.randn(5000, generator=gen)).half()
+    assert torch.equal(top_k_mask(w, 1234), _argsort_top_k(w, 1234))  # fp16 in
+    w = torch.randn(2, 5000, generator=gen, dtype=torch.float64).bfloat16().double()
+    assert torch.equal(top_k_mask(w[0], 2500), _argsort_top_k(w[0], 2500))  # fp64 in
+    assert torch.equal(top_k_mask(w.t()[:, 1], 2500), _argsort_top_k(w.t()[:, 1], 2500))  # strided
+    odd = torch.tensor([1.0, -2.0, 1.0, 0.0, -0.0, float("inf"), -1.0]).repeat(50)
+    for k in (1, 100, 200, 349):
+        assert torch.equal(top_k_mask(odd, k), _argsort_top_k(odd, k)), k
+    odd[17] = float("nan")  # argsort puts NaN first
+    assert torch.equal(top_k_mask(odd, 100), _argsort_top_k(odd, 100))
+
+
 def test_parallel_trims_equal_sequential_ones():
     """TIES on a tensor large enough for the trims to run two at a time gives the sequential result."""
     import evomerge.methods as methods
