@@ -176,22 +176,22 @@ def _sorted_top_k(magnitude: Tensor, k: int) -> Tensor:
     return mask
 
 
-def top_k_mask(magnitude: Tensor, k: int) -> Tensor:
-    """Mask of the ``k`` largest ``|entries|`` of a flat tensor, the ones mergekit keeps: the first ``k`` of
-    ``argsort(magnitude.abs().float(), descending=True)``. Where more entries equal the k-th largest than
-    fit (common in fp16/bf16 task vectors), which of them an unstable sort puts first depends on the whole
+def top_k_mask(values: Tensor, k: int) -> Tensor:
+    """Mask of the ``k`` largest ``|values|`` of a flat tensor, the ones mergekit keeps: the first ``k`` of
+    ``argsort(values.abs().float(), descending=True)``. Where more entries equal the k-th largest than fit
+    (common in fp16/bf16 task vectors), which of them an unstable sort puts first depends on the whole
     tensor: evomerge/_topk.c follows that sort's partitions into the range holding the cut (O(n)); without
     it (or on a GPU), the same sort decides."""
-    n = magnitude.numel()
+    n = values.numel()
     if k >= n:
-        return torch.ones_like(magnitude, dtype=torch.bool)
+        return torch.ones_like(values, dtype=torch.bool)
     if k <= 0:
-        return torch.zeros_like(magnitude, dtype=torch.bool)
-    if magnitude.device.type == "cpu" and _compiled_top_k_ok():
-        mask = _compiled_top_k(magnitude.float().contiguous(), k)
+        return torch.zeros_like(values, dtype=torch.bool)
+    if values.device.type == "cpu" and _compiled_top_k_ok():
+        mask = _compiled_top_k(values.float().contiguous(), k)
         if mask is not None:
             return mask
-    return _sorted_top_k(magnitude.abs().float(), k)  # a fresh tensor: the sort uses it as scratch
+    return _sorted_top_k(values.abs().float(), k)  # a fresh tensor: the sort uses it as scratch
 
 
 def magnitude_mask(delta: Tensor, density: float) -> Tensor:
