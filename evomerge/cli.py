@@ -279,5 +279,21 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# commands that start no processes or servers, so nothing is left to shut down once their files are closed
+_QUICK_EXIT = ("merge", "export")
+
+
+def run() -> NoReturn:
+    """The ``evomerge`` command. After ``merge`` and ``export`` it exits without the interpreter's teardown,
+    which spends a third of a second freeing torch's modules; every other command exits normally (a search's
+    Ray and storage shut down at exit)."""
+    code = main()
+    if sys.argv[1:2] and sys.argv[1] in _QUICK_EXIT:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -123,6 +123,10 @@ def test_console_script_runs(llama_zoo, tmp_path):
     done = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", write_recipe(tmp_path, doc),
                            "--out", str(out)], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
+    assert f"wrote {out}" in done.stderr  # flushed before the quick exit
+    again = subprocess.run([sys.executable, "-m", "evomerge.cli", "merge", write_recipe(tmp_path, doc),
+                            "--out", str(out)], capture_output=True, text=True)
+    assert again.returncode == 2 and again.stderr.strip().startswith("error: output folder"), again.stderr
     got, base, a = weights(out), weights(llama_zoo["base"]), weights(llama_zoo["a"])
     torch.testing.assert_close(got["model.layers.0.mlp.down_proj.weight"], base["model.layers.0.mlp.down_proj.weight"])
     torch.testing.assert_close(got["model.layers.2.mlp.down_proj.weight"], a["model.layers.2.mlp.down_proj.weight"])
