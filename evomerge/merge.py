@@ -149,6 +149,10 @@ class MergeInputs:
         shape = self.reference.tensors[name].shape
         return (self.vocab.size, *shape[1:]) if self.vocab and is_vocab_tensor(name) else shape
 
+    def read_by(self, part: Recipe) -> tuple[Checkpoint | None, list[Checkpoint]]:
+        """The checkpoints ``part`` reads: its base (None when its method reads none) and its inputs, in order."""
+        return (self.base if part.reads_base else None), [self.inputs[m.model] for m in part.inputs]
+
 
 def tokenizer_source(recipe: MergeRecipe) -> str | None:
     """The recipe's ``tokenizer_source`` (a layer-wise recipe's groups have none)."""
@@ -182,8 +186,8 @@ def output_dtype(recipe: MergeRecipe | AnyRecipe, source: torch.dtype) -> torch.
 def _read_tensor(opened: MergeInputs, part: Recipe, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
     """The base's and every input's copy of one tensor as ``part`` merges it, read from the files (a vocabulary
     tensor laid out in the output vocabulary)."""
-    base = opened.base.read(name) if opened.base and part.reads_base else None
-    inputs = [opened.inputs[m.model].read(name) for m in part.inputs]
+    base, models = opened.read_by(part)
+    base, inputs = (base.read(name) if base else None), [m.read(name) for m in models]
     if opened.vocab is not None and is_vocab_tensor(name):
         return align_inputs(opened.vocab, part, base, inputs)
     return base, inputs
@@ -211,10 +215,10 @@ def _sliceable(opened: MergeInputs, part: Recipe, name: str) -> bool:
     """Whether the tensor may be merged slice by slice: an elementwise method, inputs read as stored (no LoRA
     to apply, no vocabulary to align) and more than one slice of floating-point data."""
     info = opened.reference.tensors[name]
-    models = [opened.inputs[m.model] for m in part.inputs] + ([opened.base] if opened.base and part.reads_base
-                                                              else [])
+    base, models = opened.read_by(part)
     return (part.method.elementwise and info.dtype.is_floating_point and math.prod(info.shape) > SLICE
-            and not (opened.vocab is not None and is_vocab_tensor(name)) and all(m.stored(name) for m in models))
+            and not (opened.vocab is not None and is_vocab_tensor(name))
+            and all(m.stored(name) for m in [*models, *([base] if base else [])]))
 
 
 def _streamed_tensor(opened: MergeInputs, name: str, num_layers: int, dtype: torch.dtype) -> torch.Tensor:
@@ -225,8 +229,9 @@ def _streamed_tensor(opened: MergeInputs, name: str, num_layers: int, dtype: tor
     if _sliceable(opened, recipe, name):
         shape = opened.reference.tensors[name].shape
         out = torch.empty(math.prod(shape), dtype=dtype)
-        inputs = [opened.inputs[m.model].read_slices(name, SLICE) for m in recipe.inputs]
-        bases = opened.base.read_slices(name, SLICE) if opened.base and recipe.reads_base else None
+        base, models = opened.read_by(recipe)
+        inputs = [m.read_slices(name, SLICE) for m in models]
+        bases = base.read_slices(name, SLICE) if base else None
         for start, *slices in zip(range(0, out.numel(), SLICE), *inputs, strict=True):
             merged = _merged_inputs(method, params, next(bases) if bases else None, slices, None)
             out[start:start + merged.numel()] = merged

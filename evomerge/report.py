@@ -78,15 +78,13 @@ def layer_parameters(recipe: MergeRecipe) -> dict[str, dict[str, list[float | No
             for param, by_model in sums.items()}
 
 
-def _markdown(run: RunFolder, spec: SearchSpec, budget: int, study: optuna.Study,
+def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna.trial.FrozenTrial], examples: int,
               points: list[TrialPoint], curve: list[float | None], chosen: tuple[str, AnyRecipe] | None,
               per_layer: dict[str, dict[str, list[float | None]]], summary: dict | None, png: Path) -> str:
-    trials = study.get_trials(deepcopy=False)
     full = sum(p.fidelity == "full" for p in points)
     failed = sum(t.state == TrialState.FAIL for t in trials)
     duplicates = sum(Attr.DUPLICATE_OF in t.user_attrs for t in trials)
     seconds = sum(row.get("seconds", 0.0) for row in run.log_rows())
-    examples = examples_scored(study)
     lines = [f"# evomerge run `{run.root.name}`", "",
              f"- models: {', '.join(spec.models)} (base {spec.base_model})",
              f"- space: methods {', '.join(spec.space.methods)} (chosen per {spec.space.method_granularity}), "
@@ -186,5 +184,6 @@ def write_report(run_dir: Path) -> Path:
     png = run.root / "report.png"
     _plot(points, curve, chosen[0] if chosen is not None else "", per_layer, png)
     out = run.root / "report.md"
-    atomic_write_text(out, _markdown(run, spec, budget, study, points, curve, chosen, per_layer, summary, png))
+    atomic_write_text(out, _markdown(run, spec, budget, trials, examples_scored(study), points, curve, chosen,
+                                     per_layer, summary, png))
     return out
