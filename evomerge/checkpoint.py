@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import mmap
 import os
 import re
 import secrets
@@ -190,9 +191,35 @@ class Checkpoint:
                 _fill(f, tensor, name)
                 yield tensor
 
+    def view(self, name: str) -> torch.Tensor:
+        """The tensor as stored, on the CPU, backed by a memory map of its file: no copy is made, its pages are
+        the page cache's (one copy per node, shared by every process that maps the file). A private mapping: a
+        write to it would go to a copy, never to the file; callers only read it. A tensor whose bytes are not
+        aligned to its element size (or is empty) is read into memory instead."""
+        info = self.tensors[name]
+        size = info.dtype.itemsize
+        count = math.prod(info.shape)
+        if not count or info.offset % size:
+            return self.read(name)
+        return torch.frombuffer(_mapped(info.file), dtype=info.dtype, count=count,
+                                offset=info.offset).view(info.shape)
+
     def stored(self, name: str) -> bool:
         """Whether the tensor is read as stored, so ``read_slices`` may read it in slices."""
         return True
+
+
+_MAPS: dict[tuple[Path, int, int], mmap.mmap] = {}
+
+
+def _mapped(file: Path) -> mmap.mmap:
+    """One private read-only map per file (and file version) in this process, open as long as the process."""
+    stat = file.stat()
+    key = (file.resolve(), stat.st_ino, stat.st_mtime_ns)
+    if key not in _MAPS:
+        with file.open("rb") as f:
+            _MAPS[key] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+    return _MAPS[key]
 
 
 def _fill(f: BinaryIO, tensor: torch.Tensor, name: str) -> None:
@@ -401,20 +428,49 @@ def shard_bytes(gib: float) -> int:
 
 def check_output_folder(out: Path, force: bool, protected: Sequence[Path] = ()) -> None:
     """Refuse, before any compute, an output that would destroy or nest with a ``protected`` folder (the
-    inputs, a run folder being exported), an existing one unless forced, and a location we cannot write."""
-    target = out.resolve()
-    for folder in protected:
-        keep = folder.resolve()
-        if target == keep or target in keep.parents or keep in target.parents:
-            relation = "is" if target == keep else "contains" if target in keep.parents else "lies inside"
-            raise SpecError(f"output folder {out} {relation} {folder}, which must stay untouched; choose another")
+    inputs, a run folder being exported) or the files they hold, an existing one unless forced, and a location
+    we cannot write."""
+    check_apart(out, "output folder", protected)
     if out.exists() and not force:
         raise SpecError(f"output folder {out} exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise SpecError(f"output path {out} exists and is not a folder")
-    parent = next(p for p in target.parents if p.exists())
+    parent = next(p for p in out.resolve().parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SpecError(f"cannot write output folder {out}: {parent} is not a writable folder")
+
+
+def check_apart(folder: Path, what: str, protected: Sequence[Path]) -> None:
+    """Refuse a folder we are to write (``what``: an output, a run folder) that is, contains or lies inside a
+    ``protected`` folder, or is or contains a file one of them holds, wherever its links lead: replacing or
+    filling such a folder would destroy or change an input, ``--force`` or not."""
+    target = folder.resolve()
+    for keep in protected:
+        places = [(keep.resolve(), True), *((file, False) for file in _held_files(keep))]
+        for place, nests in places:
+            relation = _relation(target, place, nests)
+            if relation:
+                where = keep if nests else f"{place} (a file of {keep})"
+                raise SpecError(f"{what} {folder} {relation} {where}, which must stay untouched; choose another")
+
+
+def _relation(target: Path, place: Path, nests: bool) -> str | None:
+    """How a folder to write stands to a place to keep: is it, contains it, or lies inside it (a folder's only:
+    ``nests``); None when apart."""
+    if target == place:
+        return "is"
+    if target in place.parents:
+        return "contains"
+    return "lies inside" if nests and place in target.parents else None
+
+
+def _held_files(folder: Path) -> list[Path]:
+    """Where the files of ``folder`` really are: a Hugging Face cache snapshot's files are links into the
+    cache's ``blobs/``, a local model's may link anywhere. Its own files only (what a model or run folder
+    reads lies there)."""
+    if not folder.is_dir():
+        return []
+    return [item.resolve() for item in sorted(folder.iterdir()) if item.is_file()]
 
 
 def _temp_sibling(target: Path) -> Path:

@@ -43,6 +43,14 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _folder(text: str) -> str:
+    """A folder argument; an empty or blank one would quietly mean the current folder (which ``--force`` would
+    replace)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} names no folder")
+    return text
+
+
 def _merge(args: argparse.Namespace) -> None:
     from evomerge.checkpoint import shard_bytes
     from evomerge.dataflow import write_recipe_folder
@@ -100,6 +108,8 @@ def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Na
     from evomerge.executors import choose_executor, make_executor
     from evomerge.search import Search, check_run_folder, check_spec, check_storage, prepare_run
 
+    if args.inputs_on:
+        spec = spec.model_copy(update={"inputs_on": args.inputs_on})
     check_run_folder(spec, run, args.force, storage)
     if storage or run.spec.exists():
         check_storage(storage or run.storage_url())
@@ -117,6 +127,7 @@ def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Na
             max_examples = args.max_examples or (run.max_examples() if run.spec.exists() else None)
             prepare_run(spec, run, budget, force=args.force, storage=storage, max_examples=max_examples)
             console.print(Text(f"run folder: {run.root}"))
+            console.print(Text(executor.inputs))
             with CtrlC() as ctrl_c:
                 search = Search(spec, run, executor, ctrl_c)
                 if search.subset is None:
@@ -197,7 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     merge = sub.add_parser("merge", help="apply a fixed recipe (no search) and write a Hugging Face folder")
     merge.add_argument("recipe", help="recipe YAML (evomerge or mergekit format)")
-    merge.add_argument("--out", required=True, help="output folder")
+    merge.add_argument("--out", required=True, type=_folder, help="output folder")
     merge.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     merge.add_argument("--shard-size", type=float, default=2.0, help="maximum shard size in GiB (default 2)")
     merge.set_defaults(handler=_merge)
@@ -208,8 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--max-examples", type=_positive_int,
                         help="also stop once the trials have scored this many examples (no new candidate starts; "
                              "recorded for --resume)")
-    search.add_argument("--run", help="run folder (default: runs/SPEC-TIMESTAMP)")
-    search.add_argument("--resume", metavar="RUN", help="continue the search of this run folder")
+    search.add_argument("--run", type=_folder, help="run folder (default: runs/SPEC-TIMESTAMP)")
+    search.add_argument("--resume", metavar="RUN", type=_folder, help="continue the search of this run folder")
     search.add_argument("--storage", help="SQLAlchemy URL of the study (default: sqlite in the run folder); "
                                           "recorded in the run folder for resume, status, report and export")
     search.add_argument("--force", action="store_true", help="reuse a run folder made with another spec")
@@ -221,23 +232,26 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--gpus-per-worker", type=_positive_int, default=1,
                         help="GPUs per Ray worker, for models too large for one (default 1)")
     search.add_argument("--ray-address", help="join a running Ray cluster (auto or HOST:PORT) instead of a local one")
+    search.add_argument("--inputs-on", choices=("auto", "device", "host"),
+                        help="where workers keep the models they merge: on their device as stored, memory-mapped in "
+                             "host memory, or auto (device when they fit on a GPU); default: the spec's inputs_on")
     search.set_defaults(handler=_search)
 
     export = sub.add_parser("export", help="write a run's winner (or a trial) as a Hugging Face folder")
-    export.add_argument("run", help="run folder")
-    export.add_argument("--out", required=True, help="output folder")
+    export.add_argument("run", type=_folder, help="run folder")
+    export.add_argument("--out", required=True, type=_folder, help="output folder")
     export.add_argument("--trial", type=int, help="trial number (default: the validated winner)")
     export.add_argument("--force", action="store_true", help="replace the output folder if it exists")
     export.set_defaults(handler=_export)
 
     status = sub.add_parser("status", help="a run's trials, best first (no run: every run under --runs)")
-    status.add_argument("run", nargs="?", help="run folder")
+    status.add_argument("run", nargs="?", type=_folder, help="run folder")
     status.add_argument("--limit", type=_positive_int, default=20, help="rows to show (default 20)")
-    status.add_argument("--runs", default="runs", help="folder of run folders (default: runs)")
+    status.add_argument("--runs", default="runs", type=_folder, help="folder of run folders (default: runs)")
     status.set_defaults(handler=_status)
 
     report = sub.add_parser("report", help="write report.md and report.png (curve, winner, per-layer parameters)")
-    report.add_argument("run", help="run folder")
+    report.add_argument("run", type=_folder, help="run folder")
     report.set_defaults(handler=_report)
     return parser
 

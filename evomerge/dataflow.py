@@ -33,7 +33,8 @@ from evomerge.checkpoint import (
 from evomerge.errors import SpecError
 from evomerge.lora import model_folders
 from evomerge.merge import DTYPE_NAMES, merge_to_folder, output_dtype
-from evomerge.spec import OUTPUT_PROJECTIONS, AnyRecipe, PathRecipe
+from evomerge.placement import place_inputs
+from evomerge.spec import OUTPUT_PROJECTIONS, AnyRecipe, PathRecipe, Placement
 
 # model types whose blocks add their OUTPUT_PROJECTIONS' results straight to the residual stream (checked against
 # transformers' modeling code): scaling those weights scales what a block adds. Elsewhere a norm after them (Gemma2/3,
@@ -208,15 +209,17 @@ def _share(module: torch.nn.Module, keep: dict[int, object]) -> torch.nn.Module:
 class LivePath:
     """Makes a worker's live model compute layer paths over a pool of models, without copying weights.
 
-    Built once per worker from the pool's headers (checked up front); tensors are read lazily, once, onto the
-    device in the live model's dtype: a model's blocks when a path first takes one of them, its tensors outside
-    the blocks when it is first the outer (a data-flow search's base is only ever the outer). ``apply`` swaps
-    the model's block list for one module per step that shares its pool block's parameters and points the
-    tensors outside the blocks at ``outer``'s; ``restore`` puts back the model's own blocks, config values and
-    Parameter objects (which the worker's LiveMerger writes weight merges into).
+    Built once per worker from the pool's headers (checked up front). The pool's tensors come from an
+    :class:`~evomerge.placement.InputStore` in the live model's dtype: on the device (``inputs_on: device``), read
+    lazily, once, when a path first takes a block or a model is first the outer; or memory-mapped in host memory
+    (``host``), where a candidate holds only its own path's blocks (the mapped tensors themselves on a CPU when the
+    dtypes agree, else copies that go with the next path). ``apply`` swaps the model's block list for one module per
+    step that shares its pool block's parameters and points the tensors outside the blocks at ``outer``'s;
+    ``restore`` puts back the model's own blocks, config values and Parameter objects (which the worker's
+    LiveMerger writes weight merges into).
     """
 
-    def __init__(self, model: torch.nn.Module, pool: list[str]) -> None:
+    def __init__(self, model: torch.nn.Module, pool: list[str], inputs_on: Placement = "auto") -> None:
         self.model = model
         self.pool = list(dict.fromkeys(pool))
         self._ckpts = {ref: open_checkpoint(ref) for ref in self.pool}
@@ -243,30 +246,38 @@ class LivePath:
         canonical = {id(p): n for n, p in self._params.items()}
         self._outer_slots = [(name, canonical[id(p)], p) for name, p in model.named_parameters(remove_duplicate=False)
                              if not self._is_block(name)]
+        live_dtype = next((p.dtype for p in self._params.values() if p.is_floating_point()), None)
+        self.inputs = place_inputs(inputs_on, self._ckpts, {n: p.device for n, p in self._params.items()}, live_dtype)
         self._outer: dict[str, dict[str, torch.nn.Parameter]] = {}  # filled lazily, per model
-        self._blocks: dict[str, list[torch.nn.Module]] = {}
+        self._blocks: dict[tuple[str, int], torch.nn.Module] = {}  # per (model, block number)
         self._applied = False
 
     def _load(self, ref: str, name: str) -> torch.nn.Parameter:
         like = self._params[name]
-        tensor = self._ckpts[ref].read(name, like.device).to(like.dtype)
-        return torch.nn.Parameter(tensor, requires_grad=False)
+        return torch.nn.Parameter(self.inputs.get(ref, name, like.device).to(like.dtype), requires_grad=False)
 
     def _outer_of(self, ref: str) -> dict[str, torch.nn.Parameter]:
         if ref not in self._outer:
             self._outer[ref] = {n: self._load(ref, n) for n in self._params if not self._is_block(n)}
         return self._outer[ref]
 
-    def _blocks_of(self, ref: str) -> list[torch.nn.Module]:
-        if ref not in self._blocks:
-            blocks = []
-            for j, own in enumerate(self._own_blocks):
-                block = _share(own, self._keep)
-                for name, _ in own.named_parameters():
-                    _set_parameter(block, name, self._load(ref, f"{self._prefix}{j}.{name}"))
-                blocks.append(block)
-            self._blocks[ref] = blocks
-        return self._blocks[ref]
+    def _block(self, ref: str, j: int) -> torch.nn.Module:
+        """Block ``j`` of model ``ref``: the live model's block structure over that model's tensors."""
+        if (ref, j) not in self._blocks:
+            own = self._own_blocks[j]
+            block = _share(own, self._keep)
+            for name, _ in own.named_parameters():
+                _set_parameter(block, name, self._load(ref, f"{self._prefix}{j}.{name}"))
+            self._blocks[ref, j] = block
+        return self._blocks[ref, j]
+
+    def _keep_only(self, recipe: PathRecipe) -> None:
+        """Host placement: forget the blocks and outer tensors ``recipe`` does not use (copies, on a GPU)."""
+        if self.inputs.placement != "host":
+            return
+        used = {(step.model, step.layer) for step in recipe.path}
+        self._blocks = {key: block for key, block in self._blocks.items() if key in used}
+        self._outer = {ref: tensors for ref, tensors in self._outer.items() if ref == recipe.outer}
 
     def _set_blocks(self, blocks: torch.nn.Module) -> None:
         owner = self.model.get_submodule(self._blocks_owner) if self._blocks_owner else self.model
@@ -285,9 +296,10 @@ class LivePath:
         """Make the live model compute ``recipe``'s path (its models must be in the pool)."""
         self._check(recipe)
         self.restore()  # the previous path's scaled tensors go before the new path's are made
+        self._keep_only(recipe)
         steps = []
         for i, step in enumerate(recipe.path):
-            source = self._blocks_of(step.model)[step.layer]
+            source = self._block(step.model, step.layer)
             block = _share(source, self._keep)
             if step.scale != 1.0:
                 for name, param in source.named_parameters():

@@ -160,7 +160,8 @@ class Worker:
 
     def __init__(self, spec: SearchSpec, threads: int | None = None, label: str = "in-process",
                  spread: bool = False) -> None:
-        """``spread``: place the model over every visible GPU (a model too large for one), else on one device."""
+        """``spread``: place the model over every visible GPU (a model too large for one), else on one device.
+        The inputs are placed by ``spec.inputs_on`` once the model is loaded (refused here when they cannot fit)."""
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         if threads:
@@ -180,7 +181,7 @@ class Worker:
         self._merger: LiveMerger | None = None
         if not dataflow and self.merger.vocab is not None:  # candidates speak the merged vocabulary
             tokenizer = self.merger.vocab.tokenizer
-        self.paths = LivePath(self.model, [spec.base_model, *spec.models]) if dataflow else None
+        self.paths = LivePath(self.model, [spec.base_model, *spec.models], spec.inputs_on) if dataflow else None
         self.evaluator = Evaluator(self.model, tokenizer, spec.evaluation.tasks, include_paths(spec),
                                    batch_size=spec.evaluation.batch_size)
         gc.collect()
@@ -188,6 +189,10 @@ class Worker:
 
     def doc_ids(self, task: str, role: str) -> list[int]:
         return self.evaluator.doc_ids(task, role)
+
+    def inputs(self) -> str:
+        """Where this worker keeps its inputs (one line)."""
+        return (self.paths or self.merger).inputs.describe()
 
     def _score(self, recipe: AnyRecipe, role: str, doc_ids: dict[str, Sequence[int]] | None) -> tuple[EvalResult,
                                                                                                    float, float]:
@@ -216,7 +221,7 @@ class Worker:
     def merger(self) -> LiveMerger:
         if self._merger is None:
             self._merger = LiveMerger(self.model, self.spec.base_model, self.spec.models,
-                                      tokenizer_source=self.spec.tokenizer_source)
+                                      tokenizer_source=self.spec.tokenizer_source, inputs_on=self.spec.inputs_on)
         return self._merger
 
     def run(self, job: Candidate) -> Outcome:
@@ -239,6 +244,7 @@ class InProcessExecutor:
     def __init__(self, worker: Worker) -> None:
         self.worker = worker
         self.name = worker.name
+        self.inputs = worker.inputs()
         self._pending: list[tuple[int, Candidate]] = []
 
     def slots(self) -> int:

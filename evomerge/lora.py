@@ -142,6 +142,10 @@ class AdaptedCheckpoint(Checkpoint):
     def stored(self, name: str) -> bool:
         return name not in self.patches
 
+    def view(self, name: str) -> torch.Tensor:
+        """A patched tensor is computed (the adapter folded in) each time; the others are the base's maps."""
+        return self.read(name) if name in self.patches else super().view(name)
+
     def read(self, name: str, device: str | torch.device = "cpu") -> torch.Tensor:
         patch = self.patches.get(name)
         if patch is None:

@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 import zlib
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +17,7 @@ import torch
 from evomerge.checkpoint import (
     Checkpoint,
     ShardedWriter,
+    TensorInfo,
     atomic_folder,
     atomic_write_text,
     check_compatible,
@@ -29,7 +30,8 @@ from evomerge.checkpoint import (
 from evomerge.errors import SpecError
 from evomerge.lora import model_folders, named_models
 from evomerge.methods import MergeMethod
-from evomerge.spec import AnyRecipe, MergeRecipe, Recipe, resolve_setting
+from evomerge.placement import place_inputs
+from evomerge.spec import AnyRecipe, MergeRecipe, Placement, Recipe, resolve_setting
 from evomerge.vocab import VocabPlan, align_inputs, is_vocab_tensor, plan_vocab, source_model, write_vocab
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
@@ -184,13 +186,9 @@ def output_dtype(recipe: MergeRecipe | AnyRecipe, source: torch.dtype) -> torch.
 
 
 def _read_tensor(opened: MergeInputs, part: Recipe, name: str) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
-    """The base's and every input's copy of one tensor as ``part`` merges it, read from the files (a vocabulary
-    tensor laid out in the output vocabulary)."""
+    """The base's (None when ``part`` reads none) and every input's copy of one tensor, read from the files."""
     base, models = opened.read_by(part)
-    base, inputs = (base.read(name) if base else None), [m.read(name) for m in models]
-    if opened.vocab is not None and is_vocab_tensor(name):
-        return align_inputs(opened.vocab, part, base, inputs)
-    return base, inputs
+    return (base.read(name) if base else None), [m.read(name) for m in models]
 
 
 def _merged_inputs(method: MergeMethod, params: TensorParams, base: torch.Tensor | None, inputs: list[torch.Tensor],
@@ -207,40 +205,58 @@ def _merged_inputs(method: MergeMethod, params: TensorParams, base: torch.Tensor
     return merge_tensor(method, params, base, inputs, generator=generator)
 
 
+def merged_tensor(part: Recipe, name: str, num_layers: int, base: torch.Tensor | None, inputs: list[torch.Tensor],
+                  vocab: VocabPlan | None) -> torch.Tensor:
+    """One tensor of ``part``'s merge from the base's and the inputs' copies as stored (the list is consumed): a
+    vocabulary tensor laid out in the output vocabulary first; a tensor that is not floating point is the base's
+    (else the first input's). The one per-tensor merge of the streamed merge and of the live merger."""
+    if vocab is not None and is_vocab_tensor(name):
+        base, inputs = align_inputs(vocab, part, base, inputs)
+    if not inputs[0].is_floating_point():
+        return base if base is not None else inputs[0]
+    method = part.method
+    gen = tensor_generator(part.seed, name, inputs[0].device) if method.seeded else None
+    return _merged_inputs(method, resolve_params(part, name, num_layers), base, inputs, gen)
+
+
 # an elementwise merge of a larger tensor runs slice by slice: its scratch stays in cache and is reused
 SLICE = 1 << 18
 
 
-def _sliceable(opened: MergeInputs, part: Recipe, name: str) -> bool:
-    """Whether the tensor may be merged slice by slice: an elementwise method, inputs read as stored (no LoRA
-    to apply, no vocabulary to align) and more than one slice of floating-point data."""
-    info = opened.reference.tensors[name]
-    base, models = opened.read_by(part)
-    return (part.method.elementwise and info.dtype.is_floating_point and math.prod(info.shape) > SLICE
-            and not (opened.vocab is not None and is_vocab_tensor(name))
-            and all(m.stored(name) for m in [*models, *([base] if base else [])]))
+def merges_in_slices(part: Recipe, info: TensorInfo, aligned: bool) -> bool:
+    """Whether ``part`` may merge the tensor slice by slice (bit for bit the whole-tensor merge): an elementwise
+    method, more than one slice of floating-point data, no vocabulary to align."""
+    return part.method.elementwise and info.dtype.is_floating_point and math.prod(info.shape) > SLICE and not aligned
+
+
+def merge_slices(part: Recipe, name: str, num_layers: int, bases: Iterator[torch.Tensor] | None,
+                 inputs: list[Iterator[torch.Tensor]], out: torch.Tensor) -> None:
+    """Write an elementwise merge into the flat ``out`` (cast to its dtype) from consecutive ``SLICE``-entry
+    slices of the base (None when ``part`` reads none) and of each input."""
+    params = resolve_params(part, name, num_layers)
+    for start, *slices in zip(range(0, out.numel(), SLICE), *inputs, strict=True):
+        merged = _merged_inputs(part.method, params, next(bases) if bases else None, slices, None)
+        out[start:start + merged.numel()] = merged
+
+
+def _aligned(opened: MergeInputs | LiveMerger, name: str) -> bool:
+    """Whether a tensor is laid out in the output vocabulary per recipe (a ``tokenizer_source`` merge)."""
+    return opened.vocab is not None and is_vocab_tensor(name)
 
 
 def _streamed_tensor(opened: MergeInputs, name: str, num_layers: int, dtype: torch.dtype) -> torch.Tensor:
-    """One merged tensor read from the files, in the output ``dtype``."""
-    recipe = opened.recipe.part_for(layer_index(name))
-    method = recipe.method
-    params = resolve_params(recipe, name, num_layers)
-    if _sliceable(opened, recipe, name):
-        shape = opened.reference.tensors[name].shape
-        out = torch.empty(math.prod(shape), dtype=dtype)
-        base, models = opened.read_by(recipe)
-        inputs = [m.read_slices(name, SLICE) for m in models]
-        bases = base.read_slices(name, SLICE) if base else None
-        for start, *slices in zip(range(0, out.numel(), SLICE), *inputs, strict=True):
-            merged = _merged_inputs(method, params, next(bases) if bases else None, slices, None)
-            out[start:start + merged.numel()] = merged
-        return out.view(shape)
-    base, inputs = _read_tensor(opened, recipe, name)
-    if not inputs[0].is_floating_point():
-        return base if base is not None else inputs[0]
-    gen = tensor_generator(recipe.seed, name, inputs[0].device) if method.seeded else None
-    return _merged_inputs(method, params, base, inputs, gen).to(dtype)
+    """One merged tensor read from the files, in the output ``dtype``; sliced where the inputs are read as stored
+    (no LoRA to apply), each slice read in turn from one open file per input."""
+    part = opened.recipe.part_for(layer_index(name))
+    base, models = opened.read_by(part)
+    if merges_in_slices(part, opened.reference.tensors[name], _aligned(opened, name)) and all(
+            m.stored(name) for m in [*models, *([base] if base else [])]):
+        out = torch.empty(opened.shape(name), dtype=dtype)
+        merge_slices(part, name, num_layers, base.read_slices(name, SLICE) if base else None,
+                     [m.read_slices(name, SLICE) for m in models], out.view(-1))
+        return out
+    base_t, inputs = _read_tensor(opened, part, name)
+    return merged_tensor(part, name, num_layers, base_t, inputs, opened.vocab).to(dtype)
 
 
 def merge_to_folder(recipe: MergeRecipe, out: Path, *, force: bool = False, max_shard_bytes: int = 2 * 1024**3,
@@ -310,15 +326,18 @@ def merge_to_folder(recipe: MergeRecipe, out: Path, *, force: bool = False, max_
 
 
 class LiveMerger:
-    """Holds a base and its task vectors on the model's device and writes each recipe's merge into the
-    live model's parameters in place. Built once per worker; ``apply`` is the per-candidate cost.
+    """Writes each recipe's merge into the live model's parameters in place, reading its inputs tensor by tensor
+    from an :class:`~evomerge.placement.InputStore` (on the device as stored, or memory-mapped in host memory) and
+    widening only the tensor being merged: its memory is the live model plus the scratch of one tensor's merge,
+    whatever the number of models. Built once per worker; ``apply`` is the per-candidate cost, and gives the very
+    bits ``merge_to_folder`` writes for the recipe.
 
     With ``tokenizer_source`` the live model is resized to the output vocabulary (``vocab``) of a recipe that
     merges the base and all the models, and each recipe's vocabulary tensors are laid out as the streamed merge
     lays them out (the rows a model lacks depend on which models the recipe merges)."""
 
-    def __init__(self, model: torch.nn.Module, base: str, models: list[str],
-                 tokenizer_source: str | None = None) -> None:
+    def __init__(self, model: torch.nn.Module, base: str, models: list[str], tokenizer_source: str | None = None,
+                 inputs_on: Placement = "auto") -> None:
         self.model = model
         self.base_ref = base
         self.model_refs = models
@@ -332,21 +351,13 @@ class LiveMerger:
             model.resize_token_embeddings(self.vocab.size, mean_resizing=False)
         self._same_vocab = {tuple(self.checkpoints): True}  # model lists whose recipes give the live vocabulary
         self.params = dict(model.named_parameters())
-        params = self.params
-        missing = [n for n in ckpts[0].tensors if n not in params]
+        missing = [n for n in ckpts[0].tensors if n not in self.params]
         if missing:
             raise SpecError(f"tensor {missing[0]} of {base} is not a parameter of the live model")
-        # each tensor on its parameter's device: a model spread over several GPUs merges where it lives
-        self.base = {n: ckpts[0].read(n, params[n].device).to(torch.float32) for n in ckpts[0].tensors}
-        self.weights = {ref: {n: c.read(n, params[n].device).to(torch.float32) for n in c.tensors}
-                        for ref, c in zip(models, ckpts[1:], strict=True)}
-        self.deltas = {ref: {n: w[n] - self.base[n] for n in w if not self._aligned(n)}
-                       for ref, w in self.weights.items()}
-        self.layers = {n: layer_index(n) for n in self.base}
-
-    def _aligned(self, name: str) -> bool:
-        """Whether a tensor is laid out in the output vocabulary per recipe (its task vectors are not kept)."""
-        return self.vocab is not None and is_vocab_tensor(name)
+        self.names = list(ckpts[0].tensors)
+        self.layers = {n: layer_index(n) for n in self.names}
+        # each tensor beside its parameter: a model spread over several GPUs merges where it lives
+        self.inputs = place_inputs(inputs_on, self.checkpoints, {n: self.params[n].device for n in self.names})
 
     def _check_vocab(self, part: Recipe) -> None:
         """A recipe must give the live model's vocabulary: the same ``tokenizer_source`` and the same tokens at the
@@ -369,22 +380,23 @@ class LiveMerger:
         """Overwrite the live parameters with ``recipe``'s merge (its models must be among ours)."""
         recipe.check_layers(self.num_layers)
         for part in recipe.parts:
-            unknown = [m.model for m in part.inputs if m.model not in self.weights]
+            unknown = [m.model for m in part.inputs if m.model not in self.model_refs]
             if unknown or (part.reads_base and part.base_model != self.base_ref):
                 raise SpecError(f"recipe uses models this merger was not built with: {unknown or part.base_model}")
             self._check_vocab(part)
-        for name, base in self.base.items():
+        info = self.checkpoints[self.base_ref].tensors
+        for name in self.names:
             part = recipe.part_for(self.layers[name])
-            method, use_base = part.method, part.reads_base
-            params = resolve_params(part, name, self.num_layers)
-            gen = tensor_generator(part.seed, name, base.device) if method.seeded else None
-            refs = [m.model for m in part.inputs]
-            inputs = [self.weights[r][name] for r in refs]
-            base_in = base if use_base else None
-            if self._aligned(name):
-                base_in, inputs = align_inputs(self.vocab, part, base_in, inputs)
-                deltas = None
+            param = self.params[name]
+            base = self.inputs.get(self.base_ref, name, param.device) if part.reads_base else None
+            inputs = [self.inputs.get(m.model, name, param.device) for m in part.inputs]
+            if merges_in_slices(part, info[name], _aligned(self, name)) and param.is_contiguous():
+                merge_slices(part, name, self.num_layers, _slices(base) if base is not None else None,
+                             [_slices(x) for x in inputs], param.view(-1))
             else:
-                deltas = [self.deltas[r][name] for r in refs] if method.uses_deltas and use_base else None
-            merged = merge_tensor(method, params, base_in, inputs, deltas=deltas, generator=gen)
-            self.params[name].copy_(merged)
+                param.copy_(merged_tensor(part, name, self.num_layers, base, inputs, self.vocab))
+
+
+def _slices(tensor: torch.Tensor) -> Iterator[torch.Tensor]:
+    """A tensor's flattened data as consecutive ``SLICE``-entry views (the last may be shorter)."""
+    return iter(tensor.reshape(-1).split(SLICE))

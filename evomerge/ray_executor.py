@@ -9,6 +9,7 @@ must have evomerge installed and see the models at the same paths.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import logging
 import os
@@ -134,6 +135,7 @@ class RayExecutor:
                             for i in range(self.plan.workers)]
             first = spec.evaluation.tasks[0].name
             ray.get([a.doc_ids.remote(first, "search") for a in self._actors])  # every model loaded
+            placed = collections.Counter(ray.get([a.inputs.remote() for a in self._actors]))
         except ray.exceptions.RayActorError as err:
             self.close()
             raise SearchError(f"a Ray worker failed to start: {str(err).splitlines()[-1][:300]}") from None
@@ -141,6 +143,7 @@ class RayExecutor:
             self.close()
             raise
         self.name = f"ray x{self.plan.workers} ({self.plan.device})"
+        self.inputs = "\n".join(f"{count} worker(s): {line}" for line, count in placed.items())
         count = len(self._actors)
         self._state: list[Literal["ready", "restarting", "dead"]] = ["ready"] * count
         self._load = [0] * count  # jobs in flight per actor

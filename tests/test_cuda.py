@@ -1,4 +1,5 @@
-"""The GPU path: a worker whose model, base and task vectors live on the device (merge math there), its
+"""The GPU path: a worker whose model and inputs live on the device (merge math there), or whose inputs are
+memory-mapped in host memory and staged through pinned buffers (the same bits), its
 merge (single-method and layer-wise) equal to the streamed CPU merge, a real device out-of-memory error
 returned as a failed candidate with the memory given back, and a Ray actor placed on a GPU. Skipped without
 CUDA (CI has none); run them wherever a GPU is present."""
@@ -46,12 +47,43 @@ def gpu_worker():
 @cuda
 def test_merge_runs_on_the_device_and_equals_the_streamed_merge(gpu_worker, tmp_path):
     merger = gpu_worker.merger
-    assert {t.device.type for t in merger.base.values()} == {"cuda"}
     recipe = Recipe(merge_method="task_arithmetic", base_model="demo:base", dtype="float32",
                     models=[{"model": "demo:add", "parameters": {"weight": [0.3, 0.9]}},
                             {"model": "demo:reverse", "parameters": {"weight": 0.6}}])
     assert gpu_worker.name.split(":")[1] == "cuda"
     assert_live_equals_streamed(gpu_worker, recipe, tmp_path)
+    assert merger.inputs.placement == "device"  # auto: the tiny zoo fits on the GPU
+    assert {t.device.type for t in merger.inputs._held.values()} == {"cuda"}
+
+
+@cuda
+def test_inputs_in_host_memory_give_the_device_placements_bits_and_hold_nothing_on_the_gpu():
+    """Staged through pinned buffers, a TIES merge gives the bits of the inputs held on the device; the GPU's
+    peak while merging is the live model plus one tensor's scratch and staged copies."""
+    from transformers import AutoModelForCausalLM
+
+    from evomerge.checkpoint import resolve_model_path
+    from evomerge.merge import LiveMerger
+
+    recipe = Recipe(merge_method="ties", base_model="demo:base", dtype="float32", seed=1,
+                    models=[{"model": "demo:add", "parameters": {"weight": 0.7, "density": 0.4}},
+                            {"model": "demo:reverse", "parameters": {"weight": 0.5, "density": 0.6}}])
+    merged = {}
+    for inputs_on in ("device", "host"):
+        model = AutoModelForCausalLM.from_pretrained(resolve_model_path("demo:base")).to("cuda")
+        merger = LiveMerger(model, "demo:base", ["demo:add", "demo:reverse"], inputs_on=inputs_on)
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        start = torch.cuda.memory_allocated()
+        merger.apply(recipe)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - start
+        assert merger.inputs.placement == inputs_on
+        if inputs_on == "host":
+            largest = max(p.numel() for p in model.parameters()) * 4
+            assert merger.inputs.resident_bytes == 0 and peak <= 12 * largest
+        merged[inputs_on] = {n: p.detach().cpu() for n, p in model.named_parameters()}
+    assert all(torch.equal(merged["host"][n], t) for n, t in merged["device"].items())
 
 
 @cuda

@@ -199,33 +199,45 @@ def test_exported_config_remaps_any_per_layer_list_from_each_steps_model(llama_z
     assert config["num_hidden_layers"] == 4
 
 
-def test_live_path_reads_a_models_blocks_and_outer_tensors_only_when_a_path_uses_them(llama_zoo, monkeypatch):
-    """A data-flow search's base is only the outer: its blocks, and the step models' outer tensors, stay on disk."""
+@pytest.mark.parametrize("inputs_on, reader", [("device", "read"), ("host", "view")])
+def test_live_path_reads_a_models_blocks_and_outer_tensors_only_when_a_path_uses_them(llama_zoo, monkeypatch,
+                                                                                      inputs_on, reader):
+    """A data-flow search's base is only the outer: its blocks, and the step models' outer tensors, stay on disk;
+    a block is read when a path first takes it. On the device each tensor is read once and kept; memory-mapped
+    (host), a path holds its own blocks only, and the next path maps what it takes afresh."""
     base, a, b = (str(llama_zoo[k]) for k in ("base", "a", "b"))
     reads: list[tuple[str, str]] = []
-    read = Checkpoint.read
+    original = getattr(Checkpoint, reader)
 
-    def spy(self, name, device="cpu"):
+    def spy(self, name, *args):
         reads.append((Path(self.path).name, name))
-        return read(self, name, device)
+        return original(self, name, *args)
 
-    monkeypatch.setattr(Checkpoint, "read", spy)
+    monkeypatch.setattr(Checkpoint, reader, spy)
     model = load(base, torch.float32)
-    live = LivePath(model, [base, a, b])
+    live = LivePath(model, [base, a, b], inputs_on)
+    assert live.inputs.placement == inputs_on
     assert reads == []  # headers only
     prefix = open_checkpoint(a).layer_prefix
-    block_names = {n for n in open_checkpoint(a).tensors if n.startswith(prefix)}
+
+    def blocks(*layers: int) -> set[str]:
+        return {n for n in open_checkpoint(a).tensors if any(n.startswith(f"{prefix}{j}.") for j in layers)}
+
     live.apply(PathRecipe(path=steps((a, 2, 1.0), (a, 0, 0.5), (a, 2, 1.0)), outer=b))
     assert len(reads) == len(set(reads))  # each tensor once
-    assert {n for m, n in reads if m == "a"} == block_names
+    assert {n for m, n in reads if m == "a"} == blocks(0, 2)
     assert {m for m, _ in reads} == {"a", "b"} and not any(n.startswith(prefix) for m, n in reads if m == "b")
     done = len(reads)
-    live.apply(PathRecipe(path=steps((a, 1, 1.0), (a, 1, 2.0)), outer=b))
-    assert len(reads) == done  # already on the device
-    live.apply(PathRecipe(path=steps((b, 1, 1.0)), outer=a))
-    assert {n for m, n in reads[done:] if m == "b"} == block_names
-    assert {m for m, _ in reads[done:]} == {"a", "b"} and not any(n.startswith(prefix) for n in
-                                                                   (n for m, n in reads[done:] if m == "a"))
+    live.apply(PathRecipe(path=steps((a, 1, 1.0), (a, 2, 2.0)), outer=b))
+    assert {n for _, n in reads[done:]} == blocks(1)  # block 2 and b's outer tensors are already there
+    done = len(reads)
+    live.apply(PathRecipe(path=steps((b, 1, 1.0), (a, 0, 1.0)), outer=a))
+    assert {n for m, n in reads[done:] if m == "b"} == blocks(1)
+    assert {n for m, n in reads[done:] if m == "a" and n.startswith(prefix)} == (set() if inputs_on == "device"
+                                                                                 else blocks(0))
+    assert {m for m, _ in reads[done:]} == {"a", "b"}
+    if inputs_on == "host":
+        assert set(live._blocks) == {(b, 1), (a, 0)} and set(live._outer) == {a}
 
 
 def test_apply_drops_the_previous_path_before_building_the_next(llama_zoo, monkeypatch):
