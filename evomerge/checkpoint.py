@@ -8,6 +8,8 @@ half-written behind.
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import json
 import math
 import mmap
@@ -15,6 +17,7 @@ import os
 import re
 import secrets
 import shutil
+import stat
 import struct
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -35,6 +38,51 @@ SAFETENSORS_DTYPES = {
 }
 SAFETENSORS_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 LAYER_PATTERN = re.compile(r"(?:^|\.)(?:layers|h|blocks|layer)\.(\d+)\.")
+# errors that mean the output's file system is full (or the file too large for it): reported, never a traceback
+FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+# room a temporary sibling's name takes beyond the target's: ``.`` ``NAME`` ``.tmp-PID-HEX8``
+TEMP_ROOM = 32
+
+
+def os_reason(err: OSError) -> str:
+    """Why a path cannot be used, in words (a link loop, a name too long, no permission ...)."""
+    words = {errno.ELOOP: "a symlink loop", errno.ENAMETOOLONG: "a name too long for the file system",
+             errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.ENOENT: "not found"}
+    return words.get(err.errno, err.strerror or str(err))
+
+
+def lexists(path: str | Path) -> bool:
+    """Whether a path names something here, a broken or looping link included (so that a local path always wins
+    over a Hub id, and its fault is reported as its own); False for a name the file system cannot hold."""
+    return os.path.lexists(os.path.expanduser(path))
+
+
+def regular_file(path: Path) -> Path:
+    """``path`` when it is a regular file that can be opened for reading (through its links); SpecError otherwise:
+    a FIFO or device would block or never end, a folder, a link loop or a name too long would be a traceback."""
+    try:
+        mode = path.stat().st_mode
+        if stat.S_ISREG(mode):
+            with path.open("rb"):
+                return path
+    except OSError as err:
+        raise SpecError(f"{path}: cannot read it ({os_reason(err)})") from None
+    kind = "a folder" if stat.S_ISDIR(mode) else "a FIFO" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(
+        mode) else "a device"
+    raise SpecError(f"{path}: not a regular file ({kind}); a model's files must be regular files")
+
+
+def folder_names(path: Path, ref: str | Path) -> list[str]:
+    """The sorted names in the folder ``path`` (reference ``ref``); SpecError, naming why, when it is missing, not a
+    folder, a link loop, a name too long or unreadable."""
+    try:
+        if not stat.S_ISDIR(path.stat().st_mode):
+            raise SpecError(f"model folder not found: {ref} ({path} is not a folder)")
+        return sorted(os.listdir(path))
+    except FileNotFoundError:
+        raise SpecError(f"model folder not found: {ref}") from None
+    except OSError as err:
+        raise SpecError(f"model folder {ref}: cannot read it ({os_reason(err)})") from None
 
 
 def resolve_model_path(ref: str) -> Path:
@@ -74,7 +122,7 @@ def hub_id_of(ref: str) -> tuple[str, str | None] | None:
     parts = split_adapter_ref(ref)
     if parts is not None:
         return hub_id_of(parts[0])
-    if ref.startswith("demo:") or Path(ref).expanduser().exists():
+    if ref.startswith("demo:") or lexists(ref):
         return None
     from evomerge.hub import parse_hub_id
 
@@ -84,8 +132,9 @@ def hub_id_of(ref: str) -> tuple[str, str | None] | None:
 def layer_count_field(config: dict) -> tuple[dict, str]:
     """Where a config keeps its block count: its text config (multimodal configs nest one) and the key that holds
     the count there (``num_hidden_layers`` when none does), so readers and writers of the count agree."""
-    text = config.get("text_config", config)
-    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if isinstance(text.get(k), int)), None)
+    text = config.get("text_config")
+    text = text if isinstance(text, dict) else config
+    key = next((k for k in ("num_hidden_layers", "n_layer", "num_layers") if k in text), None)
     return text, key or "num_hidden_layers"
 
 
@@ -102,6 +151,7 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
 
     The header is checked as strictly as the safetensors library checks it when the data is read (byte
     ranges that fit each shape and dtype and tile the data area), so a bad file fails before compute."""
+    regular_file(path)
     try:
         size = path.stat().st_size
         with path.open("rb") as f:
@@ -116,6 +166,9 @@ def read_header(path: Path) -> dict[str, TensorInfo]:
         for name, entry in header.items():
             if name == "__metadata__":
                 continue
+            if entry["dtype"] not in SAFETENSORS_DTYPES:
+                raise SpecError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']} (evomerge merges "
+                                f"{', '.join(SAFETENSORS_DTYPES)}; quantized weights need their own merge)")
             shape, dtype, (start, end) = entry["shape"], SAFETENSORS_DTYPES[entry["dtype"]], entry["data_offsets"]
             if not all(isinstance(v, int) and v >= 0 for v in [*shape, start, end]):
                 raise ValueError(f"tensor {name} has a bad shape or data_offsets")
@@ -152,7 +205,8 @@ class Checkpoint:
 
     @property
     def num_layers(self) -> int:
-        """Layer count from the config, else from the tensor names."""
+        """Layer count from the config (open_checkpoint checked it against the tensors), else from the tensor
+        names."""
         cfg, key = layer_count_field(self.config)
         if isinstance(cfg.get(key), int):
             return cfg[key]
@@ -234,6 +288,7 @@ def _fill(f: BinaryIO, tensor: torch.Tensor, name: str) -> None:
 
 
 def _read_json_object(file: Path) -> dict:
+    regular_file(file)
     try:
         data = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -262,35 +317,89 @@ def open_checkpoint(ref: str) -> Checkpoint:
     if parts is not None:
         return open_adapted(open_checkpoint(parts[0]), parts[1], ref)
     path = resolve_model_path(ref)
-    if not path.is_dir():
-        raise SpecError(f"model folder not found: {ref}")
+    names = folder_names(path, ref)
     config_file = path / "config.json"
-    if not config_file.is_file():
+    if "config.json" not in names:
         hint = (f" (it holds a LoRA adapter: name it with its base model, as BASE+{ref})"
-                if (path / ADAPTER_CONFIG).is_file() else "")
+                if ADAPTER_CONFIG in names else "")
         raise SpecError(f"no config.json in {path}{hint}")
     config = _read_json_object(config_file)
     index = path / INDEX_FILE
-    if index.exists():
+    if INDEX_FILE in names:
         weight_map = _index_files(index)
         if not weight_map:
             raise SpecError(f"no safetensors weights in {path}")
         headers = {}
         for file in sorted(set(weight_map.values())):
-            if not (path / file).is_file():
+            if not lexists(path / file):
                 raise SpecError(f"{index}: shard {file} is missing")
             headers[file] = read_header(path / file)
         missing = next((n for n, f in weight_map.items() if n not in headers[f]), None)
         if missing is not None:
             raise SpecError(f"{index}: tensor {missing} is not in its shard {weight_map[missing]}")
-        return Checkpoint(path=path, config=config, tensors={n: headers[f][n] for n, f in weight_map.items()})
-    paths = [path / SINGLE_FILE] if (path / SINGLE_FILE).exists() else sorted(path.glob("*.safetensors"))
-    if not paths:
+        tensors = {n: headers[f][n] for n, f in weight_map.items()}
+    else:
+        tensors = _unindexed_tensors(path, names)
+    check_block_count(config_file, config, tensors)
+    return Checkpoint(path=path, config=config, tensors=tensors)
+
+
+def _unindexed_tensors(path: Path, names: list[str]) -> dict[str, TensorInfo]:
+    """The tensors of a folder without an index: ``model.safetensors``, else every ``*.safetensors``, which may not
+    define a tensor twice (nothing would say which copy the model is)."""
+    files = [SINGLE_FILE] if SINGLE_FILE in names else [n for n in names if n.endswith(".safetensors")]
+    if not files:
         raise SpecError(f"no safetensors weights in {path}")
     tensors: dict[str, TensorInfo] = {}
-    for file in paths:
-        tensors.update(read_header(file))
-    return Checkpoint(path=path, config=config, tensors=tensors)
+    for file in files:
+        for name, info in read_header(path / file).items():
+            if name in tensors:
+                raise SpecError(f"{path}: tensor {name} is in both {tensors[name].file.name} and {file}, and no "
+                                f"{INDEX_FILE} says which one the model uses")
+            tensors[name] = info
+    return tensors
+
+
+def check_block_count(config_file: Path, config: dict, tensors: dict[str, TensorInfo]) -> None:
+    """A config's block count must be a count and the tensors' (blocks 0 to count - 1): gradients spread over it,
+    and the output config claims it. Checked when some tensor names a block (of any of the model's stacks)."""
+    text, key = layer_count_field(config)
+    if key not in text:
+        return
+    count = text[key]
+    if not isinstance(count, int) or isinstance(count, bool) or count < 0:
+        raise SpecError(f"{config_file}: {key} must be a whole number of blocks, got {count!r}")
+    stacks: dict[str, set[int]] = {}  # block prefix -> the block numbers its tensors name
+    for name in tensors:
+        match = LAYER_PATTERN.search(name)
+        if match:
+            stacks.setdefault(name[: match.start(1)], set()).add(int(match.group(1)))
+    if stacks and set(range(count)) not in stacks.values():
+        prefix, held = next(iter(stacks.items()))
+        blocks = f"{len(held)} blocks" + (f" (0-{max(held)})" if held == set(range(len(held))) else
+                                         f" ({', '.join(map(str, sorted(held)))})")
+        raise SpecError(f"{config_file}: {key} is {count} but its tensors hold {blocks} under {prefix}")
+
+
+def check_loadable(ref: str, ckpt: Checkpoint) -> None:
+    """What a search's worker loads with transformers (``AutoModelForCausalLM``, ``AutoTokenizer``) of its base:
+    a config it can build as a causal language model and a tokenizer; checked before any compute, else the worker
+    fails with a traceback once the run folder is written."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from evomerge.vocab import load_tokenizer
+
+    try:
+        config = AutoConfig.from_pretrained(ckpt.path)
+    except Exception as err:  # noqa: BLE001 — transformers raises many kinds for a config it cannot build
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise SpecError(f"{ckpt.path / 'config.json'}: transformers cannot build this config "
+                        f"({type(err).__name__}: {reason})") from None
+    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise SpecError(f"{ckpt.path / 'config.json'}: model_type {config.model_type!r} is not a causal language "
+                        f"model transformers can load")
+    load_tokenizer(ref, "to evaluate with")
 
 
 def check_compatible(checkpoints: list[Checkpoint], *, aligned_vocab: bool = False) -> None:
@@ -301,6 +410,9 @@ def check_compatible(checkpoints: list[Checkpoint], *, aligned_vocab: bool = Fal
 
     first = checkpoints[0]
     for other in checkpoints[1:]:
+        if first.num_layers != other.num_layers:
+            raise SpecError(f"block counts differ: {first.path} has {first.num_layers}, {other.path} has "
+                            f"{other.num_layers}")
         if first.vocab_size != other.vocab_size and not aligned_vocab:
             raise SpecError(f"vocabulary sizes differ: {first.path} has {first.vocab_size}, {other.path} has "
                             f"{other.vocab_size}; a single-method recipe or search merges them with tokenizer_source "
@@ -407,11 +519,21 @@ class ShardedWriter:
             (self.folder / INDEX_FILE).write_text(json.dumps(index, indent=2))
 
 
+def side_files(source: Path) -> list[Path]:
+    """The files of a model folder an output copies (config, generation config, tokenizer: all but weights and
+    subfolders), each checked readable: merge_to_folder checks them before compute, as they are copied last."""
+    files = []
+    for name in folder_names(source, source):
+        item = source / name
+        if not name.endswith(WEIGHT_SUFFIXES) and name != INDEX_FILE and not item.is_dir():
+            files.append(regular_file(item))
+    return files
+
+
 def copy_side_files(source: Path, target: Path, dtype: torch.dtype) -> None:
     """Copy config, generation config and tokenizer files; record the output dtype in config.json."""
-    for item in source.iterdir():
-        if item.is_file() and not item.name.endswith(WEIGHT_SUFFIXES) and item.name != INDEX_FILE:
-            shutil.copy2(item, target / item.name)
+    for item in side_files(source):
+        shutil.copy2(item, target / item.name)
     config_file = target / "config.json"
     if config_file.exists():
         config = json.loads(config_file.read_text())
@@ -429,13 +551,14 @@ def shard_bytes(gib: float) -> int:
 def check_output_folder(out: Path, force: bool, protected: Sequence[Path] = ()) -> None:
     """Refuse, before any compute, an output that would destroy or nest with a ``protected`` folder (the
     inputs, a run folder being exported) or the files they hold, an existing one unless forced, and a location
-    we cannot write."""
+    we cannot write (a link loop, a name too long)."""
+    check_name_lengths(out, "output folder")
     check_apart(out, "output folder", protected)
     if out.exists() and not force:
         raise SpecError(f"output folder {out} exists; pass --force to replace it")
     if out.exists() and not out.is_dir():
         raise SpecError(f"output path {out} exists and is not a folder")
-    parent = next(p for p in out.resolve().parents if p.exists())
+    parent = next(p for p in resolved(out, "output folder").parents if p.exists())
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise SpecError(f"cannot write output folder {out}: {parent} is not a writable folder")
 
@@ -444,14 +567,41 @@ def check_apart(folder: Path, what: str, protected: Sequence[Path]) -> None:
     """Refuse a folder we are to write (``what``: an output, a run folder) that is, contains or lies inside a
     ``protected`` folder, or is or contains a file one of them holds, wherever its links lead: replacing or
     filling such a folder would destroy or change an input, ``--force`` or not."""
-    target = folder.resolve()
+    target = resolved(folder, what)
     for keep in protected:
-        places = [(keep.resolve(), True), *((file, False) for file in _held_files(keep))]
+        places = [(resolved(keep, "input"), True), *((file, False) for file in _held_files(keep))]
         for place, nests in places:
             relation = _relation(target, place, nests)
             if relation:
                 where = keep if nests else f"{place} (a file of {keep})"
                 raise SpecError(f"{what} {folder} {relation} {where}, which must stay untouched; choose another")
+
+
+def resolved(path: Path, what: str) -> Path:
+    """``path`` with its links followed; SpecError when they loop (or a name is too long)."""
+    try:
+        return path.resolve()
+    except (OSError, RuntimeError) as err:  # Python 3.11 reports a loop as RuntimeError
+        reason = os_reason(err) if isinstance(err, OSError) else "a symlink loop"
+        raise SpecError(f"{what} {path}: its path cannot be followed ({reason})") from None
+
+
+def check_name_lengths(path: Path, what: str) -> None:
+    """Every name in ``path`` fits the file system (the temporary sibling's longer name is shortened to fit), and
+    so does the whole path with room for that sibling's."""
+    full = Path(os.path.abspath(path))
+    existing = next(p for p in [full, *full.parents] if lexists(p))
+    try:
+        name_max, path_max = os.pathconf(existing, "PC_NAME_MAX"), os.pathconf(existing, "PC_PATH_MAX")
+    except (OSError, ValueError):
+        name_max, path_max = 255, 4096
+    long = next((part for part in full.parts if len(os.fsencode(part)) > name_max), None)
+    if long is not None:
+        raise SpecError(f"{what} {path}: the name {long[:40]}... is longer than the {name_max} bytes the file system "
+                        f"allows")
+    if len(os.fsencode(full)) + TEMP_ROOM > path_max:
+        raise SpecError(f"{what} {path}: the path is longer than the {path_max - TEMP_ROOM} bytes the file system "
+                        f"allows")
 
 
 def _relation(target: Path, place: Path, nests: bool) -> str | None:
@@ -467,21 +617,32 @@ def _relation(target: Path, place: Path, nests: bool) -> str | None:
 def _held_files(folder: Path) -> list[Path]:
     """Where the files of ``folder`` really are: a Hugging Face cache snapshot's files are links into the
     cache's ``blobs/``, a local model's may link anywhere. Its own files only (what a model or run folder
-    reads lies there)."""
-    if not folder.is_dir():
+    reads lies there); none for a folder that cannot be read (opening it as a model reports why)."""
+    try:
+        return [item.resolve() for item in sorted(folder.iterdir()) if item.is_file()]
+    except OSError:
         return []
-    return [item.resolve() for item in sorted(folder.iterdir()) if item.is_file()]
+
+
+def _temp_stem(target: Path) -> str:
+    """``target``'s name in its temporary siblings' names: shortened (with a hash of the rest) where the sibling's
+    name would otherwise be too long for the file system."""
+    name = target.name
+    if len(os.fsencode(name)) + TEMP_ROOM <= 255:
+        return name
+    digest = hashlib.sha256(os.fsencode(name)).hexdigest()[:8]
+    return os.fsdecode(os.fsencode(name)[:200]) + "~" + digest
 
 
 def _temp_sibling(target: Path) -> Path:
     """A hidden name beside ``target`` that records the writing process, so a later run can tell a stale
     leftover (its writer is dead) from another run's work in progress."""
-    return target.with_name(f".{target.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
+    return target.with_name(f".{_temp_stem(target)}.tmp-{os.getpid()}-{secrets.token_hex(4)}")
 
 
 def _remove_stale_temps(target: Path) -> None:
     """Delete temporary siblings of ``target`` left by killed writers; nothing else."""
-    pattern = re.compile(rf"^\.{re.escape(target.name)}\.tmp-(\d+)-[0-9a-f]{{8}}$")
+    pattern = re.compile(rf"^\.{re.escape(_temp_stem(target))}\.tmp-(\d+)-[0-9a-f]{{8}}$")
     for item in target.parent.iterdir():
         match = pattern.match(item.name)
         if match and not _alive(int(match.group(1))):
@@ -505,31 +666,50 @@ def _alive(pid: int) -> bool:
 def atomic_folder(out: Path) -> Iterator[Path]:
     """Yield a temporary sibling folder (normal permissions); on success it replaces ``out`` in one rename.
 
-    A killed merge leaves only its hidden temporary sibling, which the next run into ``out`` removes."""
-    out = out.resolve()
+    A killed merge leaves only its hidden temporary sibling, which the next run into ``out`` removes. A failed
+    one (a full disk: one SpecError line) leaves nothing: no temporary folder, no parent folder it created."""
+    out = resolved(out, "output folder")
+    made = [p for p in [out.parent, *out.parent.parents] if not lexists(p)]  # deepest first
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(out)
         tmp = _temp_sibling(out)
         tmp.mkdir()  # mode 0o777 less the umask, like any folder the user makes
     except OSError as err:
-        raise SpecError(f"cannot write output folder {out}: {err.strerror or err}") from None
+        _remove_folders(made)
+        raise SpecError(f"cannot write output folder {out}: {os_reason(err)}") from None
     try:
         yield tmp
         if out.exists():
-            trash = out.with_name(f".{out.name}.old-{os.getpid()}")
+            trash = out.with_name(f".{_temp_stem(out)}.old-{os.getpid()}")
             out.rename(trash)
             tmp.rename(out)
             shutil.rmtree(trash)
         else:
             tmp.rename(out)
+    except OSError as err:
+        if err.errno not in FULL:
+            raise
+        raise SpecError(f"cannot write output folder {out}: {os_reason(err)}; nothing was written") from None
     finally:
         if tmp.exists():
             shutil.rmtree(tmp)
+        if not out.exists():
+            _remove_folders(made)
+
+
+def _remove_folders(made: list[Path]) -> None:
+    """Remove the folders a failed write created (deepest first), as long as they are empty."""
+    for folder in made:
+        try:
+            folder.rmdir()
+        except OSError:
+            return
 
 
 def atomic_write_text(path: Path, text: str) -> None:
-    """Write a small file through a temporary sibling and a rename (mode 0o666 less the umask)."""
+    """Write a small file through a temporary sibling and a rename (mode 0o666 less the umask); a failed write
+    leaves the file as it was."""
     path.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(path)
     tmp = _temp_sibling(path)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -89,47 +90,57 @@ def _search(args: argparse.Namespace) -> None:
         run = RunFolder(Path(args.run or Path("runs") / default_run_name(args.spec)))
     stage = dataflow_stage(spec, run) if spec.then is not None else None
     begun = stage is not None and stage[1].spec.exists()
-    if begun:  # the first stage is done and its winner in use: the spec can no longer change, --force or not
-        if run.read_doc().get("spec_hash") != spec_hash(spec):
-            raise SpecError(f"run {run.root} has begun its then stage with another spec; use another --run")
+    if begun:  # the first stage is done and its winner in use: neither a new spec nor a new search (--force)
+        other = run.read_doc().get("spec_hash") != spec_hash(spec)
+        if other or args.force:
+            raise SpecError(f"run {run.root} has begun its then stage{' with another spec' if other else ''}; "
+                            "use another --run")
     else:
-        _search_run(spec, run, budget, args, args.storage)
+        _search_run(spec, run, budget, args, args.storage, args.force)
     if stage is not None:
         stage_spec, stage_run = stage
         stage_budget = args.budget or (stage_run.budget() if begun else budget)
         with run.lock():  # the chain's folder stays ours while its winner is written and the stage runs
             console.print(Text(f"then: a data-flow search over the models and this winner, in {stage_run.root}"))
             export_stage_winner(run, fixed=begun)
-            _search_run(stage_spec, stage_run, stage_budget, args, None)
+            _search_run(stage_spec, stage_run, stage_budget, args, None, force=False)
 
 
-def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Namespace, storage: str | None) -> None:
-    """One run folder's search, checked before compute, to its budget and the hold-out re-check."""
+def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Namespace, storage: str | None,
+                force: bool) -> None:
+    """One run folder's search, checked before compute, to its budget and the hold-out re-check. A new run
+    whose start fails after all (before its search begins) is taken back: nothing is left of it."""
     from evomerge.executors import choose_executor, make_executor
-    from evomerge.search import Search, check_run_folder, check_spec, check_storage, prepare_run
+    from evomerge.search import Search, check_budget, check_run_folder, check_spec, check_storage, prepare_run
 
     if args.inputs_on:
         spec = spec.model_copy(update={"inputs_on": args.inputs_on})
-    check_run_folder(spec, run, args.force, storage)
-    if storage or run.spec.exists():
-        check_storage(storage or run.storage_url())
+    recorded = check_run_folder(spec, run, force, storage)
+    if recorded or run.spec.exists():
+        check_storage(recorded or run.default_storage())
+    if run.spec.exists() and not force:
+        check_budget(run, budget)
     _quiet_libraries()
     check_spec(spec)
     kind = choose_executor(spec, args.executor, args.workers, args.ray_address, args.gpus_per_worker)
+    fresh = None if run.spec.exists() else _NewRun.before(run)
     lock = run.lock() if run.root.is_dir() else None  # a run being searched is refused before models load
     try:
         # the workers start (models load, a cluster is joined) before anything is written for a new run
+        if kind == "ray" and args.ray_address:
+            console.print(Text(f"joining the Ray cluster at {args.ray_address} ..."))
         executor = make_executor(spec, kind, args.workers, args.ray_address, args.gpus_per_worker)
         try:
             if lock is None:
                 run.root.mkdir(parents=True, exist_ok=True)
                 lock = run.lock()
-            max_examples = args.max_examples or (run.max_examples() if run.spec.exists() else None)
-            prepare_run(spec, run, budget, force=args.force, storage=storage, max_examples=max_examples)
-            console.print(Text(f"run folder: {run.root}"))
-            console.print(Text(executor.inputs))
+            max_examples = args.max_examples or (run.max_examples() if run.spec.exists() and not force else None)
+            prepare_run(spec, run, budget, force=force, storage=storage, max_examples=max_examples)
             with CtrlC() as ctrl_c:
                 search = Search(spec, run, executor, ctrl_c)
+                fresh = None  # begun: from here on a failure leaves a resumable run
+                console.print(Text(f"run folder: {run.root}"))
+                console.print(Text(executor.inputs))
                 if search.subset is None:
                     console.print(f"the reference models answer {spec.evaluation.subset_pool or 'all'} search "
                                   "documents per task to choose the search subset ...")
@@ -142,13 +153,43 @@ def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Na
         finally:
             executor.close()
     except KeyboardInterrupt:
-        if not run.spec.exists():
+        if fresh is not None or not run.spec.exists():
             raise
         raise _Interrupted(f"interrupted; the candidates in flight will run again: "
                            f"evomerge search --resume {run.root}") from None
     finally:
         if lock is not None:
             lock.close()
+        if fresh is not None:
+            fresh.take_back()
+
+
+@dataclass(frozen=True)
+class _NewRun:
+    """What a new run's start may create (its folders, lock, record and own study file), noted before it does,
+    so that a start that fails after all can remove exactly that."""
+
+    run: RunFolder
+    folders: tuple[Path, ...]  # deepest first
+    files: tuple[Path, ...]
+
+    @classmethod
+    def before(cls, run: RunFolder) -> _NewRun:
+        from evomerge.run import STUDY_FILE
+
+        root = run.root.absolute()
+        folders = tuple(p for p in (root, *root.parents) if not p.exists())
+        files = tuple(p for p in (run.lock_file, run.spec, run.root / STUDY_FILE) if not p.exists())
+        return cls(run, folders, files)
+
+    def take_back(self) -> None:
+        for path in self.files:
+            path.unlink(missing_ok=True)
+        for folder in self.folders:
+            try:
+                folder.rmdir()  # only if empty: anything else put there is kept
+            except OSError:
+                break
 
 
 def _run_with_progress(search: Search, budget: int, max_examples: int | None) -> None:
@@ -223,14 +264,16 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--resume", metavar="RUN", type=_folder, help="continue the search of this run folder")
     search.add_argument("--storage", help="SQLAlchemy URL of the study (default: sqlite in the run folder); "
                                           "recorded in the run folder for resume, status, report and export")
-    search.add_argument("--force", action="store_true", help="reuse a run folder made with another spec")
+    search.add_argument("--force", action="store_true",
+                        help="start a new search in a run folder that holds one (made with this spec or another); "
+                             "the old one is set aside in a set-aside-* folder inside it")
     search.add_argument("--executor", choices=("auto", "local", "ray"), default="auto",
                         help="where candidates run: in this process, or on Ray workers (auto: Ray when --workers "
                              "> 1, --ray-address, or several GPUs)")
     search.add_argument("--workers", type=_positive_int,
                         help="Ray workers (default: one per GPU, else 1); CPU workers share the cores' threads")
-    search.add_argument("--gpus-per-worker", type=_positive_int, default=1,
-                        help="GPUs per Ray worker, for models too large for one (default 1)")
+    search.add_argument("--gpus-per-worker", type=_positive_int,
+                        help="GPUs per Ray worker, for models too large for one (default 1; refused without GPUs)")
     search.add_argument("--ray-address", help="join a running Ray cluster (auto or HOST:PORT) instead of a local one")
     search.add_argument("--inputs-on", choices=("auto", "device", "host"),
                         help="where workers keep the models they merge: on their device as stored, memory-mapped in "

@@ -11,6 +11,7 @@ Everything that reaches into lm-eval beyond its public API sits in one section a
 
 from __future__ import annotations
 
+import functools
 import inspect
 from array import array
 from collections import Counter
@@ -29,6 +30,7 @@ if TYPE_CHECKING:
     from lm_eval.tasks import TaskManager
 from evomerge.scores import weighted_mean
 from evomerge.spec import TaskSpec, parse_split
+from evomerge.yaml_io import read_yaml_file
 
 ROLES = ("search", "validation", "test")
 FEWSHOT_SEED = 1234  # lm-eval's default fewshot_random_seed (simple_evaluate and its CLI)
@@ -85,13 +87,17 @@ def _split_of(task: TaskSpec, role: str) -> str:
 
 def check_tasks(tasks: Sequence[TaskSpec], include_paths: Sequence[str | Path] = (),
                 tokenizer: str | Path | None = None) -> None:
-    """Every task problem that the YAML files show, found before any model or dataset is loaded: an unknown
-    task, metric or split, a missing local data file, an empty doc range or (local JSONL) one past the end,
-    duplicate tasks, task options the task cannot take; for a group, a group without an aggregated score and
-    each of these on every task of the group. With ``tokenizer`` (a model folder or Hub id), also a chat
-    template asked of a tokenizer without one (only the tokenizer is loaded). A SpecError of one line names
-    the first."""
-    _check_configs(find_tasks(tasks, include_paths)[1])
+    """Every task problem found before any model is loaded: in the task folders, a YAML file that is broken or
+    not a regular file and a task name defined twice; in the YAML files, an unknown task, metric or split, a
+    missing local data file, an empty doc range or (local JSONL) one past the end, duplicate tasks, task options
+    the task cannot take, a template that does not parse; for a group, a group without an aggregated score and
+    each of these on every task of the group. Tasks whose data are local files are then loaded as lm-eval loads
+    them and every document rendered (data that cannot be read, a field a document lacks). With ``tokenizer`` (a
+    model folder or Hub id), also a chat template asked of a tokenizer without one (only the tokenizer is
+    loaded). A SpecError of one line names the first."""
+    manager, plans = find_tasks(tasks, include_paths)
+    _check_configs(plans)
+    _check_documents(manager, plans)
     if tokenizer is not None and any(t.apply_chat_template for t in tasks):
         from transformers import AutoTokenizer
 
@@ -142,6 +148,7 @@ def find_tasks(tasks: Sequence[TaskSpec], include_paths: Sequence[str | Path] = 
     missing = [p for p in paths if not Path(p).is_dir()]
     if missing:
         raise SpecError(f"task folder not found: {missing[0]}")
+    _check_task_folders([Path(p) for p in paths])
     manager = TaskManager(include_path=paths or None, include_defaults=False)
     try:
         return manager, [_plan(manager, t) for t in tasks]
@@ -220,14 +227,18 @@ def _check_config(task: TaskSpec, config: dict) -> None:
     _result_key(task, _result_keys(_config_metrics(config), config.get("filter_list")))
     _check_options(task, config)
     files = _data_files(config)  # None: a dataset from the Hub, whose splits and sizes show once downloaded
-    missing = [p for paths in (files or {}).values() for p in paths if _is_local(p) and not Path(p).exists()]
+    local = [p for paths in (files or {}).values() for p in paths if _is_local(p)]
+    missing = [p for p in local if not Path(p).exists()]
     if missing:
         raise SpecError(f"task {task.name}: data file not found: {missing[0]}")
+    special = [p for p in local if not Path(p).is_file()]  # a FIFO would block the reader, a folder holds no rows
+    if special:
+        raise SpecError(f"task {task.name}: data file {special[0]} is not a regular file")
     for role in ROLES:
         split = parse_split(_split_of(task, role))[0]
         if files is not None and split not in files:
             raise SpecError(f"task {task.name} has no split {split!r} (splits.{role}); it has: {', '.join(files)}")
-        _check_range(task, role, None if files is None else _count_docs(files[split], config))
+        _check_range(task, role, None if files is None else _count_docs(task, files[split], config))
         shots = _fewshot_split(task, config, split)
         if shots is not None and files is not None and shots not in files:
             raise SpecError(f"task {task.name} draws few-shot examples from split {shots!r}, which it lacks; "
@@ -317,16 +328,33 @@ def _is_local(path: str) -> bool:
     return "://" not in path and not any(c in path for c in "*?[")
 
 
-def _count_docs(paths: Sequence[str], config: dict) -> int | None:
-    """Documents in a split when cheap to know: local JSONL files read as they are (one document a line)."""
+def _count_docs(task: TaskSpec, paths: Sequence[str], config: dict) -> int | None:
+    """Documents in a split when cheap to know: local JSONL files read as they are (one document a line). Every
+    local JSONL file is read, so that a line that is no JSON object is named here (``datasets`` names neither
+    the file nor the line)."""
+    counts = [_jsonl_docs(task, p) for p in paths if _is_local(p) and p.endswith(".jsonl")]
     plain = not config.get("process_docs") and "field" not in (config.get("dataset_kwargs") or {})
-    if not plain or not all(_is_local(p) and p.endswith(".jsonl") for p in paths):
-        return None
-    with_docs = 0
-    for path in paths:
-        with open(path, "rb") as lines:
-            with_docs += sum(1 for line in lines if line.strip())
-    return with_docs
+    return sum(counts) if plain and len(counts) == len(paths) else None
+
+
+def _jsonl_docs(task: TaskSpec, path: str) -> int:
+    """The documents of a task's JSONL file; SpecError naming the file and line of one that is no JSON object."""
+    import json
+
+    docs = 0
+    with open(path, "rb") as lines:
+        for number, line in enumerate(lines, 1):
+            if not line.strip():
+                continue
+            try:
+                doc = json.loads(line.decode("utf-8-sig"))  # UTF-8 (after a byte-order mark), as datasets reads it
+            except ValueError as err:  # UnicodeDecodeError included
+                raise SpecError(f"task {task.name}: {path} line {number} is not a JSON line ({err})") from None
+            if not isinstance(doc, dict):
+                raise SpecError(f"task {task.name}: {path} line {number} is a JSON {type(doc).__name__}, not an "
+                                "object (a document)")
+            docs += 1
+    return docs
 
 
 class Evaluator:
@@ -358,9 +386,7 @@ class Evaluator:
             specs = []
             for t, config in leaves:
                 split = parse_split(_split_of(t, role))[0]
-                specs.append({**config, "task": self.task_key(t.name, role), "test_split": split,
-                              "validation_split": None, "training_split": None,
-                              "fewshot_split": _fewshot_split(t, config, split)})
+                specs.append(_as_split(config, self.task_key(t.name, role), split, _fewshot_split(t, config, split)))
             self._loaded[role] = _load_tasks(manager, specs, [t for t, _ in leaves], role)
             for plan in plans:
                 with _in_group(plan):
@@ -583,15 +609,15 @@ def _quiet_datasets() -> Iterator[None]:
 # lm-eval internals. Everything below reaches past lm-eval's public API (``TaskManager``, ``simple_evaluate``,
 # ``evaluator.evaluate``, ``HFLM``'s public methods): the task index's entries, the task factory (a group built
 # with configs in place of tasks), ``TaskManager.load`` of config dicts, a Task's request building and document
-# storage, how ``evaluate`` iterates ``samples``, the default metrics per output type, and HFLM's private
-# scoring and batch-size probe. Checked against lm-eval 0.4.12 (where the TaskManager rewrite, #3549, first
+# storage, how ``evaluate`` iterates ``samples``, the default metrics per output type, HFLM's private
+# scoring and batch-size probe, the task index's walk of a folder and a YAML's kind, a Task's ``features`` and
+# lm-eval's Jinja environment. Checked against lm-eval 0.4.12 (where the TaskManager rewrite, #3549, first
 # shipped) and 0.4.13; 0.5.0.dev1 moves ``lm_eval/api/task.py`` and breaks them.
 # ----------------------------------------------------------------------------------------------------------
 
 
 def _quiet_lm_eval() -> None:
     """No logs or progress bars from lm-eval per candidate: the search draws its own progress."""
-    import functools
     import logging
 
     import lm_eval.api.task
@@ -676,6 +702,171 @@ def _local_files(config: dict, yaml_path: Path | None) -> dict:
 
     resolved = {k: resolve_all(v) for k, v in files.items()} if isinstance(files, dict) else resolve_all(files)
     return {**config, "dataset_kwargs": {**config["dataset_kwargs"], "data_files": resolved}}
+
+
+def _as_split(config: dict, key: str, split: str, fewshot: str | None) -> dict:
+    """A task's config as lm-eval loads it under the name ``key``: ``split`` as its test split, few-shot examples
+    drawn from ``fewshot``."""
+    return {**config, "task": key, "test_split": split, "validation_split": None, "training_split": None,
+            "fewshot_split": fewshot}
+
+
+def _check_task_folders(roots: Sequence[Path]) -> None:
+    """The task folders' YAML files read as lm-eval's index reads them (``include``s merged in), refused where it
+    would pass over a problem silently: a file that is not a regular file (a FIFO blocks its reader), one that is
+    no valid YAML or names a key twice, an include it cannot read (lm-eval skips such a file, and its task is
+    then "not found"), and a task or group name that two files define (lm-eval would keep one)."""
+    from lm_eval.tasks._index import TaskIndex
+
+    defined: dict[str, Path] = {}
+    for root in roots:
+        for path in TaskIndex._iter_yaml_files(root):
+            name = _defined_name(_task_yaml(path))
+            if name is None:
+                continue
+            first = defined.setdefault(name, path)
+            if first.resolve() != path.resolve():  # the same file reached through two include paths is one
+                raise SpecError(f"task {name} is defined twice: in {first} and in {path} (lm-eval would silently "
+                                "use one of them); rename one")
+
+
+def _task_yaml(path: Path, including: frozenset[Path] = frozenset()):
+    """A task YAML with its ``include``s merged in as lm-eval's ``load_yaml`` merges them (the file's own keys
+    win; an include is named relative to the file), read strictly (``yaml_io``); ``including``: the files whose
+    includes led here. A problem in an included file names the file that includes it too."""
+    resolved = path.expanduser().resolve()
+    config = read_yaml_file(path, functions=True)
+    if not isinstance(config, dict) or "include" not in config:
+        return config
+    includes = config.pop("include")
+    merged: dict = {}
+    for name in includes if isinstance(includes, list) else [includes]:
+        if not isinstance(name, str):
+            raise SpecError(f"{path}: include {name!r} is not a file name")
+        target = resolved.parent / name
+        if target.resolve() in including | {resolved}:
+            raise SpecError(f"{path}: include {name} leads back to itself (an include cycle)")
+        try:
+            included = _task_yaml(target, including | {resolved})
+        except SpecError as err:
+            raise SpecError(f"{path}: include {name}: {err}") from None
+        if not isinstance(included, dict):
+            raise SpecError(f"{path}: include {name} is not a YAML mapping")
+        included.pop("task_list", None)  # as lm-eval: a task_list defines tasks for its own file only
+        merged.update(included)
+    return {**merged, **config}
+
+
+def _defined_name(config) -> str | None:
+    """The name lm-eval's index files a task YAML under (``TaskIndex._kind_of``); None: not a task YAML."""
+    if not isinstance(config, dict):
+        return None
+    name = config.get("group") if "group" in config and "class" not in config else config.get("task")
+    return name if isinstance(name, str) else None
+
+
+TEMPLATES = ("doc_to_text", "doc_to_target", "doc_to_choice")  # what lm-eval renders per document
+
+
+def _check_documents(manager, plans: Sequence[TaskPlan]) -> None:
+    """Each YAML task as lm-eval will build it: its keys those of lm-eval's TaskConfig, its templates valid Jinja
+    (unknown filters included); a task whose data are local files loaded as lm-eval loads it (each split it reads)
+    and every document rendered. A worker would otherwise fail on them after the models are loaded."""
+    import dataclasses
+
+    from jinja2 import TemplateSyntaxError
+    from lm_eval.api.task import TaskConfig
+    from lm_eval.utils import env  # lm-eval's Jinja environment
+
+    options = {f.name for f in dataclasses.fields(TaskConfig)}
+    with _quiet_datasets():
+        for plan in plans:
+            with _in_group(plan):
+                for task, config in plan.leaves:
+                    entry = manager.task_index.get(task.name)
+                    where = f"task {task.name}" + (f" ({entry.yaml_path})" if entry and entry.yaml_path else "")
+                    unknown = sorted(set(config) - options)
+                    if unknown:
+                        raise SpecError(f"{where}: {unknown[0]!r} is not a key of an lm-eval task YAML")
+                    for key in TEMPLATES:
+                        if isinstance(config.get(key), str):
+                            try:
+                                env.from_string(config[key])
+                            except TemplateSyntaxError as err:
+                                raise SpecError(f"{where}: {key} is not a valid Jinja template (line {err.lineno}: "
+                                                f"{err.message})") from None
+                    files = _data_files(config)
+                    if files is not None and all(_is_local(p) for paths in files.values() for p in paths):
+                        _render_documents(manager, task, config, files, where)
+
+
+def _render_documents(manager, task: TaskSpec, config: dict, files: dict[str, list[str]], where: str) -> None:
+    """Every document of each split a task reads (its roles' and their few-shot examples'), loaded by lm-eval and
+    rendered by the task's templates; the first problem (``_document_problem``) is named with its document, split
+    and files. Any error here comes from the task's own data, templates or functions: each is one line."""
+    from jinja2 import TemplateError, meta
+    from lm_eval.utils import env
+
+    splits = [parse_split(_split_of(task, role))[0] for role in ROLES]
+    splits += [shots for split in splits if (shots := _fewshot_split(task, config, split)) is not None]
+    templates = {k: config[k] for k in TEMPLATES if config.get(k) is not None}
+    fields = {k: meta.find_undeclared_variables(env.parse(t)) for k, t in templates.items() if isinstance(t, str)}
+    every = ", ".join(p for paths in files.values() for p in paths)
+    for split in dict.fromkeys(splits):
+        key, source = f"{task.name}@check", ", ".join(files[split])
+        try:
+            built = manager.load([_as_split(config, key, split, None)])["tasks"][key]
+        except TemplateError as err:  # lm-eval renders the first document as it builds the task
+            raise SpecError(f"{where}: document 0 of split {split!r} ({source}): a template fails: "
+                            f"{_first_line(err)}") from None
+        except Exception as err:  # datasets or the task's own functions on its data
+            raise SpecError(f"{where} cannot be loaded (its data: {every}): {_first_line(err)}") from None
+        for i, doc in enumerate(built.test_docs()):
+            problem = _document_problem(built, doc, templates, fields)
+            if problem is not None:
+                raise SpecError(f"{where}: document {i} of split {split!r} ({source}): {problem}")
+
+
+def _document_problem(built, doc: dict, templates: dict, fields: dict[str, set[str]]) -> str | None:
+    """What goes wrong when the task ``built`` renders one document (None: nothing): a template that fails or gives
+    nothing, or one that prints a field the document holds no value for (``datasets`` fills a field a JSON line
+    lacks with null, which Jinja would print as "None"; a template that tests or defaults the field is fine)."""
+    for name, template in templates.items():
+        try:
+            value = getattr(built, name)(doc)
+        except Exception as err:  # the task's own template or function
+            return f"{name} fails: {_first_line(err)}"
+        if value is None:
+            return f"{name} gives nothing (does the document lack a field?)"
+        empty = [f for f in fields.get(name, ()) if doc.get(f) is None]
+        if not empty or template in built.features:  # a column's value as it is, not a template
+            continue
+        try:
+            _without_values().from_string(template).render(**{k: v for k, v in doc.items() if k not in empty})
+        except Exception:  # printed, filtered or compared: the template uses the value it lacks
+            return f"{name} uses field {', '.join(map(repr, empty))}, which the document lacks (null or missing)"
+    return None
+
+
+@functools.cache
+def _without_values():
+    """lm-eval's Jinja environment where a field left out of a document is undefined as Jinja's default makes it
+    (false in a test, replaced by ``default``) but cannot be printed."""
+    from jinja2 import Undefined
+    from lm_eval.utils import env
+
+    class Unprintable(Undefined):
+        __str__ = Undefined._fail_with_undefined_error
+
+    return env.overlay(undefined=Unprintable)
+
+
+def _first_line(err: BaseException) -> str:
+    """What went wrong, in one line: the first line of the error that caused ``err`` (``datasets`` wraps its
+    reader's error in a generic one), else of ``err``; its type where it says nothing."""
+    cause = err.__cause__ or err
+    text = str(cause).strip().splitlines()
+    return text[0] if text else type(cause).__name__
 
 
 def _load_tasks(manager, configs: list[dict], tasks: Sequence[TaskSpec], role: str) -> dict:

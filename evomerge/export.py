@@ -8,8 +8,8 @@ from evomerge.checkpoint import hub_id_of
 from evomerge.dataflow import write_recipe_folder
 from evomerge.errors import SpecError
 from evomerge.lora import named_models
-from evomerge.run import Attr, RunFolder, structured_attr, summary_table_markdown
-from evomerge.spec import AnyRecipe, PathRecipe, parse_recipe
+from evomerge.run import Attr, RunFolder, stored_recipe, summary_table_markdown
+from evomerge.spec import AnyRecipe, PathRecipe
 
 
 def trial_recipe(run: RunFolder, trial: int | None) -> tuple[int, AnyRecipe, dict]:
@@ -25,7 +25,7 @@ def trial_recipe(run: RunFolder, trial: int | None) -> tuple[int, AnyRecipe, dic
     scores = {"search": chosen.user_attrs[Attr.SCORES], "fidelity": chosen.user_attrs.get(Attr.FIDELITY)}
     if summary and summary["winner_trial"] == trial:
         scores["summary"] = summary["table"]
-    return trial, parse_recipe(structured_attr(chosen, Attr.RECIPE)), scores
+    return trial, stored_recipe(chosen.user_attrs[Attr.RECIPE], f"trial {trial} of {run.root}"), scores
 
 
 CARD_TAGS = ["merge", "mergekit", "evomerge"]

@@ -53,7 +53,15 @@ from pathlib import Path
 
 import torch
 
-from evomerge.checkpoint import Checkpoint, TensorInfo, _read_json_object, read_header, resolve_model_path
+from evomerge.checkpoint import (
+    Checkpoint,
+    TensorInfo,
+    _read_json_object,
+    folder_names,
+    lexists,
+    read_header,
+    resolve_model_path,
+)
 from evomerge.errors import SpecError
 
 ADAPTER_CONFIG = "adapter_config.json"
@@ -92,7 +100,7 @@ def split_adapter_ref(ref: str) -> tuple[str, str] | None:
     As mergekit's ``ModelReference`` parses it, a ``+`` separates a model from its LoRA adapter and a
     reference holds at most one. An existing local path wins here as it does over a Hub id, so a folder whose
     name holds a ``+`` stays a folder."""
-    if "+" not in ref or Path(ref).expanduser().exists():
+    if "+" not in ref or lexists(ref):
         return None
     parts = [p.strip() for p in ref.split("+")]
     if len(parts) != 2 or not all(parts):
@@ -179,19 +187,20 @@ def open_adapted(base: Checkpoint, adapter_ref: str, ref: str) -> AdaptedCheckpo
     check runs here, on headers and the config alone, before any tensor is read."""
     folder = resolve_model_path(adapter_ref)
     where = f"LoRA adapter {adapter_ref}" + (f" ({folder})" if str(folder) != adapter_ref else "")
-    if not folder.is_dir():
+    if not lexists(folder):
         raise SpecError(f"LoRA adapter folder not found: {adapter_ref} (in {ref})")
-    if not (folder / ADAPTER_CONFIG).is_file():
+    names = folder_names(folder, f"{adapter_ref} (the LoRA adapter in {ref})")
+    if ADAPTER_CONFIG not in names:
         hint = (": it holds a full model (config.json), not an adapter; merge it as a model of its own"
-                if (folder / "config.json").is_file() else ": not a PEFT adapter folder")
+                if "config.json" in names else ": not a PEFT adapter folder")
         raise SpecError(f"{where}: no {ADAPTER_CONFIG}{hint}")
     config = _read_json_object(folder / ADAPTER_CONFIG)
     r, alpha, ranks, alphas = _check_config(config, where)
     weights_file = folder / ADAPTER_WEIGHTS
-    if not weights_file.is_file():
+    if ADAPTER_WEIGHTS not in names:
         found = (f" (found {ADAPTER_WEIGHTS.replace('.safetensors', '.bin')}: re-save it with PEFT's "
                  f"save_pretrained(..., safe_serialization=True); pickled weights are not read)"
-                 if (folder / "adapter_model.bin").exists() else "")
+                 if "adapter_model.bin" in names else "")
         raise SpecError(f"{where}: no {ADAPTER_WEIGHTS}{found}")
     stored = read_header(weights_file)
     if not stored:

@@ -26,6 +26,7 @@ from evomerge.checkpoint import (
     hub_id_of,
     layer_index,
     open_checkpoint,
+    side_files,
 )
 from evomerge.errors import SpecError
 from evomerge.lora import model_folders, named_models
@@ -280,6 +281,7 @@ def merge_to_folder(recipe: MergeRecipe, out: Path, *, force: bool = False, max_
     check_output_folder(out, force, protected=[*inputs, *protected])
     opened = open_inputs(recipe)
     ref = opened.reference
+    side_files(ref.path)  # copied once every tensor is written: a file that cannot be read fails now
     num_layers = ref.num_layers
     entries = [(n, opened.shape(n), output_dtype(recipe, ref.tensors[n].dtype)) for n in opened.names]
     with atomic_folder(out) as tmp:

@@ -13,6 +13,7 @@ import collections
 import contextlib
 import logging
 import os
+import socket
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from evomerge.errors import SearchError, SpecError
 from evomerge.executors import Candidate, Outcome, Worker
 from evomerge.spec import SearchSpec
 
+RAY_CONNECT_TIMEOUT_S = 10.0  # how long to wait for a cluster's address to answer before giving up
 MAX_RESTARTS = 2  # a worker process that dies is restarted this often, then dropped from the pool
 PIPELINE = 2  # jobs in flight per worker: one running, one queued behind it
 
@@ -83,6 +85,29 @@ def _stderr_held() -> Iterator[None]:
             os.close(saved)
 
 
+def check_reachable(address: str) -> None:
+    """A ``HOST:PORT`` cluster address that accepts a connection within ``RAY_CONNECT_TIMEOUT_S``: Ray itself retries
+    an address where nothing listens for many minutes, silently. ``auto`` (and anything that is not
+    ``HOST:PORT``) is left to Ray, which finds or refuses it at once."""
+    host, _, port = address.removeprefix("ray://").rpartition(":")
+    if not host or not port.isdigit():
+        return
+    timeout = RAY_CONNECT_TIMEOUT_S
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout).close()
+    except OSError as err:  # refused, unreachable, unknown host, or no answer in time
+        reason = "no answer" if isinstance(err, TimeoutError) else err.strerror or str(err)
+        raise SpecError(f"cannot join the Ray cluster at {address}: {reason} (waited at most {timeout:g} s)") from None
+
+
+def check_gpus_per_worker(plan: WorkerPlan, gpus_per_worker: int | None) -> None:
+    """``--gpus-per-worker`` asks for GPU workers: refused when the workers would run on CPUs (no GPUs, or
+    device cpu), where it would be ignored."""
+    if gpus_per_worker is not None and not plan.gpus:
+        raise SpecError(f"--gpus-per-worker {gpus_per_worker}: the workers run on CPUs here (no GPU to give them, "
+                        "or device cpu); drop it")
+
+
 def _has_auth_token() -> bool:
     """Whether a Ray authentication token is at hand where Ray looks for one (``ray start`` turns token
     authentication on when it finds one; a driver that joins must then send it, and sending it to a cluster
@@ -102,6 +127,8 @@ def start_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
+    if address:
+        check_reachable(address)  # before Ray's own silent retries
     common: dict[str, Any] = {"include_dashboard": False, "logging_level": logging.ERROR, "log_to_driver": False}
     try:
         with _stderr_held():
@@ -121,13 +148,14 @@ class RayExecutor:
     ``wait_any`` returns whichever job finishes first."""
 
     def __init__(self, spec: SearchSpec, workers: int | None = None, address: str | None = None,
-                 gpus_per_worker: int = 1) -> None:
+                 gpus_per_worker: int | None = None) -> None:
         self._started = start_ray(address)  # before Ray is imported here: it reads its settings then
         import ray
 
         try:
             node_cpus = max((int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")), default=None)
-            self.plan = plan_workers(spec, ray.cluster_resources(), workers, gpus_per_worker, node_cpus)
+            self.plan = plan_workers(spec, ray.cluster_resources(), workers, gpus_per_worker or 1, node_cpus)
+            check_gpus_per_worker(self.plan, gpus_per_worker)
             device_spec = spec.model_copy(update={"device": self.plan.device})
             actor = ray.remote(Worker).options(num_cpus=self.plan.cpus, num_gpus=self.plan.gpus,
                                                max_restarts=MAX_RESTARTS, max_task_retries=0)

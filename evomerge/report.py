@@ -7,6 +7,7 @@ winner's method and parameters per layer (each layer's mean over its tensors, as
 
 from __future__ import annotations
 
+import os
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,6 +16,7 @@ import optuna
 from optuna.trial import TrialState
 
 from evomerge.checkpoint import atomic_write_text, layer_index, open_checkpoint
+from evomerge.errors import SpecError
 from evomerge.merge import resolve_params
 from evomerge.run import (
     Attr,
@@ -22,11 +24,11 @@ from evomerge.run import (
     counted,
     describe_margin,
     examples_scored,
-    structured_attr,
+    stored_recipe,
     summary_table_markdown,
 )
 from evomerge.scores import weighted_mean
-from evomerge.spec import AnyRecipe, MergeRecipe, PathRecipe, SearchSpec, parse_recipe
+from evomerge.spec import AnyRecipe, MergeRecipe, PathRecipe, SearchSpec
 
 
 @dataclass(frozen=True)
@@ -175,15 +177,20 @@ def write_report(run_dir: Path) -> Path:
     full = [p for p in points if p.fidelity == "full"]
     chosen = None
     if summary:
-        chosen = (f"winner: trial {summary['winner_trial']}", parse_recipe(summary["winner_recipe"]))
+        chosen = (f"winner: trial {summary['winner_trial']}", stored_recipe(summary["winner_recipe"], "summary"))
     elif full:
         best = max(full, key=lambda p: p.score)
-        recipe = parse_recipe(structured_attr(trials[best.number], Attr.RECIPE))
+        recipe = stored_recipe(trials[best.number].user_attrs.get(Attr.RECIPE), f"trial {best.number}'s recipe")
         chosen = (f"best trial so far: {best.number}", recipe)
     per_layer = layer_parameters(chosen[1]) if chosen is not None and not isinstance(chosen[1], PathRecipe) else {}
-    png = run.root / "report.png"
+    png, out = run.root / "report.png", run.root / "report.md"
+    if not os.access(run.root, os.W_OK | os.X_OK):  # a read-only file system
+        raise SpecError(f"cannot write the report into {run.root}: not a writable folder")
+    for path in (png, out):
+        if path.exists() and not path.is_file():
+            raise SpecError(f"{path} is in the way: not a file")
+    text = _markdown(run, spec, budget, trials, examples_scored(study), points, curve, chosen, per_layer, summary,
+                     png)  # every input read (and the trial log checked) before either file is written
     _plot(points, curve, chosen[0] if chosen is not None else "", per_layer, png)
-    out = run.root / "report.md"
-    atomic_write_text(out, _markdown(run, spec, budget, trials, examples_scored(study), points, curve, chosen,
-                                     per_layer, summary, png))
+    atomic_write_text(out, text)
     return out

@@ -18,13 +18,15 @@ from typing import IO, TYPE_CHECKING, Any
 import optuna
 import yaml
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from evomerge.errors import SpecError
+from evomerge.yaml_io import load_yaml
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
-    from evomerge.spec import SearchSpec
+    from evomerge.spec import AnyRecipe, SearchSpec
 
 STUDY_NAME = "evomerge"
 STUDY_FILE = "study.db"
@@ -60,6 +62,58 @@ def structured_attr(trial: FrozenTrial, name: str, default: Any = None) -> Any:
     """A user attribute stored by ``as_text`` (or, by runs written before it, as the value itself)."""
     value = trial.user_attrs.get(name, default)
     return json.loads(value) if isinstance(value, str) else value
+
+
+def first_error(err: ValidationError) -> str:
+    """A validation error's first problem as ``where: what`` (pydantic's own first line names only the model)."""
+    problem = err.errors()[0]
+    return f"{'.'.join(map(str, problem['loc'])) or 'value'}: {problem['msg']}"
+
+
+def stored_recipe(value: Any, where: str) -> AnyRecipe:
+    """A recipe as a run stores it (a trial's JSON text, a summary's mapping); SpecError naming ``where`` when
+    a cut or a hand edit left something that is not a recipe."""
+    from evomerge.spec import parse_recipe
+
+    try:
+        data = json.loads(value) if isinstance(value, str) else value
+    except json.JSONDecodeError as err:
+        raise SpecError(f"{where}: the stored recipe is not valid JSON ({err})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{where}: not a recipe (a mapping)")
+    try:
+        return parse_recipe(data)
+    except ValidationError as err:
+        raise SpecError(f"{where}: not a valid recipe ({first_error(err)})") from None
+    except SpecError as err:  # an unknown method, a parameter it does not take
+        raise SpecError(f"{where}: not a valid recipe ({err})") from None
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(strict=True)
+    validation: float
+    test: float
+
+
+class _Margin(BaseModel):
+    model_config = ConfigDict(strict=True)
+    mean: float
+    ci95_low: float
+    ci95_high: float
+
+
+class _Summary(BaseModel):
+    """What every reader of summary.json (status, report, export, a then stage) takes from it."""
+
+    model_config = ConfigDict(strict=True, extra="allow")
+    winner_trial: int
+    winner_recipe: dict[str, Any]
+    table: dict[str, _Row]
+    margin_vs_uniform_average: _Margin
+
+
+def _positive_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 def examples_scored(study: optuna.Study) -> int:
@@ -119,12 +173,17 @@ class RunFolder:
         if not self.spec.is_file():
             raise SpecError(f"{self.root} is not a run folder (no spec.yaml)")
         try:
-            doc = yaml.safe_load(self.spec.read_text())
-        except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+            doc = load_yaml(self.spec.read_text(), f"{self.spec}: unreadable")
+        except (UnicodeDecodeError, OSError) as err:
             raise SpecError(f"{self.spec}: unreadable ({str(err).splitlines()[0]})") from None
-        if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict) \
-                or not isinstance(doc.get("budget"), int) or isinstance(doc.get("budget"), bool):
+        if not isinstance(doc, dict) or not isinstance(doc.get("spec"), dict) or "budget" not in doc:
             raise SpecError(f"{self.spec}: not a run's spec.yaml (needs a spec mapping and an integer budget)")
+        for key in ("budget", "max_examples"):
+            if (key == "budget" or doc.get(key) is not None) and not _positive_int(doc.get(key)):
+                raise SpecError(f"{self.spec}: {key} {doc.get(key)!r} is not a positive whole number")
+        for key in ("storage", "study"):
+            if doc.get(key) is not None and not (isinstance(doc[key], str) and doc[key].strip()):
+                raise SpecError(f"{self.spec}: {key} {doc[key]!r} is not a name")
         return doc
 
     def load(self) -> tuple[SearchSpec, int]:
@@ -191,6 +250,14 @@ class RunFolder:
             return optuna.load_study(study_name=self.study_name(), storage=storage)
         except SpecError:
             raise
+        except sqlalchemy.exc.OperationalError as err:  # read-only, Optuna found tables or rows still to create
+            if "readonly database" not in str(err):
+                raise SpecError(f"{self.root}: cannot read its study (OperationalError: "
+                                f"{str(err).splitlines()[0][:200]})") from None
+            raise SpecError(f"{self.root} has no study yet (its creation was cut short; "
+                            f"evomerge search --resume {self.root} completes it)") from None
+        except KeyError:  # the storage holds no study of that name (killed before it was created)
+            raise SpecError(f"{self.root} has no study yet (no study {self.study_name()!r} at {url})") from None
         except Exception as err:  # corrupt file, unreachable database, no such study: one line, not a traceback
             raise SpecError(f"{self.root}: cannot read its study ({type(err).__name__}: "
                             f"{str(err).splitlines()[0][:200]})") from None
@@ -206,20 +273,34 @@ class RunFolder:
             summary = json.loads(self.summary.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
             raise SpecError(f"{self.summary}: unreadable ({err})") from None
-        if not isinstance(summary, dict) or not isinstance(summary.get("winner_trial"), int):
-            raise SpecError(f"{self.summary}: not a run summary")
+        try:
+            _Summary.model_validate(summary)
+        except ValidationError as err:
+            raise SpecError(f"{self.summary}: not a run summary ({first_error(err)})") from None
+        stored_recipe(summary["winner_recipe"], f"{self.summary}: winner_recipe")
         return summary
 
     def log_rows(self) -> list[dict[str, Any]]:
-        """The trial log's rows; a line cut by a kill (the last one) is skipped."""
+        """The trial log's rows; the last line, if a kill cut it, is skipped. Any other line that is not a
+        trial's JSON object (a hand edit) is a SpecError naming it."""
         if not self.log.exists():
             return []
+        try:
+            lines = self.log.read_text().splitlines()
+        except (UnicodeDecodeError, OSError) as err:
+            raise SpecError(f"{self.log}: unreadable ({str(err).splitlines()[0]})") from None
         rows = []
-        for line in self.log.read_text().splitlines():
+        for number, line in enumerate(lines, start=1):
             try:
-                rows.append(json.loads(line))
+                row = json.loads(line)
             except json.JSONDecodeError:
-                continue
+                if number == len(lines):
+                    continue
+                raise SpecError(f"{self.log}: line {number} is not JSON") from None
+            seconds = row.get("seconds", 0.0) if isinstance(row, dict) else None
+            if not isinstance(seconds, int | float) or isinstance(seconds, bool):
+                raise SpecError(f"{self.log}: line {number} is not a trial (a JSON object with its seconds)")
+            rows.append(row)
         return rows
 
     # ------------------------------------------------------------------ one search at a time
@@ -227,7 +308,10 @@ class RunFolder:
     def lock(self) -> IO[str]:
         """Hold the run's search lock for as long as the returned file stays open; SpecError when another
         live process is searching this run (the lock dies with its process, SIGKILL included)."""
-        handle = self.lock_file.open("a")
+        try:
+            handle = self.lock_file.open("a")
+        except OSError as err:  # a read-only file system, a folder in its place
+            raise SpecError(f"{self.root}: cannot take its search lock ({err.strerror})") from None
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -25,13 +25,14 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from evomerge.checkpoint import atomic_write_text, check_apart, open_checkpoint
+from evomerge.checkpoint import Checkpoint, atomic_write_text, check_apart, open_checkpoint
 from evomerge.errors import SearchError, SpecError
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate, Executor, InProcessExecutor, Outcome, Worker, has_room, run_all
 from evomerge.interrupt import CtrlC
 from evomerge.lora import model_folders
 from evomerge.run import (
+    STUDY_FILE,
     STUDY_NAME,
     Attr,
     RunFolder,
@@ -85,12 +86,18 @@ def default_run_name(spec_path: str | None) -> str:
 
 def check_spec(spec: SearchSpec) -> None:
     """Everything about the spec that can fail before compute: model folders, their compatibility, tasks."""
-    from evomerge.checkpoint import check_compatible, resolve_model_path
+    from evomerge.checkpoint import check_compatible, check_loadable, resolve_model_path
     from evomerge.evaluate import check_tasks
     from evomerge.executors import include_paths
 
     checkpoints = {ref: open_checkpoint(ref) for ref in [spec.base_model, *spec.models]}
     check_compatible(list(checkpoints.values()), aligned_vocab=spec.tokenizer_source is not None)
+    check_loadable(spec.base_model, checkpoints[spec.base_model])
+    check_modules(spec, checkpoints[spec.base_model])
+    try:  # what a Search builds in memory before its study is opened: a failure here, not once files are written
+        study_sampler(spec, make_space(spec, LayerLayout.of(checkpoints[spec.base_model])))
+    except ValueError as err:
+        raise SpecError(f"sampler {spec.sampler or default_sampler(spec)} with seed {spec.seed}: {err}") from None
     tokenizer = spec.base_model  # the tasks' tokenizer (a union starts from the base's)
     if spec.tokenizer_source is not None:
         from evomerge.methods import get_method
@@ -115,9 +122,49 @@ def check_spec(spec: SearchSpec) -> None:
     check_tasks(spec.evaluation.tasks, include_paths(spec), tokenizer=resolve_model_path(tokenizer))
 
 
+def check_modules(spec: SearchSpec, base: Checkpoint) -> None:
+    """A ``layer_module`` space searches one coefficient per block and module pattern: a pattern that matches no
+    tensor of the blocks would search a dimension that changes nothing."""
+    layout = LayerLayout.of(base)
+    if spec.space.kind != "weights" or spec.space.grain.kind != "layer_module" or not layout.num_layers:
+        return
+    for module in spec.space.modules:
+        filters = [f"{layout.prefix}{i}.{module}" for i in range(layout.num_layers)]
+        if not any(f in name for name in base.tensors for f in filters):
+            raise SpecError(f"space.modules: {module!r} matches no tensor of {spec.base_model}'s blocks "
+                            f"(no name contains {filters[0]!r}); name a module the blocks have")
+
+
+SQLITE_HEADER = b"SQLite format 3\x00"
+
+
+def check_sqlite_file(db: Path, url: str) -> None:
+    """A SQLite study file that the search can create, or open and write: its folder exists and is writable (a
+    read-only file system is not); an existing file is a writable SQLite database (or empty, as a search
+    killed while creating it leaves it)."""
+    folder = db.resolve().parent
+    if not folder.is_dir():
+        raise SpecError(f"--storage {url}: folder {folder} does not exist")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SpecError(f"--storage {url}: folder {folder} is not writable")
+    if not db.exists():
+        return
+    if not db.is_file():
+        raise SpecError(f"--storage {url}: {db} is not a file")
+    try:
+        with db.open("rb") as f:
+            head = f.read(len(SQLITE_HEADER))
+    except OSError as err:
+        raise SpecError(f"--storage {url}: {db} is unreadable ({err.strerror})") from None
+    if head and head != SQLITE_HEADER:
+        raise SpecError(f"--storage {url}: {db} is not a SQLite database")
+    if not os.access(db, os.W_OK):
+        raise SpecError(f"--storage {url}: {db} is not writable")
+
+
 def check_storage(url: str) -> None:
-    """A ``--storage`` URL that names a known database kind and can be reached, checked before anything is
-    written. SQLite files are not opened (that would create them): their folder must exist."""
+    """A study storage URL that names a known database kind and can be reached and written, checked before
+    anything is written. SQLite files are not opened (that would create them): see ``check_sqlite_file``."""
     import sqlalchemy
     from sqlalchemy.engine import make_url
 
@@ -125,8 +172,8 @@ def check_storage(url: str) -> None:
         parsed = make_url(url)
         if parsed.get_backend_name() == "sqlite":
             db = sqlite_file(parsed)
-            if db is not None and not db.resolve().parent.is_dir():
-                raise SpecError(f"--storage {url}: folder {db.resolve().parent} does not exist")
+            if db is not None:
+                check_sqlite_file(db, url)
             return
         engine = sqlalchemy.create_engine(parsed)
         with engine.connect():
@@ -149,9 +196,10 @@ def spec_inputs(spec: SearchSpec) -> list[Path]:
 
 
 def check_run_folder(spec: SearchSpec, run: RunFolder, force: bool, storage: str | None = None) -> str | None:
-    """Whether ``run`` may take this search (a new folder, or one made by the same spec and storage; another
-    spec only with ``force``; never one that is, contains or lies inside an input, nor holds a file one reads
-    through its links); returns the ``--storage`` URL to record (None: the run's own file). Reads only."""
+    """Whether ``run`` may take this search (a new folder, or one made by the same spec and storage; with
+    ``force`` any run folder, for a new search; never one that is, contains or lies inside an input, nor holds a
+    file one reads through its links, nor one this process cannot write); returns the ``--storage`` URL to
+    record (None: the run's own file). Reads only."""
     check_apart(run.root, "run folder", spec_inputs(spec))
     if run.root.exists() and not run.root.is_dir():
         raise SpecError(f"run folder {run.root} is a file")
@@ -161,7 +209,11 @@ def check_run_folder(spec: SearchSpec, run: RunFolder, force: bool, storage: str
             raise SpecError(f"cannot create the run folder {run.root}: {parent} is not a writable folder")
         return storage
     doc = run.read_doc()
-    if doc.get("spec_hash") != spec_hash(spec) and not force:
+    if not os.access(run.root, os.W_OK | os.X_OK):  # a read-only file system: its lock, log and study
+        raise SpecError(f"run folder {run.root} is not writable")
+    if force:  # a new search; the old one's study is set aside (``prepare_run``), in its storage unless told
+        return storage or doc.get("storage")
+    if doc.get("spec_hash") != spec_hash(spec):
         raise SpecError(f"run {run.root} was made with a different spec; use another --run or pass --force")
     recorded = run.storage_url()
     if storage and storage != recorded:
@@ -169,12 +221,40 @@ def check_run_folder(spec: SearchSpec, run: RunFolder, force: bool, storage: str
     return doc.get("storage")
 
 
+def check_budget(run: RunFolder, budget: int) -> None:
+    """A run's budget may grow or stay, never fall below the trials it has finished (they would all count,
+    and the hold-out check would run again under a budget rewritten downwards). Reads only."""
+    try:
+        done = sum(counted(t) for t in run.trials())
+    except SpecError:  # no study yet, or its creation cut short: nothing finished (the search completes it)
+        return
+    if budget < done:
+        raise SpecError(f"--budget {budget} is below the {done} trials run {run.root} has finished; give at "
+                        f"least {done}")
+
+
+def set_aside(run: RunFolder) -> Path:
+    """Move a run folder's search (its record, log, summary, report, then stage and, in the run's own file, its
+    study) into a ``set-aside-*`` folder inside it, so that a new search starts from nothing and the old one
+    is kept, never mixed in. Returns that folder."""
+    own_file = not run.read_doc().get("storage")
+    aside = run.root / f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    aside.mkdir()
+    for path in (run.spec, run.log, run.summary, run.root / "report.md", run.root / "report.png",
+                 run.root / STAGE_WINNER, run.root / STAGE_FOLDER, *([run.root / STUDY_FILE] if own_file else [])):
+        if path.exists() or path.is_symlink():
+            path.rename(aside / path.name)
+    return aside
+
+
 def prepare_run(spec: SearchSpec, run: RunFolder, budget: int, force: bool, storage: str | None = None,
                 max_examples: int | None = None) -> None:
-    """Create the run folder (or take over one made by the same spec) and record spec, budget (and example
-    budget), storage and study name (a fresh one in a ``--storage`` database, so that runs sharing it never
-    share a study)."""
+    """Create the run folder (or take over one made by the same spec; with ``force``, set aside the search it
+    holds) and record spec, budget (and example budget), storage and study name (a fresh one in a
+    ``--storage`` database, so that runs sharing it never share a study)."""
     storage = check_run_folder(spec, run, force, storage)
+    if force and run.spec.exists():
+        set_aside(run)
     study = run.study_name() if run.spec.exists() else \
         (f"{run.root.name}-{uuid.uuid4().hex[:8]}" if storage else STUDY_NAME)
     run.root.mkdir(parents=True, exist_ok=True)
@@ -229,13 +309,19 @@ def default_sampler(spec: SearchSpec) -> str:
     return "tpe" if len(spec.space.methods) > 1 else "cmaes"
 
 
-def open_study(spec: SearchSpec, run: RunFolder, space: Space, workers: int = 1) -> optuna.Study:
-    directions = ["maximize"] * (len(spec.evaluation.tasks) if spec.evaluation.objective == "pareto" else 1)
-    probe = optuna.create_study().ask()  # how many numbers one recipe takes (sizes CMA-ES's population)
+def study_sampler(spec: SearchSpec, space: Space, workers: int = 1) -> optuna.samplers.BaseSampler:
+    """The sampler of the spec's study, sized to ``space`` (how many numbers one recipe takes sizes CMA-ES's
+    population). Builds everything in memory."""
+    probe = optuna.create_study().ask()
     space.sample(probe)
     with warnings.catch_warnings():  # TPE's group is "experimental"; used knowingly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        sampler = make_sampler(spec, workers, len(probe.params))
+        return make_sampler(spec, workers, len(probe.params))
+
+
+def open_study(spec: SearchSpec, run: RunFolder, space: Space, workers: int = 1) -> optuna.Study:
+    directions = ["maximize"] * (len(spec.evaluation.tasks) if spec.evaluation.objective == "pareto" else 1)
+    sampler = study_sampler(spec, space, workers)
     return optuna.create_study(study_name=run.study_name(), storage=run.storage_url(), sampler=sampler,
                                pruner=optuna.pruners.NopPruner(), directions=directions, load_if_exists=True)
 

@@ -30,6 +30,7 @@ from pydantic import (
 from evomerge.errors import SpecError
 from evomerge.methods import MergeMethod, Param, get_method
 from evomerge.scores import task_shares
+from evomerge.yaml_io import read_yaml_file
 
 STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # unknown keys, NaN and infinities are errors
 Scalar = bool | float
@@ -46,6 +47,8 @@ class Filtered(BaseModel):
 
 Setting = Scalar | Gradient | Annotated[list[Filtered], Field(min_length=1)]
 DType = Literal["float32", "float16", "bfloat16", "float64"]
+# numpy's seed range (optuna's samplers seed a RandomState; DARE/DELLA masks derive torch generators from it)
+Seed = Annotated[int, Field(ge=0, le=2**32 - 1, strict=True)]
 # where a live worker keeps the models it merges: on its device, memory-mapped in host memory, or chosen by fit
 # (evomerge.placement)
 Placement = Literal["auto", "device", "host"]
@@ -108,7 +111,7 @@ class Recipe(_RecipeForms):
     parameters: dict[str, Setting] = {}
     dtype: DType | None = None
     out_dtype: DType | None = None
-    seed: int = 0
+    seed: Seed = 0
     tokenizer_source: str | None = None  # mergekit's: base, union or a model reference (evomerge.vocab)
 
     @property
@@ -219,7 +222,7 @@ class LayerwiseRecipe(_RecipeForms):
     outer: NonNegativeInt = 0
     dtype: DType | None = None
     out_dtype: DType | None = None
-    seed: int = 0
+    seed: Seed = 0
     _parts: list[Recipe] = PrivateAttr()
 
     mergekit_file: ClassVar[str] = "mergekit_multi.yml"
@@ -469,18 +472,8 @@ def load_yaml_model(cls: type[M], path: str | Path) -> M:
 
 
 def _read_yaml_mapping(path: Path) -> dict[str, Any]:
-    try:
-        data = yaml.safe_load(path.read_text())
-    except FileNotFoundError:
-        raise SpecError(f"file not found: {path}") from None
-    except IsADirectoryError:
-        raise SpecError(f"{path} is a folder, not a YAML file") from None
-    except UnicodeDecodeError:
-        raise SpecError(f"{path}: not a text file (not UTF-8)") from None
-    except OSError as err:
-        raise SpecError(f"{path}: cannot be read ({err.strerror})") from None
-    except yaml.YAMLError as err:
-        raise SpecError(f"{path}: invalid YAML ({str(err).splitlines()[0]})") from None
+    """A recipe's or spec's top-level mapping (``read_yaml_file``: a regular file, no key twice)."""
+    data = read_yaml_file(path)
     if not isinstance(data, dict):
         raise SpecError(f"{path}: expected a mapping at the top level")
     return data
@@ -762,7 +755,7 @@ class SearchSpec(BaseModel):
     space: SpaceSpec = SpaceSpec()
     evaluation: EvaluationSpec
     sampler: Literal["cmaes", "tpe", "nsga2", "random"] | None = None  # None: chosen from the space
-    seed: int = 0
+    seed: Seed = 0
     dtype: DType = "float32"
     device: str = "auto"
     inputs_on: Placement = "auto"  # where, not what: left out of the spec's identity (search.spec_hash)

@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from evomerge.errors import SpecError
-from evomerge.run import Attr, RunFolder, counted, examples_scored, structured_attr
+from evomerge.run import Attr, RunFolder, counted, examples_scored, stored_recipe
 
 
 def run_table(run_dir: Path, limit: int = 20) -> Table:
@@ -30,7 +30,8 @@ def run_table(run_dir: Path, limit: int = 20) -> Table:
     ranked = sorted(finished, key=lambda t: (t.user_attrs.get(Attr.FIDELITY) == "full", t.values[0]), reverse=True)
     for t in ranked[:limit]:
         note = t.user_attrs.get(Attr.BASELINE) or ("winner" if t.number == winner else "")
-        recipe = structured_attr(t, Attr.RECIPE, {})  # layer-wise: the groups' methods, first block's first
+        recipe = stored_recipe(t.user_attrs.get(Attr.RECIPE), f"trial {t.number}'s recipe").model_dump(
+            mode="json")  # layer-wise: the groups' methods, first block's first
         method = recipe.get("merge_method") or "/".join(g["merge_method"] for g in recipe.get("groups", [])) \
             or (f"path of {len(recipe['path'])} blocks" if "path" in recipe else "")
         table.add_row(str(t.number), t.user_attrs.get(Attr.FIDELITY, ""), " ".join(f"{v:.4f}" for v in t.values),
@@ -39,11 +40,14 @@ def run_table(run_dir: Path, limit: int = 20) -> Table:
 
 
 def runs_table(root: Path) -> Table:
-    """Every run folder under ``root``: finished of budget, best full-fidelity search score, winner."""
+    """Every run folder under ``root``: finished of budget, best full-fidelity search score, winner. A ``root``
+    that is not a folder is an error, not an empty table."""
+    if not root.is_dir():
+        raise SpecError(f"--runs {root}: {'not a folder' if root.exists() else 'no such folder'}")
     table = Table(title=Text(f"runs in {root}"))
     for col in ("run", "finished", "best search score", "winner"):
         table.add_column(col, justify="left" if col == "run" else "right")
-    for folder in sorted(p for p in root.iterdir() if (p / "spec.yaml").exists()) if root.is_dir() else []:
+    for folder in sorted(p for p in root.iterdir() if (p / "spec.yaml").exists()):
         run = RunFolder(folder)
         try:
             budget = run.budget()

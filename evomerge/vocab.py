@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from evomerge.checkpoint import Checkpoint, resolve_model_path
+from evomerge.checkpoint import Checkpoint, folder_names, regular_file, resolve_model_path
 from evomerge.errors import SpecError
 
 if TYPE_CHECKING:
@@ -39,6 +39,9 @@ VOCAB_TENSORS = ("embed_tokens.weight", "wte.weight", "word_embeddings.weight", 
 # files that describe a tokenizer, copied with the reference model's other files and replaced by the output's
 TOKENIZER_FILE = re.compile(r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt"
                             r"|chat_template\.(jinja|json)|.*\.(model|tiktoken))$")
+BUILD = "to build the output vocabulary from"  # what plan_vocab loads tokenizers for
+# the tokenizer files that hold a vocabulary: without one, transformers has nothing to build a tokenizer from
+VOCAB_FILE = re.compile(r"^(tokenizer\.json|vocab\.(json|txt)|.*\.(model|tiktoken))$")
 
 
 def is_vocab_tensor(name: str) -> bool:
@@ -67,14 +70,14 @@ def plan_vocab(source: str, models: dict[str, Checkpoint], base_model: str | Non
     """The output vocabulary of a merge of ``models`` (the union starts with the first one's tokenizer) and every
     model's rows for it, from the tokenizers alone. SpecError, before any compute, when a tokenizer is missing or
     names a row its model does not have (mergekit would fail there, or drop the token)."""
-    tokenizers = {ref: _load_tokenizer(ref) for ref in models}
+    tokenizers = {ref: load_tokenizer(ref, BUILD) for ref in models}
     for ref, ckpt in models.items():
         _check_rows(ref, ckpt, tokenizers[ref])
     named = source_model(source, base_model)
     if named is None:
         tokenizer = _union(list(tokenizers.values()))
     else:
-        tokenizer = tokenizers[named] if named in tokenizers else _load_tokenizer(named)
+        tokenizer = tokenizers[named] if named in tokenizers else _named_tokenizer(named)
     vocab = tokenizer.get_vocab()
     if sorted(vocab.values()) != list(range(len(vocab))):
         raise SpecError(f"tokenizer_source {source}: its token ids are not 0 to {len(vocab) - 1}")
@@ -88,17 +91,32 @@ def plan_vocab(source: str, models: dict[str, Checkpoint], base_model: str | Non
     return VocabPlan(tokenizer, len(vocab), rows)
 
 
-def _load_tokenizer(ref: str) -> Any:
+def _named_tokenizer(ref: str) -> Any:
+    """The tokenizer of the model ``tokenizer_source`` names (not one of the merged models, so not opened yet)."""
+    try:
+        return load_tokenizer(ref, BUILD)
+    except SpecError as err:
+        raise SpecError(f"tokenizer_source: {err}") from None
+
+
+def load_tokenizer(ref: str, purpose: str) -> Any:
+    """The tokenizer of a model reference (a folder, Hub id or ``demo:`` model), wanted for ``purpose`` (words for
+    the error line). SpecError of one line, before transformers is asked (whose messages mislead: a missing
+    tokenizer.json reads "install sentencepiece"), when the folder holds no vocabulary file or a tokenizer file that
+    is not a readable regular file; and when transformers cannot build it from them (a corrupt file)."""
     from transformers import AutoTokenizer
 
     folder = resolve_model_path(ref)
-    if not folder.is_dir():
-        raise SpecError(f"tokenizer_source: model folder not found: {ref}")
+    files = [regular_file(folder / name) for name in folder_names(folder, ref) if TOKENIZER_FILE.match(name)]
+    if not any(VOCAB_FILE.match(file.name) for file in files):
+        raise SpecError(f"{ref}: no tokenizer {purpose} in {folder} (it has no tokenizer.json, vocab.json, "
+                        f"vocab.txt, .model or .tiktoken file)")
     try:
         return AutoTokenizer.from_pretrained(folder, use_fast=True)
-    except Exception as err:  # noqa: BLE001 — transformers raises many kinds for a missing or broken tokenizer
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
-        raise SpecError(f"{ref}: no tokenizer to build the output vocabulary from ({reason})") from None
+    except Exception as err:  # noqa: BLE001 — transformers raises many kinds for a broken tokenizer
+        reason = (str(err).strip().splitlines() or [""])[0]
+        raise SpecError(f"{ref}: its tokenizer in {folder}, wanted {purpose}, cannot be loaded "
+                        f"({type(err).__name__}: {reason})") from None
 
 
 def _check_rows(ref: str, ckpt: Checkpoint, tokenizer: Any) -> None:

@@ -5,7 +5,8 @@ Models: random bf16 Llamas built here with the demo's character tokenizer (so ea
 ``165m`` (13 blocks, hidden 1024) and ``1.1b`` (25 blocks, hidden 2048, 4 KV heads: TinyLlama's block shape),
 each a base and five experts (base + small noise), cached in /tmp/evomerge-bench-memory; ``real`` is the
 SmolLM2-135M base (scripts/build_real_zoo.py's conversion of the GGUF on PyPI: 49,152-token BPE vocabulary,
-tied embeddings) and five noisy experts of it. Each cell runs in a fresh process on the CPU: it loads the live
+tied embeddings) and five noisy experts of it; ``demo`` is the demo zoo's base (0.86M parameters) and five noisy
+copies. Each cell runs in a fresh process on the CPU: it loads the live
 model (bf16), builds the merger over 2 / 3 / 5 experts with one placement (``host``: memory-mapped files;
 ``device``: the inputs read into memory as stored; ``baseline``: the baseline revision's merger, float32 base,
 weights and task vectors), merges once to warm up, then ``--repeat`` times per method (linear, task_arithmetic,
@@ -20,7 +21,7 @@ against 2 x the live model + 1.5 GB. ``--ray`` runs a search with two Ray worker
 zoo (run it inside ../shared/offline) and reports each worker's peaks and the node's used memory and page
 cache. The projection for 7B and 70B is by formula.
 
-    python scripts/bench_memory.py [--models 165m real 1.1b] [--experts 2 3 5] [--repeat 3]
+    python scripts/bench_memory.py [--models demo 165m real 1.1b] [--experts 2 3 5] [--repeat 3]
         [--baseline REV] [--search] [--ray] [--cache DIR]
 """
 
@@ -108,19 +109,28 @@ def random_family(cache: Path, size: str) -> dict[str, Path]:
     return write_family(folder, state, config.to_dict(), demo)
 
 
-def real_family(cache: Path) -> dict[str, Path]:
-    import build_real_zoo as real_zoo  # this folder
+def copies_family(folder: Path, source: Path) -> dict[str, Path]:
+    """``source`` (a model folder) as the base and EXPERTS noisy copies of it."""
     from safetensors.torch import load_file
 
-    folder = cache / "real"
-    base = folder / "source"
-    if not (base / "model.safetensors").exists():
-        real_zoo.convert_base(base)
-    return write_family(folder, load_file(base / "model.safetensors"), json.loads((base / "config.json").read_text()),
-                        base)
+    return write_family(folder, load_file(source / "model.safetensors"),
+                        json.loads((source / "config.json").read_text()), source)
+
+
+def real_family(cache: Path) -> dict[str, Path]:
+    import build_real_zoo as real_zoo  # this folder
+
+    source = cache / "real" / "source"
+    if not (source / "model.safetensors").exists():
+        real_zoo.convert_base(source)
+    return copies_family(cache / "real", source)
 
 
 def family(cache: Path, name: str) -> dict[str, Path]:
+    from evomerge.demo import model_path
+
+    if name == "demo":
+        return copies_family(cache / "demo", model_path("base"))
     return real_family(cache) if name == "real" else random_family(cache, name)
 
 
@@ -212,10 +222,13 @@ def host_memory() -> float:
 # ---- the searches ----------------------------------------------------------------------------------------------
 
 def search_spec(paths: dict[str, Path], experts: int, examples: int, folder: Path) -> Path:
+    """A TIES search over ``experts`` experts on ``examples`` documents of each role of two demo tasks."""
+    splits = {"search": "search", "validation": f"validation[:{examples}]", "test": f"test[:{examples}]"}
     spec = {"base_model": str(paths["base"]), "models": [str(paths[f"ft{i}"]) for i in range(1, experts + 1)],
             "dtype": "bfloat16", "device": "cpu", "sampler": "random", "seed": 0,
             "space": {"methods": ["ties"], "granularity": "global"},
-            "evaluation": {"include_paths": ["demo"], "tasks": [{"name": "demo_add"}, {"name": "demo_reverse"}],
+            "evaluation": {"include_paths": ["demo"], "tasks": [{"name": name, "splits": splits}
+                                                                 for name in ("demo_add", "demo_reverse")],
                            "search_examples": examples, "screen_examples": None, "top_k": 1, "batch_size": 8}}
     path = folder / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -305,7 +318,8 @@ def projection() -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--models", nargs="+", default=["165m", "real", "1.1b"])
+    parser.add_argument("--models", nargs="+", default=["demo", "165m", "real", "1.1b"],
+                        choices=["demo", "165m", "real", "1.1b"])
     parser.add_argument("--experts", nargs="+", type=int, default=[2, 3, 5])
     parser.add_argument("--placements", nargs="+", default=["host", "device", "baseline"])
     parser.add_argument("--repeat", type=int, default=3)

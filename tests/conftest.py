@@ -51,12 +51,15 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
 
 
 @pytest.fixture(autouse=True)
-def _small_merge_slices(monkeypatch):
+def _small_merge_slices(request, monkeypatch):
     """Elementwise merges (linear, task_arithmetic) run large tensors slice by slice; with slices of 97 entries
-    every tensor of the tiny test models past 97 entries takes that path, in several uneven slices."""
+    every tensor of the tiny test models past 97 entries takes that path, in several uneven slices. Tests of
+    real-sized models (marked ``full_slices``) keep the real slice: 97 entries would make each merge 2,700x as
+    many steps."""
     import evomerge.merge
 
-    monkeypatch.setattr(evomerge.merge, "SLICE", 97)
+    if request.node.get_closest_marker("full_slices") is None:
+        monkeypatch.setattr(evomerge.merge, "SLICE", 97)
 
 
 def _family(root: Path, base: torch.nn.Module, names: list[str], scale: float, seed: int) -> dict[str, Path]:
