@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Lint, then the test suite, offline: inside a loopback-only network namespace where the OS allows it
 # (Ray's start-up probes addresses beyond the machine; this also proves the tool works air-gapped).
-# A skipped test fails the run unless tests/conftest.py declares its reason inapplicable here (no CUDA device;
-# root, whom read-only folders do not stop): a missing test dependency cannot pass as green.
+# A skipped test fails the run unless tests/conftest.py declares its reason inapplicable here (no CUDA device):
+# a missing test dependency cannot pass as green.
 #   usage: bash scripts/test.sh [PYTEST ARGS...]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -225,12 +225,17 @@ def test_unwritable_location_fails_up_front(own_zoo, tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "x"
 
 
-@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
-def test_read_only_parent_fails_up_front(own_zoo, tmp_path, capsys):
+def test_read_only_parent_fails_up_front(own_zoo, tmp_path):
+    """An --out on a file system mounted read-only (a bind mount in the mount namespace of a child process: root
+    cannot write through it either) is refused before compute."""
     locked = tmp_path / "locked"
-    locked.mkdir(mode=0o555)
-    assert main(["merge", str(own_zoo), "--out", str(locked / "out")]) == 2
-    assert "is not a writable folder" in capsys.readouterr().err
+    locked.mkdir()
+    ns = ["unshare", "-m"] if os.geteuid() == 0 else ["unshare", "-rm"]
+    mount = f"mount --bind {locked} {locked} && mount -o remount,ro,bind {locked} && exec \"$@\""
+    out = subprocess.run([*ns, "sh", "-c", mount, "sh", sys.executable, "-m", "evomerge.cli", "merge", str(own_zoo),
+                          "--out", str(locked / "out")], capture_output=True, text=True, timeout=300)
+    err = out.stderr.strip()
+    assert out.returncode == 2 and len(err.splitlines()) == 1 and "is not a writable folder" in err, err
     assert list(locked.iterdir()) == []
 
 
