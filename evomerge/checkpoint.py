@@ -669,14 +669,14 @@ def atomic_folder(out: Path) -> Iterator[Path]:
     A killed merge leaves only its hidden temporary sibling, which the next run into ``out`` removes. A failed
     one (a full disk: one SpecError line) leaves nothing: no temporary folder, no parent folder it created."""
     out = resolved(out, "output folder")
-    made = [p for p in [out.parent, *out.parent.parents] if not lexists(p)]  # deepest first
+    made = missing_folders(out.parent)
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
         _remove_stale_temps(out)
         tmp = _temp_sibling(out)
         tmp.mkdir()  # mode 0o777 less the umask, like any folder the user makes
     except OSError as err:
-        _remove_folders(made)
+        remove_empty_folders(made)
         raise SpecError(f"cannot write output folder {out}: {os_reason(err)}") from None
     try:
         yield tmp
@@ -695,11 +695,16 @@ def atomic_folder(out: Path) -> Iterator[Path]:
         if tmp.exists():
             shutil.rmtree(tmp)
         if not out.exists():
-            _remove_folders(made)
+            remove_empty_folders(made)
 
 
-def _remove_folders(made: list[Path]) -> None:
-    """Remove the folders a failed write created (deepest first), as long as they are empty."""
+def missing_folders(folder: Path) -> list[Path]:
+    """``folder`` and those of its parents that do not exist yet, deepest first: what creating it would make."""
+    return [p for p in (folder, *folder.parents) if not lexists(p)]
+
+
+def remove_empty_folders(made: Sequence[Path]) -> None:
+    """Remove the folders a failed write created (``missing_folders`` before it), as long as they are empty."""
     for folder in made:
         try:
             folder.rmdir()

@@ -169,27 +169,24 @@ class _NewRun:
     """What a new run's start may create (its folders, lock, record and own study file), noted before it does,
     so that a start that fails after all can remove exactly that."""
 
-    run: RunFolder
     folders: tuple[Path, ...]  # deepest first
     files: tuple[Path, ...]
 
     @classmethod
     def before(cls, run: RunFolder) -> _NewRun:
+        from evomerge.checkpoint import missing_folders
         from evomerge.run import STUDY_FILE
 
-        root = run.root.absolute()
-        folders = tuple(p for p in (root, *root.parents) if not p.exists())
+        folders = tuple(missing_folders(run.root.absolute()))
         files = tuple(p for p in (run.lock_file, run.spec, run.root / STUDY_FILE) if not p.exists())
-        return cls(run, folders, files)
+        return cls(folders, files)
 
     def take_back(self) -> None:
+        from evomerge.checkpoint import remove_empty_folders
+
         for path in self.files:
             path.unlink(missing_ok=True)
-        for folder in self.folders:
-            try:
-                folder.rmdir()  # only if empty: anything else put there is kept
-            except OSError:
-                break
+        remove_empty_folders(self.folders)  # anything else put there is kept
 
 
 def _run_with_progress(search: Search, budget: int, max_examples: int | None) -> None:

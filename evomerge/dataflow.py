@@ -29,6 +29,7 @@ from evomerge.checkpoint import (
     layer_count_field,
     layer_index,
     open_checkpoint,
+    side_files,
 )
 from evomerge.errors import SpecError
 from evomerge.lora import model_folders
@@ -145,6 +146,7 @@ def path_to_folder(recipe: PathRecipe, out: Path, *, force: bool = False, max_sh
             ckpts[ref] = open_checkpoint(ref)
     check_compatible(list(ckpts.values()))
     outer = ckpts[recipe.outer]
+    side_files(outer.path)  # copied once every tensor is written: a file that cannot be read fails now
     recipe.check_layers(outer.num_layers)
     for i, step in enumerate(recipe.path):
         if step.scale != 1.0:

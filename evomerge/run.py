@@ -64,16 +64,10 @@ def structured_attr(trial: FrozenTrial, name: str, default: Any = None) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-def first_error(err: ValidationError) -> str:
-    """A validation error's first problem as ``where: what`` (pydantic's own first line names only the model)."""
-    problem = err.errors()[0]
-    return f"{'.'.join(map(str, problem['loc'])) or 'value'}: {problem['msg']}"
-
-
 def stored_recipe(value: Any, where: str) -> AnyRecipe:
     """A recipe as a run stores it (a trial's JSON text, a summary's mapping); SpecError naming ``where`` when
     a cut or a hand edit left something that is not a recipe."""
-    from evomerge.spec import parse_recipe
+    from evomerge.spec import describe_error, parse_recipe
 
     try:
         data = json.loads(value) if isinstance(value, str) else value
@@ -84,7 +78,7 @@ def stored_recipe(value: Any, where: str) -> AnyRecipe:
     try:
         return parse_recipe(data)
     except ValidationError as err:
-        raise SpecError(f"{where}: not a valid recipe ({first_error(err)})") from None
+        raise SpecError(f"{where}: not a valid recipe ({describe_error(err)})") from None
     except SpecError as err:  # an unknown method, a parameter it does not take
         raise SpecError(f"{where}: not a valid recipe ({err})") from None
 
@@ -273,10 +267,12 @@ class RunFolder:
             summary = json.loads(self.summary.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
             raise SpecError(f"{self.summary}: unreadable ({err})") from None
+        from evomerge.spec import describe_error
+
         try:
             _Summary.model_validate(summary)
         except ValidationError as err:
-            raise SpecError(f"{self.summary}: not a run summary ({first_error(err)})") from None
+            raise SpecError(f"{self.summary}: not a run summary ({describe_error(err)})") from None
         stored_recipe(summary["winner_recipe"], f"{self.summary}: winner_recipe")
         return summary
 

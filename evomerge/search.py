@@ -40,12 +40,12 @@ from evomerge.run import (
     counted,
     examples_scored,
     sqlite_file,
-    structured_attr,
+    stored_recipe,
 )
 from evomerge.scores import task_shares, weighted_mean
 from evomerge.screening import Screen, race
 from evomerge.space import LayerLayout, Space, make_space
-from evomerge.spec import AnyRecipe, Recipe, SearchSpec, SpaceSpec, TaskSpec, parse_recipe, recipe_from_yaml
+from evomerge.spec import AnyRecipe, Recipe, SearchSpec, SpaceSpec, TaskSpec, recipe_from_yaml
 from evomerge.subsets import AnswerStrata, FirstDocuments, SearchSubset
 
 MAX_RETRIES = 2
@@ -93,9 +93,10 @@ def check_spec(spec: SearchSpec) -> None:
     checkpoints = {ref: open_checkpoint(ref) for ref in [spec.base_model, *spec.models]}
     check_compatible(list(checkpoints.values()), aligned_vocab=spec.tokenizer_source is not None)
     check_loadable(spec.base_model, checkpoints[spec.base_model])
-    check_modules(spec, checkpoints[spec.base_model])
+    layout = LayerLayout.of(checkpoints[spec.base_model])
+    check_modules(spec, checkpoints[spec.base_model], layout)
     try:  # what a Search builds in memory before its study is opened: a failure here, not once files are written
-        study_sampler(spec, make_space(spec, LayerLayout.of(checkpoints[spec.base_model])))
+        study_sampler(spec, make_space(spec, layout))
     except ValueError as err:
         raise SpecError(f"sampler {spec.sampler or default_sampler(spec)} with seed {spec.seed}: {err}") from None
     tokenizer = spec.base_model  # the tasks' tokenizer (a union starts from the base's)
@@ -122,10 +123,9 @@ def check_spec(spec: SearchSpec) -> None:
     check_tasks(spec.evaluation.tasks, include_paths(spec), tokenizer=resolve_model_path(tokenizer))
 
 
-def check_modules(spec: SearchSpec, base: Checkpoint) -> None:
+def check_modules(spec: SearchSpec, base: Checkpoint, layout: LayerLayout) -> None:
     """A ``layer_module`` space searches one coefficient per block and module pattern: a pattern that matches no
-    tensor of the blocks would search a dimension that changes nothing."""
-    layout = LayerLayout.of(base)
+    tensor of the base's blocks (``layout``) would search a dimension that changes nothing."""
     if spec.space.kind != "weights" or spec.space.grain.kind != "layer_module" or not layout.num_layers:
         return
     for module in spec.space.modules:
@@ -278,7 +278,7 @@ def export_stage_winner(run: RunFolder, fixed: bool) -> None:
     from evomerge.merge import merge_to_folder
 
     folder = run.root / STAGE_WINNER
-    winner = parse_recipe(run.read_summary()["winner_recipe"])
+    winner = stored_recipe(run.read_summary()["winner_recipe"], f"{run.summary}: winner_recipe")
     written = folder / "evomerge_recipe.yaml"
     if folder.exists() and (fixed or (written.is_file() and recipe_from_yaml(written) == winner)):
         return
@@ -650,7 +650,7 @@ def _examples(result: EvalResult) -> int:
 
 
 def _recipe_of(trial: optuna.trial.FrozenTrial) -> AnyRecipe:
-    return parse_recipe(structured_attr(trial, Attr.RECIPE))
+    return stored_recipe(trial.user_attrs[Attr.RECIPE], f"trial {trial.number}")
 
 
 def paired_margin(a: EvalResult, b: EvalResult) -> dict[str, float]:

@@ -283,14 +283,21 @@ def test_every_file_a_merge_reads_must_be_a_readable_regular_file(where, kind, z
 
 
 @pytest.mark.parametrize("kind", [k for k in NOT_REGULAR if k != "a folder"])
-def test_a_layer_paths_copied_files_are_checked_before_compute(kind, zoo, tmp_path, capsys):
+def test_a_layer_paths_copied_files_are_checked_before_compute(kind, zoo, tmp_path, capsys, monkeypatch):
     """A data-flow recipe copies its outer model's tokenizer files last, as a merge does: checked up front."""
+    import evomerge.dataflow
+
     make, expected = NOT_REGULAR[kind]
     path = tmp_path / "path.yaml"
     path.write_text(yaml.safe_dump({"outer": str(zoo["base"]), "dtype": "float32",
                                     "path": [{"model": str(zoo["a"]), "layer": i} for i in range(3)]}))
     assert main(["merge", str(path), "--out", str(tmp_path / "sound")]) == 0
     capsys.readouterr()
+
+    def compute(out):
+        raise AssertionError(f"the merge into {out} began before its inputs were checked")
+
+    monkeypatch.setattr(evomerge.dataflow, "atomic_folder", compute)
     target = zoo["base"] / "tokenizer_config.json"
     target.unlink()
     make(target)
