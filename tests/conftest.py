@@ -1,7 +1,6 @@
 """Shared fixtures: tiny random models built in the test session, offline."""
 
 import os
-import shutil
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -9,11 +8,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from helpers import _family
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
-
-from evomerge.demo import model_path  # noqa: E402
-
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 # The skips that say a test cannot apply to this machine (no CUDA device). Any other skip (a test dependency or
 # the real model not installed) fails the session: a green run never hides tests that did not run.
@@ -61,21 +57,6 @@ def _small_merge_slices(request, monkeypatch):
         monkeypatch.setattr(evomerge.merge, "SLICE", 97)
 
 
-def _family(root: Path, base: torch.nn.Module, names: list[str], scale: float, seed: int) -> dict[str, Path]:
-    """Save ``base`` and noisy variants of it (its 'fine-tunes') as HF folders with a tokenizer."""
-    torch.manual_seed(seed)
-    paths = {}
-    base_state = {k: v.clone() for k, v in base.state_dict().items()}
-    for name in ["base", *names]:
-        if name != "base":
-            base.load_state_dict({k: v + scale * torch.randn_like(v) for k, v in base_state.items()})
-        out = root / name
-        base.save_pretrained(out, safe_serialization=True)
-        for f in TOKENIZER_FILES:
-            shutil.copy(model_path("base") / f, out / f)
-        paths[name] = out
-    base.load_state_dict(base_state)
-    return paths
 
 
 @pytest.fixture(scope="session")

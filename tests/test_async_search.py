@@ -5,8 +5,8 @@ import math
 import random
 
 import pytest
+from helpers import SPEC
 from optuna.trial import TrialState
-from test_search import SPEC
 
 from evomerge.errors import SearchError
 from evomerge.evaluate import EvalResult

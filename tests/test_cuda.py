@@ -6,7 +6,7 @@ CUDA (CI has none); run them wherever a GPU is present."""
 
 import pytest
 import torch
-from test_search import SPEC
+from helpers import SPEC
 
 from evomerge.executors import Candidate, Worker
 from evomerge.merge import merge_to_folder

@@ -7,9 +7,9 @@ from wsgiref.util import setup_testing_defaults
 import optuna_dashboard
 import pytest
 import yaml
+from helpers import SMALL
 from optuna.trial import TrialState
 from optuna_dashboard._serializer import MAX_ATTR_LENGTH
-from test_run_cli import SMALL
 
 from evomerge.cli import main
 from evomerge.run import Attr, RunFolder, structured_attr

@@ -14,6 +14,7 @@ import pytest
 import torch
 import transformers
 import yaml
+from helpers import _family, weights
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from evomerge import dataflow
@@ -24,8 +25,6 @@ from evomerge.errors import SpecError
 from evomerge.merge import DTYPES, LiveMerger
 from evomerge.run import STUDY_NAME, RunFolder, sqlite_url
 from evomerge.spec import PathRecipe, Recipe
-from tests.conftest import _family
-from tests.test_merge import weights
 
 TOKENS = torch.tensor([[1, 5, 7, 9, 11, 3, 4, 8, 2]])
 DEMO = ["demo:base", "demo:add", "demo:reverse"]

@@ -9,6 +9,7 @@ import optuna
 import pytest
 import torch
 import yaml
+from helpers import CLI_ENV, sigkill_at
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -19,7 +20,6 @@ from evomerge.evaluate import Evaluator
 from evomerge.run import Attr, RunFolder, counted, structured_attr
 from evomerge.space import LayerLayout, PathSpace, make_space
 from evomerge.spec import PathRecipe, SearchSpec, TaskSpec
-from tests.test_search import CLI_ENV, sigkill_at
 
 SPEC = {
     "base_model": "demo:base",

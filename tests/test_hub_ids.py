@@ -2,7 +2,6 @@
 each test lays out under a temporary HF_HOME in huggingface_hub's own layout, offline:
 ``hub/models--org--name/{blobs/<hash>, refs/<revision> -> commit, snapshots/<commit>/<file> -> blob}``."""
 
-import hashlib
 import os
 import shutil
 import socket
@@ -13,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import SMALL, cache_model, commit_of, tree_digest
 from huggingface_hub import constants, scan_cache_dir
 from safetensors.torch import load_file
-from test_run_cli import SMALL, tree_digest
 
 from evomerge.checkpoint import open_checkpoint, resolve_model_path
 from evomerge.cli import main
@@ -27,28 +26,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 
-def commit_of(name: str) -> str:
-    return hashlib.sha1(name.encode()).hexdigest()
 
 
-def cache_model(hub: Path, repo_id: str, src: Path, commit: str, refs: tuple[str, ...] = ("main",)) -> Path:
-    """Put the files of model folder ``src`` into the cache as huggingface_hub stores a download: content
-    in ``blobs/`` (named by sha256 for LFS files, by git blob sha1 otherwise), the snapshot as relative
-    symlinks to the blobs, and each ref (branch or tag) a file holding the commit hash."""
-    repo = hub / ("models--" + repo_id.replace("/", "--"))
-    snapshot = repo / "snapshots" / commit
-    snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir(exist_ok=True)
-    for file in sorted(src.iterdir()):
-        data = file.read_bytes()
-        blob = (hashlib.sha256(data).hexdigest() if file.suffix == ".safetensors"
-                else hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest())
-        (repo / "blobs" / blob).write_bytes(data)
-        (snapshot / file.name).symlink_to(Path("..") / ".." / "blobs" / blob)
-    for ref in refs:
-        (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
-        (repo / "refs" / ref).write_text(commit)
-    return snapshot
 
 
 @pytest.fixture(scope="module")

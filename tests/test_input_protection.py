@@ -16,8 +16,8 @@ import optuna
 import pytest
 import torch
 import yaml
+from helpers import cache_model, commit_of
 from huggingface_hub import constants
-from test_hub_ids import cache_model, commit_of
 from transformers import AutoModelForCausalLM
 
 from evomerge.cli import main

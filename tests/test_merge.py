@@ -1,48 +1,19 @@
 """`evomerge merge`: streamed output that loads, per-layer values checked by hand, sharding, in-place merge."""
 
 import json
-import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 import yaml
-from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM, LlamaConfig
+from helpers import build_tied_zoo, weights
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
 
-from evomerge.checkpoint import open_checkpoint
 from evomerge.cli import main
-from evomerge.demo import model_path
 from evomerge.merge import LiveMerger, merge_to_folder
 from evomerge.spec import Recipe
-
-
-def weights(path):
-    ckpt = open_checkpoint(str(path))
-    return {n: ckpt.read(n) for n in ckpt.tensors}
-
-
-def build_tied_zoo(root, dtype_name: str):
-    """A 3-layer Llama base and three experts in fp16 or bf16 whose task vectors take only the magnitudes
-    0, 1, 2, 3 / 512 (all exact in both dtypes): the top-k cut of TIES falls inside thousands of ties."""
-    dtype = getattr(torch, dtype_name)
-    config = LlamaConfig(vocab_size=46, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False,
-                         architectures=["LlamaForCausalLM"], torch_dtype=dtype_name)
-    shapes = {n: p.shape for n, p in AutoModelForCausalLM.from_config(config).named_parameters()}
-    gen = torch.Generator().manual_seed(0)
-    base = {n: (torch.randint(-32, 33, s, generator=gen) / 256).to(dtype) for n, s in shapes.items()}
-    paths = {}
-    for name in ("base", "a", "b", "c"):
-        tensors = base if name == "base" else {
-            n: (t.float() + torch.randint(-3, 4, t.shape, generator=gen) / 512).to(dtype) for n, t in base.items()}
-        paths[name] = root / name
-        config.save_pretrained(paths[name])
-        save_file(tensors, paths[name] / "model.safetensors", metadata={"format": "pt"})
-        for f in ("tokenizer.json", "tokenizer_config.json"):
-            shutil.copy(model_path("base") / f, paths[name] / f)
-    return paths
 
 
 @pytest.fixture(params=["float16", "bfloat16"])

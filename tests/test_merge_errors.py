@@ -1,7 +1,6 @@
 """Bad input fails before any compute: one line naming what and where, exit code 2, nothing written or
 removed (the input folders' checksums and the output's parent listing are the same before and after)."""
 
-import hashlib
 import json
 import os
 import shutil
@@ -11,6 +10,7 @@ import sys
 
 import pytest
 import yaml
+from helpers import checksums
 from safetensors.torch import load_file, save_file
 
 from evomerge.checkpoint import check_output_folder, shard_bytes
@@ -25,10 +25,6 @@ def write_safetensors(path, header, data: bytes) -> None:
     path.write_bytes(struct.pack("<Q", len(raw)) + raw + data)
 
 
-def checksums(*folders) -> dict[str, str]:
-    """Every file under the folders, by path: its content hash (and nothing else may appear or vanish)."""
-    return {str(f): hashlib.sha256(f.read_bytes()).hexdigest()
-            for folder in folders for f in sorted(folder.rglob("*")) if f.is_file()}
 
 
 @pytest.fixture

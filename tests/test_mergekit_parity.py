@@ -5,10 +5,10 @@ import subprocess
 
 import pytest
 import torch
+from helpers import build_tied_zoo, weights
 
 from evomerge.merge import merge_to_folder
 from evomerge.spec import Recipe
-from tests.test_merge import build_tied_zoo, weights
 
 pytestmark = pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit is not installed")
 

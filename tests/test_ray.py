@@ -17,8 +17,8 @@ from pathlib import Path
 import psutil
 import pytest
 import yaml
+from helpers import SPEC, study_of, wait_for
 from optuna.trial import TrialState
-from test_search import SPEC, study_of, wait_for
 
 from evomerge.executors import Candidate
 from evomerge.ray_executor import RayExecutor

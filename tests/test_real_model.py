@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import search_and_finalize
 from safetensors.torch import load_file
-from test_specs import search_and_finalize
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluate import Evaluator

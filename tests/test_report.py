@@ -6,7 +6,7 @@ import re
 import optuna
 import pytest
 import yaml
-from test_search import SPEC
+from helpers import SPEC
 
 from evomerge.cli import main
 from evomerge.report import TrialPoint, best_so_far, layer_parameters

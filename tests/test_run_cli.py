@@ -2,7 +2,6 @@
 that write nothing, broken runs and bad arguments as one line with exit 2, one search per run at a time,
 Ctrl-C with a resumable run."""
 
-import hashlib
 import os
 import shutil
 import signal
@@ -13,20 +12,11 @@ import optuna
 import pytest
 import torch
 import yaml
+from helpers import SMALL, one_line_error, tree_digest, wait_for
 from optuna.trial import TrialState
-from test_search import SPEC, wait_for
 
 from evomerge.cli import main
 from evomerge.run import STUDY_NAME, RunFolder, counted, sqlite_url
-
-SMALL = {**SPEC, "evaluation": {**SPEC["evaluation"], "top_k": 1, "search_examples": 20, "screen_examples": 8},
-         "device": "cpu"}
-
-
-def tree_digest(root) -> dict[str, str]:
-    """Every file below ``root`` with a hash of its bytes (to prove nothing was written or removed)."""
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
 
 
 @pytest.fixture(scope="module")
@@ -47,21 +37,8 @@ def external_run(tmp_path_factory, spec_file):
     return run, db
 
 
-def one_line_error(capsys, expected: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
-    assert expected in err, err
-    return err
 
 
-def search_refused(doc: dict, tmp_path, capsys, expected: str) -> None:
-    """A search on the spec ``doc`` stops before compute: exit 2, one line naming ``expected``, no run folder."""
-    spec, run = tmp_path / "bad.yaml", tmp_path / "run"
-    spec.write_text(yaml.safe_dump(doc))
-    capsys.readouterr()
-    assert main(["search", str(spec), "--budget", "2", "--run", str(run)]) == 2
-    one_line_error(capsys, expected)
-    assert not run.exists()
 
 
 def test_recorded_storage_serves_every_command(external_run, tmp_path, capsys):

@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import yaml
+from helpers import CLI_ENV, SPEC, sigkill_at
 from optuna.trial import TrialState
-from test_search import CLI_ENV, SPEC, sigkill_at
 
 from evomerge.evaluate import EvalResult
 from evomerge.run import Attr, RunFolder, counted, structured_attr

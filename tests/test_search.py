@@ -1,35 +1,22 @@
 """The search end to end on the demo zoo: budget, resume after SIGKILL, export, bad specs."""
 
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
-import optuna
 import pytest
 import torch
 import yaml
+from helpers import CLI_ENV, SPEC, sigkill_at, study_of
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.cli import main
 from evomerge.demo import TASKS_DIR
 from evomerge.evaluate import Evaluator
-from evomerge.run import STUDY_NAME, RunFolder, counted
+from evomerge.run import RunFolder, counted
 from evomerge.search import Search, prepare_run
 from evomerge.spec import SearchSpec, TaskSpec
-
-SPEC = {
-    "base_model": "demo:base",
-    "models": ["demo:add", "demo:reverse"],
-    "space": {"methods": ["linear"], "granularity": "groups:2", "parameters": {"weight": {"low": 0.0, "high": 1.0}}},
-    "evaluation": {"include_paths": ["demo"], "tasks": [{"name": "demo_add"}, {"name": "demo_reverse", "weight": 2}],
-                   "search_examples": 40, "screen_examples": 15, "top_k": 2},
-    "sampler": "cmaes",
-    "seed": 3,
-}
 
 
 @pytest.fixture
@@ -39,8 +26,6 @@ def spec_file(tmp_path):
     return path
 
 
-def study_of(run_dir):
-    return optuna.load_study(study_name=STUDY_NAME, storage=RunFolder(run_dir).default_storage())
 
 
 def test_search_resume_and_export(spec_file, tmp_path, capsys):
@@ -86,29 +71,10 @@ def test_duplicate_recipes_are_not_counted(tmp_path):
     assert trials[4].user_attrs["duplicate_of"] == 3 and trials[4].values == trials[3].values
 
 
-CLI_ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
-def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> bool:
-    """Poll for an event; False when the process ended first."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if proc.poll() is not None:
-            return False
-        assert time.monotonic() < deadline, "the awaited event never came"
-        time.sleep(0.02)
-    return True
 
 
-def sigkill_at(cmd: list[str], event) -> bool:
-    """Run the command (an `evomerge` CLI call, offline) and SIGKILL it once ``event(proc)`` holds; False when
-    it ended before the event."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=CLI_ENV)
-    hit = wait_for(lambda: event(proc), proc)
-    if hit:
-        proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return hit
 
 
 def test_sigkill_ten_times_at_events_then_resume(spec_file, tmp_path):

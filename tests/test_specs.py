@@ -5,11 +5,12 @@ from pathlib import Path
 
 import pytest
 import yaml
+from helpers import search_and_finalize
 from pydantic import ValidationError
 
 from evomerge.demo import DEMO_SPEC
 from evomerge.errors import SpecError
-from evomerge.search import RunFolder, Search, check_spec, counted, prepare_run
+from evomerge.search import check_spec
 from evomerge.spec import SearchSpec
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -38,17 +39,6 @@ def test_shrunk_spec_runs(name, tmp_path):
     assert -1 <= summary["margin_vs_uniform_average"]["mean"] <= 1
 
 
-def search_and_finalize(spec: SearchSpec, folder, budget: int) -> dict:
-    """A new run of ``spec`` in ``folder`` through exactly ``budget`` counted trials and the hold-out check; the
-    summary, whose winner is one of the trials."""
-    run = RunFolder(folder)
-    prepare_run(spec, run, budget, force=False)
-    search = Search(spec, run)
-    search.run_budget(budget)
-    assert sum(counted(t) for t in search.study.get_trials()) == budget
-    summary = search.finalize()
-    assert summary["winner_trial"] in {t.number for t in search.study.get_trials()}
-    return summary
 
 
 BASE_SPEC = {

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 import yaml
-from test_search import CLI_ENV, SPEC, sigkill_at
+from helpers import CLI_ENV, SPEC, sigkill_at
 
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate

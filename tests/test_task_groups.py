@@ -7,7 +7,7 @@ from collections import Counter
 import pytest
 import torch
 import yaml
-from test_run_cli import search_refused
+from helpers import search_refused
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.cli import main

@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 import yaml
-from test_run_cli import search_refused
+from helpers import search_refused
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.demo import TASKS_DIR, model_path

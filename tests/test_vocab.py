@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from helpers import checksums, weights
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import (
     AutoModelForCausalLM,
@@ -25,8 +26,6 @@ from evomerge.cli import main
 from evomerge.errors import SpecError
 from evomerge.merge import LiveMerger, merge_to_folder
 from evomerge.spec import Recipe
-from tests.test_merge import weights
-from tests.test_merge_errors import checksums
 
 WORDS = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(17))]  # 20 tokens
 CHAT = ["<|im_start|>", "<|im_end|>"]
@@ -257,7 +256,7 @@ def chat_zoo(tmp_path_factory):
 
 
 def chat_spec(chat_zoo, **changes) -> dict:
-    from test_run_cli import SMALL
+    from helpers import SMALL
 
     return {**SMALL, "models": [str(chat_zoo), "demo:reverse"], "tokenizer_source": "union", **changes}
 
@@ -295,7 +294,7 @@ def test_search_over_differing_vocabularies(chat_zoo, tmp_path):
     ({"tokenizer_source": "model:demo:base"}, "name the model itself"),
 ])
 def test_search_with_differing_vocabularies_checked_up_front(chat_zoo, tmp_path, capsys, changes, expected):
-    from test_run_cli import search_refused
+    from helpers import search_refused
 
     search_refused({k: v for k, v in chat_spec(chat_zoo, **changes).items() if v is not None}, tmp_path, capsys,
                    expected)
@@ -306,7 +305,7 @@ def test_union_search_with_a_baseless_method_checked_up_front(zoo, tmp_path, cap
     otherwise than the base-first union of the searched models (d renames a base token: the base-first union
     puts d's z16 before a's appended tokens, a's own tokenizer after them), the search stops before compute;
     where both agree (a appends, c keeps the base's vocabulary) the check passes."""
-    from test_run_cli import SMALL, search_refused
+    from helpers import SMALL, search_refused
 
     from evomerge.search import check_spec
     from evomerge.spec import SearchSpec
