@@ -27,6 +27,7 @@ from typing import BinaryIO
 import torch
 
 from evomerge.errors import SpecError
+from evomerge.refs import ADAPTER_CONFIG, lexists, resolve_model_path
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
@@ -49,12 +50,6 @@ def os_reason(err: OSError) -> str:
     words = {errno.ELOOP: "a symlink loop", errno.ENAMETOOLONG: "a name too long for the file system",
              errno.EACCES: "permission denied", errno.EPERM: "permission denied", errno.ENOENT: "not found"}
     return words.get(err.errno, err.strerror or str(err))
-
-
-def lexists(path: str | Path) -> bool:
-    """Whether a path names something here, a broken or looping link included (so that a local path always wins
-    over a Hub id, and its fault is reported as its own); False for a name the file system cannot hold."""
-    return os.path.lexists(os.path.expanduser(path))
 
 
 def regular_file(path: Path) -> Path:
@@ -83,50 +78,6 @@ def folder_names(path: Path, ref: str | Path) -> list[str]:
         raise SpecError(f"model folder not found: {ref}") from None
     except OSError as err:
         raise SpecError(f"model folder {ref}: cannot read it ({os_reason(err)})") from None
-
-
-def resolve_model_path(ref: str) -> Path:
-    """A model reference as a folder: ``demo:NAME`` for the built-in zoo, an existing path, or a Hugging
-    Face Hub id ``org/name[@revision]`` (its snapshot in the local HF cache, see :mod:`evomerge.hub`).
-
-    An existing local path always wins over the Hub, so a folder that happens to be named like a Hub id
-    is never shadowed. Any other reference is returned as a path, and open_checkpoint reports it missing.
-    For mergekit's ``BASE+ADAPTER`` form (a LoRA adapter, see :mod:`evomerge.lora`) it is the base's folder,
-    the one that holds the config and tokenizer (``lora.model_folders`` gives the adapter's too).
-    """
-    from evomerge.lora import split_adapter_ref
-
-    parts = split_adapter_ref(ref)
-    if parts is not None:
-        return resolve_model_path(parts[0])
-    if ref.startswith("demo:"):
-        from evomerge.demo import model_path
-
-        try:
-            return model_path(ref.removeprefix("demo:"))
-        except KeyError as err:
-            raise SpecError(str(err.args[0])) from None
-    hub_id = hub_id_of(ref)
-    if hub_id is None:
-        return Path(ref).expanduser()
-    from evomerge.hub import resolve_hub_model  # huggingface_hub loads in a quarter second: only when needed
-
-    return resolve_hub_model(*hub_id)
-
-
-def hub_id_of(ref: str) -> tuple[str, str | None] | None:
-    """``(repo_id, revision)`` when ``ref`` names a Hub model rather than a demo model or an existing path;
-    for ``BASE+ADAPTER``, the base's (the model whose weights and config the merge starts from)."""
-    from evomerge.lora import split_adapter_ref
-
-    parts = split_adapter_ref(ref)
-    if parts is not None:
-        return hub_id_of(parts[0])
-    if ref.startswith("demo:") or lexists(ref):
-        return None
-    from evomerge.hub import parse_hub_id
-
-    return parse_hub_id(ref)
 
 
 def layer_count_field(config: dict) -> tuple[dict, str]:
@@ -287,7 +238,7 @@ def _fill(f: BinaryIO, tensor: torch.Tensor, name: str) -> None:
         done += got
 
 
-def _read_json_object(file: Path) -> dict:
+def read_json_object(file: Path) -> dict:
     regular_file(file)
     try:
         data = json.loads(file.read_text())
@@ -300,22 +251,16 @@ def _read_json_object(file: Path) -> dict:
 
 def _index_files(index: Path) -> dict[str, str]:
     """The weight map of a sharded checkpoint: tensor name -> shard file name in the same folder."""
-    weight_map = _read_json_object(index).get("weight_map")
+    weight_map = read_json_object(index).get("weight_map")
     if not isinstance(weight_map, dict) or not all(
             isinstance(k, str) and isinstance(v, str) and v == Path(v).name for k, v in weight_map.items()):
         raise SpecError(f"{index}: weight_map must map tensor names to shard file names")
     return weight_map
 
 
-def open_checkpoint(ref: str) -> Checkpoint:
-    """Open a Hugging Face model folder; SpecError if it is missing, has no config or weights, or is corrupt.
-    ``BASE+ADAPTER`` opens the base with the LoRA adapter merged into its tensors as they are read
-    (:func:`evomerge.lora.open_adapted`, which checks the adapter against the base first)."""
-    from evomerge.lora import ADAPTER_CONFIG, open_adapted, split_adapter_ref
-
-    parts = split_adapter_ref(ref)
-    if parts is not None:
-        return open_adapted(open_checkpoint(parts[0]), parts[1], ref)
+def open_folder(ref: str) -> Checkpoint:
+    """Open a Hugging Face model folder (a reference without an adapter); SpecError if it is missing, has no config
+    or weights, or is corrupt. :func:`evomerge.models.open_checkpoint` opens any reference."""
     path = resolve_model_path(ref)
     names = folder_names(path, ref)
     config_file = path / "config.json"
@@ -323,7 +268,7 @@ def open_checkpoint(ref: str) -> Checkpoint:
         hint = (f" (it holds a LoRA adapter: name it with its base model, as BASE+{ref})"
                 if ADAPTER_CONFIG in names else "")
         raise SpecError(f"no config.json in {path}{hint}")
-    config = _read_json_object(config_file)
+    config = read_json_object(config_file)
     index = path / INDEX_FILE
     if INDEX_FILE in names:
         weight_map = _index_files(index)
@@ -342,6 +287,7 @@ def open_checkpoint(ref: str) -> Checkpoint:
         tensors = _unindexed_tensors(path, names)
     check_block_count(config_file, config, tensors)
     return Checkpoint(path=path, config=config, tensors=tensors)
+
 
 
 def _unindexed_tensors(path: Path, names: list[str]) -> dict[str, TensorInfo]:
@@ -379,54 +325,6 @@ def check_block_count(config_file: Path, config: dict, tensors: dict[str, Tensor
         blocks = f"{len(held)} blocks" + (f" (0-{max(held)})" if held == set(range(len(held))) else
                                          f" ({', '.join(map(str, sorted(held)))})")
         raise SpecError(f"{config_file}: {key} is {count} but its tensors hold {blocks} under {prefix}")
-
-
-def check_loadable(ref: str, ckpt: Checkpoint) -> None:
-    """What a search's worker loads with transformers (``AutoModelForCausalLM``, ``AutoTokenizer``) of its base:
-    a config it can build as a causal language model and a tokenizer; checked before any compute, else the worker
-    fails with a traceback once the run folder is written."""
-    from transformers import AutoConfig
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
-
-    from evomerge.vocab import load_tokenizer
-
-    try:
-        config = AutoConfig.from_pretrained(ckpt.path)
-    except Exception as err:  # noqa: BLE001 — transformers raises many kinds for a config it cannot build
-        reason = (str(err).strip().splitlines() or [""])[0]
-        raise SpecError(f"{ckpt.path / 'config.json'}: transformers cannot build this config "
-                        f"({type(err).__name__}: {reason})") from None
-    if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
-        raise SpecError(f"{ckpt.path / 'config.json'}: model_type {config.model_type!r} is not a causal language "
-                        f"model transformers can load")
-    load_tokenizer(ref, "to evaluate with")
-
-
-def check_compatible(checkpoints: list[Checkpoint], *, aligned_vocab: bool = False) -> None:
-    """Same tensor names and shapes, same vocabulary size, in every model; names the first offender. With
-    ``aligned_vocab`` (a ``tokenizer_source`` lays every model out in one vocabulary, :mod:`evomerge.vocab`) the
-    vocabularies may differ, and so may the row counts of the vocabulary tensors."""
-    from evomerge.vocab import is_vocab_tensor
-
-    first = checkpoints[0]
-    for other in checkpoints[1:]:
-        if first.num_layers != other.num_layers:
-            raise SpecError(f"block counts differ: {first.path} has {first.num_layers}, {other.path} has "
-                            f"{other.num_layers}")
-        if first.vocab_size != other.vocab_size and not aligned_vocab:
-            raise SpecError(f"vocabulary sizes differ: {first.path} has {first.vocab_size}, {other.path} has "
-                            f"{other.vocab_size}; a single-method recipe or search merges them with tokenizer_source "
-                            "(base, union or a model)")
-        missing = sorted(set(first.tensors) ^ set(other.tensors))
-        if missing:
-            owner = first.path if missing[0] in first.tensors else other.path
-            raise SpecError(f"tensor {missing[0]} is in {owner} but not in the other of "
-                            f"{first.path} and {other.path}")
-        for name, info in first.tensors.items():
-            skip = 1 if aligned_vocab and is_vocab_tensor(name) else 0  # the rows, one per token
-            if info.shape[skip:] != other.tensors[name].shape[skip:]:
-                raise SpecError(f"tensor {name} has shape {list(info.shape)} in {first.path} "
-                                f"but {list(other.tensors[name].shape)} in {other.path}")
 
 
 def layer_index(name: str) -> int | None:

@@ -110,7 +110,7 @@ def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Na
                 force: bool) -> None:
     """One run folder's search, checked before compute, to its budget and the hold-out re-check. A new run
     whose start fails after all (before its search begins) is taken back: nothing is left of it."""
-    from evomerge.executors import choose_executor, make_executor
+    from evomerge.launch import choose_executor, make_executor
     from evomerge.search import Search, check_budget, check_run_folder, check_spec, check_storage, prepare_run
 
     if args.inputs_on:

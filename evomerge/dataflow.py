@@ -23,18 +23,17 @@ from evomerge.checkpoint import (
     ShardedWriter,
     atomic_folder,
     atomic_write_text,
-    check_compatible,
     check_output_folder,
     copy_side_files,
     layer_count_field,
     layer_index,
-    open_checkpoint,
     side_files,
 )
 from evomerge.errors import SpecError
-from evomerge.lora import model_folders
 from evomerge.merge import DTYPE_NAMES, merge_to_folder, output_dtype
+from evomerge.models import check_compatible, open_checkpoint
 from evomerge.placement import place_inputs
+from evomerge.refs import model_folders
 from evomerge.spec import OUTPUT_PROJECTIONS, AnyRecipe, PathRecipe, Placement
 
 # model types whose blocks add their OUTPUT_PROJECTIONS' results straight to the residual stream (checked against

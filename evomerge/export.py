@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from evomerge.checkpoint import hub_id_of
 from evomerge.dataflow import write_recipe_folder
 from evomerge.errors import SpecError
-from evomerge.lora import named_models
+from evomerge.refs import hub_id_of, named_models
 from evomerge.run import Attr, RunFolder, stored_recipe, summary_table_markdown
 from evomerge.spec import AnyRecipe, PathRecipe
 

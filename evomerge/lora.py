@@ -56,15 +56,13 @@ import torch
 from evomerge.checkpoint import (
     Checkpoint,
     TensorInfo,
-    _read_json_object,
     folder_names,
-    lexists,
     read_header,
-    resolve_model_path,
+    read_json_object,
 )
 from evomerge.errors import SpecError
+from evomerge.refs import ADAPTER_CONFIG, lexists, resolve_model_path
 
-ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."  # what PeftModel puts before the base model's module names
 
@@ -92,34 +90,6 @@ CONV1D_MODEL_TYPES = {"gpt2", "openai-gpt", "imagegpt", "decision_transformer"}
 LORA_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_B\.bias|lora_embedding_A|"
                       r"lora_embedding_B)$")
 LORA_SEGMENT = re.compile(r"(?:^|\.)(lora_[A-Za-z0-9_]*)(?:\.|$)")
-
-
-def split_adapter_ref(ref: str) -> tuple[str, str] | None:
-    """``(base, adapter)`` for mergekit's ``BASE+ADAPTER`` form, None for a plain reference.
-
-    As mergekit's ``ModelReference`` parses it, a ``+`` separates a model from its LoRA adapter and a
-    reference holds at most one. An existing local path wins here as it does over a Hub id, so a folder whose
-    name holds a ``+`` stays a folder."""
-    if "+" not in ref or lexists(ref):
-        return None
-    parts = [p.strip() for p in ref.split("+")]
-    if len(parts) != 2 or not all(parts):
-        raise SpecError(f"model reference {ref}: expected BASE+ADAPTER (mergekit's form: one '+' between a model "
-                        f"and its LoRA adapter folder or Hub id)")
-    return parts[0], parts[1]
-
-
-def named_models(ref: str) -> list[str]:
-    """The model references inside a reference: ``[base, adapter]`` for ``BASE+ADAPTER``, else ``[ref]``."""
-    parts = split_adapter_ref(ref)
-    return [ref] if parts is None else list(parts)
-
-
-def model_folders(ref: str) -> list[Path]:
-    """Every folder a reference reads (the base's and, for ``BASE+ADAPTER``, the adapter's): the inputs an
-    output folder must stay clear of."""
-    parts = split_adapter_ref(ref)
-    return [resolve_model_path(ref)] if parts is None else [resolve_model_path(p) for p in parts]
 
 
 @dataclass(frozen=True)
@@ -194,7 +164,7 @@ def open_adapted(base: Checkpoint, adapter_ref: str, ref: str) -> AdaptedCheckpo
         hint = (": it holds a full model (config.json), not an adapter; merge it as a model of its own"
                 if "config.json" in names else ": not a PEFT adapter folder")
         raise SpecError(f"{where}: no {ADAPTER_CONFIG}{hint}")
-    config = _read_json_object(folder / ADAPTER_CONFIG)
+    config = read_json_object(folder / ADAPTER_CONFIG)
     r, alpha, ranks, alphas = _check_config(config, where)
     weights_file = folder / ADAPTER_WEIGHTS
     if ADAPTER_WEIGHTS not in names:

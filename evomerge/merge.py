@@ -20,18 +20,16 @@ from evomerge.checkpoint import (
     TensorInfo,
     atomic_folder,
     atomic_write_text,
-    check_compatible,
     check_output_folder,
     copy_side_files,
-    hub_id_of,
     layer_index,
-    open_checkpoint,
     side_files,
 )
 from evomerge.errors import SpecError
-from evomerge.lora import model_folders, named_models
-from evomerge.methods import MergeMethod
+from evomerge.models import check_compatible, open_checkpoint
 from evomerge.placement import place_inputs
+from evomerge.refs import hub_id_of, model_folders, named_models
+from evomerge.registry import MergeMethod
 from evomerge.spec import AnyRecipe, MergeRecipe, Placement, Recipe, resolve_setting
 from evomerge.vocab import VocabPlan, align_inputs, is_vocab_tensor, plan_vocab, source_model, write_vocab
 

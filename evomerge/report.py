@@ -15,9 +15,10 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from evomerge.checkpoint import atomic_write_text, layer_index, open_checkpoint
+from evomerge.checkpoint import atomic_write_text, layer_index
 from evomerge.errors import SpecError
 from evomerge.merge import resolve_params
+from evomerge.models import open_checkpoint
 from evomerge.run import (
     Attr,
     RunFolder,

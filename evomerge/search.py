@@ -25,12 +25,13 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from evomerge.checkpoint import Checkpoint, atomic_write_text, check_apart, open_checkpoint
+from evomerge.checkpoint import Checkpoint, atomic_write_text, check_apart
 from evomerge.errors import SearchError, SpecError
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate, Executor, InProcessExecutor, Outcome, Worker, has_room, run_all
 from evomerge.interrupt import CtrlC
-from evomerge.lora import model_folders
+from evomerge.models import open_checkpoint
+from evomerge.refs import model_folders
 from evomerge.run import (
     STUDY_FILE,
     STUDY_NAME,
@@ -86,9 +87,10 @@ def default_run_name(spec_path: str | None) -> str:
 
 def check_spec(spec: SearchSpec) -> None:
     """Everything about the spec that can fail before compute: model folders, their compatibility, tasks."""
-    from evomerge.checkpoint import check_compatible, check_loadable, resolve_model_path
     from evomerge.evaluate import check_tasks
     from evomerge.executors import include_paths
+    from evomerge.models import check_compatible, check_loadable
+    from evomerge.refs import resolve_model_path
 
     checkpoints = {ref: open_checkpoint(ref) for ref in [spec.base_model, *spec.models]}
     check_compatible(list(checkpoints.values()), aligned_vocab=spec.tokenizer_source is not None)
@@ -101,7 +103,7 @@ def check_spec(spec: SearchSpec) -> None:
         raise SpecError(f"sampler {spec.sampler or default_sampler(spec)} with seed {spec.seed}: {err}") from None
     tokenizer = spec.base_model  # the tasks' tokenizer (a union starts from the base's)
     if spec.tokenizer_source is not None:
-        from evomerge.methods import get_method
+        from evomerge.registry import get_method
         from evomerge.vocab import plan_vocab, source_model
 
         tokenizer = source_model(spec.tokenizer_source, spec.base_model) or tokenizer

@@ -15,7 +15,7 @@ from typing import Any, Protocol
 import optuna
 
 from evomerge.checkpoint import Checkpoint
-from evomerge.methods import MergeMethod, get_method
+from evomerge.registry import MergeMethod, get_method
 from evomerge.spec import (
     MAX_PATH_LENGTH,
     AnyRecipe,

@@ -28,7 +28,7 @@ from pydantic import (
 )
 
 from evomerge.errors import SpecError
-from evomerge.methods import MergeMethod, Param, get_method
+from evomerge.registry import MergeMethod, Param, get_method
 from evomerge.scores import task_shares
 from evomerge.yaml_io import read_yaml_file
 
@@ -417,8 +417,7 @@ def recipe_from_yaml(path: str | Path) -> AnyRecipe:
 def _abs_path(ref: str) -> str:
     """A reference mergekit resolves anywhere: an absolute folder, or a Hub id pinned to the cached commit;
     ``BASE+ADAPTER`` keeps its form (mergekit applies the LoRA itself, given ``--lora-merge-cache``)."""
-    from evomerge.checkpoint import hub_id_of, resolve_model_path
-    from evomerge.lora import split_adapter_ref
+    from evomerge.refs import hub_id_of, resolve_model_path, split_adapter_ref
 
     adapted = split_adapter_ref(ref)
     if adapted is not None:

@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.demo import DEMO_SPEC  # noqa: E402
-from evomerge.executors import make_executor  # noqa: E402
+from evomerge.launch import make_executor  # noqa: E402
 from evomerge.run import RunFolder  # noqa: E402
 from evomerge.search import Search, prepare_run  # noqa: E402
 from evomerge.spec import SearchSpec  # noqa: E402

@@ -17,9 +17,9 @@ import yaml
 from safetensors.torch import save_file
 from transformers import AutoModelForCausalLM, LlamaConfig
 
-from evomerge.checkpoint import open_checkpoint
 from evomerge.cli import main
 from evomerge.demo import model_path
+from evomerge.models import open_checkpoint
 from evomerge.run import STUDY_NAME, RunFolder, counted
 from evomerge.search import Search, prepare_run
 from evomerge.spec import SearchSpec

@@ -18,9 +18,10 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from evomerge.checkpoint import layer_index, open_checkpoint  # noqa: E402
+from evomerge.checkpoint import layer_index  # noqa: E402
 from evomerge.demo import model_path  # noqa: E402
 from evomerge.merge import LiveMerger, merge_to_folder  # noqa: E402
+from evomerge.models import open_checkpoint  # noqa: E402
 from evomerge.space import LayerLayout, make_slots  # noqa: E402
 from evomerge.spec import Granularity, LayerwiseRecipe, Recipe  # noqa: E402
 

@@ -62,8 +62,8 @@ def test_inputs_in_host_memory_give_the_device_placements_bits_and_hold_nothing_
     peak while merging is the live model plus one tensor's scratch and staged copies."""
     from transformers import AutoModelForCausalLM
 
-    from evomerge.checkpoint import resolve_model_path
     from evomerge.merge import LiveMerger
+    from evomerge.refs import resolve_model_path
 
     recipe = Recipe(merge_method="ties", base_model="demo:base", dtype="float32", seed=1,
                     models=[{"model": "demo:add", "parameters": {"weight": 0.7, "density": 0.4}},

@@ -18,11 +18,13 @@ from helpers import _family, weights
 from transformers import AutoModelForCausalLM, Gemma2Config, Gemma2ForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from evomerge import dataflow
-from evomerge.checkpoint import Checkpoint, TensorInfo, open_checkpoint, resolve_model_path
+from evomerge.checkpoint import Checkpoint, TensorInfo
 from evomerge.cli import main
 from evomerge.dataflow import LivePath, check_scalable, path_to_folder, scaled_block_tensor
 from evomerge.errors import SpecError
 from evomerge.merge import DTYPES, LiveMerger
+from evomerge.models import open_checkpoint
+from evomerge.refs import resolve_model_path
 from evomerge.run import STUDY_NAME, RunFolder, sqlite_url
 from evomerge.spec import PathRecipe, Recipe
 

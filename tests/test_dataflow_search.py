@@ -13,10 +13,10 @@ from helpers import CLI_ENV, sigkill_at
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.checkpoint import open_checkpoint
 from evomerge.cli import main
 from evomerge.demo import TASKS_DIR
 from evomerge.evaluate import Evaluator
+from evomerge.models import open_checkpoint
 from evomerge.run import Attr, RunFolder, counted, structured_attr
 from evomerge.space import LayerLayout, PathSpace, make_space
 from evomerge.spec import PathRecipe, SearchSpec, TaskSpec

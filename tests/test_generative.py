@@ -9,10 +9,10 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from evomerge.checkpoint import resolve_model_path
 from evomerge.cli import main
 from evomerge.demo import TASKS_DIR
 from evomerge.evaluate import Evaluator
+from evomerge.refs import resolve_model_path
 from evomerge.run import RunFolder
 from evomerge.spec import TaskSpec
 

@@ -27,9 +27,10 @@ from helpers import snapshot
 from safetensors.torch import load_file, save_file
 
 from evomerge import checkpoint
-from evomerge.checkpoint import Checkpoint, TensorInfo, check_compatible, check_loadable, open_checkpoint
+from evomerge.checkpoint import Checkpoint, TensorInfo
 from evomerge.cli import main
 from evomerge.errors import SpecError
+from evomerge.models import check_compatible, check_loadable, open_checkpoint
 
 # a root-owned file that root cannot read either (write-only sysctl): what an unreadable file is for root
 UNREADABLE = Path("/proc/sys/vm/compact_memory")

@@ -114,7 +114,7 @@ def test_force_sets_the_old_search_aside(shared, tmp_path):
 
 
 def _base():
-    from evomerge.checkpoint import open_checkpoint
+    from evomerge.models import open_checkpoint
 
     return open_checkpoint("demo:base")
 
@@ -337,7 +337,7 @@ LATE_FAILURES = {
 @pytest.mark.parametrize("where", list(LATE_FAILURES))
 @pytest.mark.parametrize("folder", ["new/nested/run", "existing-empty"])
 def test_start_failing_late_leaves_nothing(where, folder, tmp_path, capsys, monkeypatch):
-    import evomerge.executors
+    import evomerge.launch
     import evomerge.search
     from evomerge.errors import SpecError
 
@@ -349,7 +349,7 @@ def test_start_failing_late_leaves_nothing(where, folder, tmp_path, capsys, monk
             RunFolder(tmp_path / folder).spec.write_text("half")
         raise SpecError(f"{where} failed late")
 
-    monkeypatch.setattr(evomerge.executors, "make_executor",
+    monkeypatch.setattr(evomerge.launch, "make_executor",
                         fail if where == "the workers" else lambda *a, **k: _NoWorkers())
     if where != "the workers":
         monkeypatch.setattr(evomerge.search, LATE_FAILURES[where], fail)

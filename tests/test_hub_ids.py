@@ -16,11 +16,12 @@ from helpers import SMALL, cache_model, commit_of, tree_digest
 from huggingface_hub import constants, scan_cache_dir
 from safetensors.torch import load_file
 
-from evomerge.checkpoint import open_checkpoint, resolve_model_path
 from evomerge.cli import main
 from evomerge.demo import TASKS_DIR, model_path
 from evomerge.errors import SpecError
 from evomerge.hub import parse_hub_id
+from evomerge.models import open_checkpoint
+from evomerge.refs import resolve_model_path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")

@@ -14,11 +14,11 @@ import torch
 import yaml
 from transformers import AutoModelForCausalLM
 
-from evomerge.checkpoint import open_checkpoint
 from evomerge.cli import main
 from evomerge.errors import SpecError
 from evomerge.merge import LiveMerger, merge_to_folder, resolve_params
-from evomerge.methods import get_method
+from evomerge.models import open_checkpoint
+from evomerge.registry import get_method
 from evomerge.report import layer_methods
 from evomerge.run import STUDY_NAME, Attr, RunFolder, counted, structured_attr
 from evomerge.space import LayerLayout, SearchSpace

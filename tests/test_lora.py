@@ -17,11 +17,12 @@ import yaml  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
-from evomerge.checkpoint import hub_id_of, open_checkpoint, resolve_model_path  # noqa: E402
 from evomerge.cli import main  # noqa: E402
 from evomerge.errors import SpecError  # noqa: E402
-from evomerge.lora import AdaptedCheckpoint, model_folders, split_adapter_ref  # noqa: E402
+from evomerge.lora import AdaptedCheckpoint  # noqa: E402
 from evomerge.merge import LiveMerger, merge_to_folder  # noqa: E402
+from evomerge.models import open_checkpoint  # noqa: E402
+from evomerge.refs import hub_id_of, model_folders, resolve_model_path, split_adapter_ref  # noqa: E402  # noqa: E402
 from evomerge.spec import Recipe  # noqa: E402
 
 peft = pytest.importorskip("peft")

@@ -11,12 +11,12 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from evomerge import placement
-from evomerge.checkpoint import open_checkpoint
 from evomerge.cli import main
 from evomerge.errors import SpecError
 from evomerge.merge import LiveMerger, merge_to_folder
-from evomerge.methods import METHODS
+from evomerge.models import open_checkpoint
 from evomerge.placement import DeviceInputs, HostInputs, Stager, place_inputs
+from evomerge.registry import METHODS
 from evomerge.spec import LayerwiseRecipe, Recipe
 
 

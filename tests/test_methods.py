@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from evomerge.errors import SpecError
+from evomerge.kernels import magnitude_mask, outlier_mask, top_k_mask
 from evomerge.merge import TensorParams, merge_tensor
-from evomerge.methods import METHODS, get_method, magnitude_mask, outlier_mask, top_k_mask
+from evomerge.registry import METHODS, get_method
 
 
 def run(method: str, base, inputs, shared=None, per_model=None, seed=0):
@@ -145,7 +146,7 @@ def test_descending_order_is_torchs_argsort_among_ties():
     """The faster sort behind the TIES trim (int32 bits of non-negative floats, sorted in place) gives the
     very permutation ``torch.argsort(w.float(), descending=True)`` gives, ties included, at sizes on both
     sides of the sort's strategy changes; NaN and negative inputs take the plain float sort."""
-    from evomerge.methods import _descending_order
+    from evomerge.kernels import _descending_order
 
     gen = torch.Generator().manual_seed(3)
     for n in (1, 7, 16, 255, 257, 1025, 65_537, 400_000):
@@ -170,14 +171,14 @@ def test_compiled_top_k_is_built_where_a_compiler_is():
     import sysconfig
     from pathlib import Path
 
-    import evomerge.methods as methods
+    import evomerge.kernels as kernels
 
     if not (shutil.which("cc") or shutil.which("gcc")):
         pytest.skip("no C compiler: the trim sorts instead")
     if not (Path(sysconfig.get_paths()["include"]) / "Python.h").exists():
         pytest.skip("no Python headers: the trim sorts instead")
-    assert methods._topk is not None, "evomerge/_topk.c was not built: pip install -e . (a C compiler is here)"
-    assert methods._compiled_top_k_ok()
+    assert kernels._topk is not None, "evomerge/_topk.c was not built: pip install -e . (a C compiler is here)"
+    assert kernels._compiled_top_k_ok()
 
 
 @pytest.mark.parametrize("compiled", [True, False])
@@ -186,11 +187,11 @@ def test_top_k_mask_keeps_argsorts_entries(compiled, monkeypatch):
     of ``argsort`` on every tie pattern: none, bf16 and fp16 task vectors, a few distinct values, all equal,
     at sizes around the sort's small-range threshold (16) and large, k from 1 to n-1; fp16, fp64 and strided
     inputs, -0.0 and inf; a NaN makes the compiled path give way to the sort."""
-    import evomerge.methods as methods
+    import evomerge.kernels as kernels
 
-    if compiled and not methods._compiled_top_k_ok():
+    if compiled and not kernels._compiled_top_k_ok():
         pytest.skip("the compiled top-k is not built here")
-    monkeypatch.setattr(methods, "_COMPILED_OK", compiled)
+    monkeypatch.setattr(kernels, "_COMPILED_OK", compiled)
     gen = torch.Generator().manual_seed(7)
     for n in (2, 3, 16, 17, 18, 33, 100, 4097, 65_537, 300_001):
         base = torch.randn(n, generator=gen)
@@ -217,7 +218,7 @@ def test_top_k_mask_keeps_argsorts_entries(compiled, monkeypatch):
 
 def test_parallel_trims_equal_sequential_ones():
     """TIES on a tensor large enough for the trims to run two at a time gives the sequential result."""
-    import evomerge.methods as methods
+    import evomerge.kernels as kernels
 
     gen = torch.Generator().manual_seed(4)
     base = torch.randn(300, 400, generator=gen).to(torch.bfloat16).float()
@@ -226,11 +227,11 @@ def test_parallel_trims_equal_sequential_ones():
     kwargs = dict(weight=[1.0, 0.5, 0.7], density=[0.3, 0.5, 0.9], normalize=True, rescale=False, lambda_=1.0)
     fn = get_method("ties").fn
     parallel = fn(base, [d.clone() for d in deltas], **kwargs)
-    limit, methods._PARALLEL_MIN_NUMEL = methods._PARALLEL_MIN_NUMEL, 10**12
+    limit, kernels._PARALLEL_MIN_NUMEL = kernels._PARALLEL_MIN_NUMEL, 10**12
     try:
         sequential = fn(base, [d.clone() for d in deltas], **kwargs)
     finally:
-        methods._PARALLEL_MIN_NUMEL = limit
+        kernels._PARALLEL_MIN_NUMEL = limit
     assert torch.equal(parallel, sequential)
     mergekit = pytest.importorskip("mergekit.sparsify")
     for d, density in zip(deltas, kwargs["density"], strict=True):

@@ -3,9 +3,9 @@
 import optuna
 import pytest
 
-from evomerge.checkpoint import open_checkpoint
 from evomerge.merge import resolve_params
-from evomerge.methods import get_method
+from evomerge.models import open_checkpoint
+from evomerge.registry import get_method
 from evomerge.space import LayerLayout, SearchSpace, make_slots
 from evomerge.spec import Granularity, SearchSpec
 

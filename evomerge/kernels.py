@@ -1,4 +1,5 @@
-"""Merge methods as pure tensor functions, and the one registry that lists them.
+"""Merge methods as pure tensor functions, one per name in :mod:`evomerge.registry` (which declares their
+parameters and loads this module on first use).
 
 Semantics follow mergekit's, so a recipe means the same in both tools. Every function works on one
 tensor name at a time. A method that works on task vectors (``uses_deltas``) receives ``d_i = x_i - base``
@@ -8,15 +9,12 @@ and returns raw weights. All arithmetic is float32 (float64 if the inputs are).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Literal
 
 import torch
 
-from evomerge.errors import SpecError
+from evomerge.registry import Sparsifier
 
 try:
     from evomerge import _topk  # evomerge/_topk.c, built at install where a C compiler is
@@ -24,64 +22,6 @@ except ImportError:
     _topk = None
 
 Tensor = torch.Tensor
-BasePolicy = Literal["none", "optional", "required"]
-
-
-@dataclass(frozen=True)
-class Param:
-    """One tunable parameter: its default and the closed range it must lie in (ignored for flags)."""
-
-    default: float | bool
-    low: float = 0.0
-    high: float = 1.0
-
-    def check(self, name: str, value: float | bool, where: str) -> None:
-        """SpecError naming ``where`` unless ``value`` is a flag for a flag, else a finite number in range."""
-        if isinstance(self.default, bool):
-            if not isinstance(value, bool):
-                raise SpecError(f"{where}: {name} must be true or false, got {value!r}")
-            return
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise SpecError(f"{where}: {name} must be a number, got {value!r}")
-        if not math.isfinite(value):
-            raise SpecError(f"{where}: {name}={value} is not a finite number")
-        if not self.low <= value <= self.high:
-            raise SpecError(f"{where}: {name}={value} is outside [{self.low}, {self.high}]")
-
-
-# No natural limit, but beyond +/-10 a merge is a blow-up, not a recipe: the range says so up front.
-WEIGHT = Param(1.0, -10.0, 10.0)
-DENSITY = Param(1.0, 0.0, 1.0)
-
-
-@dataclass(frozen=True)
-class MergeMethod:
-    """A registry entry: the tensor function and the contract the recipe must meet."""
-
-    name: str
-    fn: Callable[..., Tensor]
-    base: BasePolicy
-    uses_deltas: bool
-    min_models: int = 1  # inputs other than the base
-    max_models: int | None = None
-    per_model: dict[str, Param] = field(default_factory=dict)
-    shared: dict[str, Param] = field(default_factory=dict)
-    seeded: bool = False  # draws random masks: needs a generator
-    check: Callable[[dict[str, float]], str | None] | None = None  # joint limits on one model's values
-    stacks: bool = False  # fn also takes ``stacked=``: the deltas as rows of one scratch tensor
-    elementwise: bool = False  # an output entry depends on the inputs' entries at its position alone
-
-    @property
-    def parameters(self) -> dict[str, Param]:
-        """Every parameter the method takes, shared or per model (per-model ones may also be set globally)."""
-        return {**self.shared, **self.per_model}
-
-    def check_model_count(self, n: int) -> None:
-        if n < self.min_models or (self.max_models is not None and n > self.max_models):
-            want = str(self.min_models) if self.min_models == self.max_models else (
-                f"at least {self.min_models}" if self.max_models is None
-                else f"{self.min_models} to {self.max_models}")
-            raise SpecError(f"method {self.name} needs {want} model(s) besides the base, got {n}")
 
 
 # ----------------------------------------------------------------------------- sparsification
@@ -236,9 +176,6 @@ def rank_mask(delta: Tensor, density: float, epsilon: float, generator: torch.Ge
     rank_norm = ranks / (n - 1) if n > 1 else torch.full_like(rows, 0.5)
     mask = torch.bernoulli((density - epsilon) + rank_norm * 2 * epsilon, generator=generator)
     return mask.reshape(delta.shape)
-
-
-Sparsifier = Literal["none", "magnitude", "random", "outliers", "rank"]
 
 
 def sparsify(delta: Tensor, how: Sparsifier, density: float, rescale: bool, *, gamma: float = 0.0,
@@ -401,63 +338,13 @@ def model_stock(base: Tensor, deltas: list[Tensor], *, filter_wise: bool) -> Ten
     return (t * mean).reshape(shape)
 
 
-# ----------------------------------------------------------------------------- the registry
+# ----------------------------------------------------------------------------- one function per method name
 
-_GAMMA = Param(0.01, 0.0, 1.0)
-_EPSILON = Param(0.15, 0.0, 0.5)
-_LAMBDA = Param(1.0, -10.0, 10.0)  # as WEIGHT: no natural limit, a declared sane one
-
-
-def _della_limits(values: dict[str, float]) -> str | None:
-    density, epsilon = values["density"], values["epsilon"]
-    if density < 1 and not (density - epsilon > 0 and density + epsilon < 1):
-        return f"density {density} +/- epsilon {epsilon} must stay inside (0, 1)"
-    return None
-
-
-def _task_vector_entry(name: str, sparsify: Sparsifier, consensus: bool, normalize: bool,
-                       rescale: bool) -> MergeMethod:
-    per_model = {"weight": WEIGHT, "density": DENSITY}
-    if sparsify == "outliers":
-        per_model["gamma"] = _GAMMA
-    if sparsify == "rank":
-        per_model["epsilon"] = _EPSILON
-    return MergeMethod(
-        name=name, fn=_task_vector_method(sparsify, consensus), base="required", uses_deltas=True,
-        per_model=per_model,
-        shared={"lambda": _LAMBDA, "normalize": Param(normalize), "rescale": Param(rescale)},
-        seeded=sparsify in ("random", "rank"), check=_della_limits if sparsify == "rank" else None,
-        stacks=True, elementwise=sparsify == "none",
-    )
-
-
-METHODS: dict[str, MergeMethod] = {
-    m.name: m
-    for m in (
-        MergeMethod("linear", linear, base="none", uses_deltas=False, per_model={"weight": WEIGHT},
-                    shared={"normalize": Param(True)}, elementwise=True),
-        _task_vector_entry("task_arithmetic", "none", consensus=False, normalize=False, rescale=False),
-        _task_vector_entry("ties", "magnitude", consensus=True, normalize=True, rescale=False),
-        _task_vector_entry("dare_ties", "random", consensus=True, normalize=False, rescale=True),
-        _task_vector_entry("dare_linear", "random", consensus=False, normalize=False, rescale=True),
-        _task_vector_entry("breadcrumbs", "outliers", consensus=False, normalize=False, rescale=False),
-        _task_vector_entry("breadcrumbs_ties", "outliers", consensus=True, normalize=False, rescale=False),
-        _task_vector_entry("della", "rank", consensus=True, normalize=True, rescale=True),
-        _task_vector_entry("della_linear", "rank", consensus=False, normalize=False, rescale=True),
-        MergeMethod("slerp", slerp, base="required", uses_deltas=False, min_models=1, max_models=1,
-                    shared={"t": Param(0.5, 0.0, 1.0)}),
-        MergeMethod("nuslerp", nuslerp, base="optional", uses_deltas=True, min_models=2, max_models=2,
-                    per_model={"weight": WEIGHT},
-                    shared={"nuslerp_flatten": Param(True), "nuslerp_row_wise": Param(False)}),
-        MergeMethod("model_stock", model_stock, base="required", uses_deltas=True, min_models=2,
-                    shared={"filter_wise": Param(False)}),
-    )
-}
-
-
-def get_method(name: str) -> MergeMethod:
-    """The registry entry for ``name``; a SpecError naming the known methods otherwise."""
-    try:
-        return METHODS[name]
-    except KeyError:
-        raise SpecError(f"unknown merge method {name!r}; known: {', '.join(METHODS)}") from None
+task_arithmetic = _task_vector_method("none", consensus=False)
+ties = _task_vector_method("magnitude", consensus=True)
+dare_ties = _task_vector_method("random", consensus=True)
+dare_linear = _task_vector_method("random", consensus=False)
+breadcrumbs = _task_vector_method("outliers", consensus=False)
+breadcrumbs_ties = _task_vector_method("outliers", consensus=True)
+della = _task_vector_method("rank", consensus=True)
+della_linear = _task_vector_method("rank", consensus=False)
