@@ -174,15 +174,15 @@ class _NewRun:
 
     @classmethod
     def before(cls, run: RunFolder) -> _NewRun:
-        from evomerge.checkpoint import missing_folders
+        from evomerge.files import missing_folders
         from evomerge.run import STUDY_FILE
 
         folders = tuple(missing_folders(run.root.absolute()))
-        files = tuple(p for p in (run.lock_file, run.spec, run.root / STUDY_FILE) if not p.exists())
+        files = tuple(p for p in (run.lock_file, run.spec, run.layout_file, run.root / STUDY_FILE) if not p.exists())
         return cls(folders, files)
 
     def take_back(self) -> None:
-        from evomerge.checkpoint import remove_empty_folders
+        from evomerge.files import remove_empty_folders
 
         for path in self.files:
             path.unlink(missing_ok=True)

@@ -18,18 +18,10 @@ from typing import Any
 
 import torch
 
-from evomerge.checkpoint import (
-    Checkpoint,
-    ShardedWriter,
-    atomic_folder,
-    atomic_write_text,
-    check_output_folder,
-    copy_side_files,
-    layer_count_field,
-    layer_index,
-    side_files,
-)
+from evomerge.checkpoint import Checkpoint, ShardedWriter, copy_side_files, layer_count_field, side_files
 from evomerge.errors import SpecError
+from evomerge.files import atomic_folder, atomic_write_text, check_output_folder
+from evomerge.layout import layer_index
 from evomerge.merge import DTYPE_NAMES, merge_to_folder, output_dtype
 from evomerge.models import check_compatible, open_checkpoint
 from evomerge.placement import place_inputs

@@ -14,76 +14,21 @@ from pathlib import Path
 
 import torch
 
-from evomerge.checkpoint import (
-    Checkpoint,
-    ShardedWriter,
-    TensorInfo,
-    atomic_folder,
-    atomic_write_text,
-    check_output_folder,
-    copy_side_files,
-    layer_index,
-    side_files,
-)
+from evomerge.checkpoint import Checkpoint, ShardedWriter, TensorInfo, copy_side_files, side_files
 from evomerge.errors import SpecError
+from evomerge.files import atomic_folder, atomic_write_text, check_output_folder
+from evomerge.layout import layer_index
 from evomerge.models import check_compatible, open_checkpoint
+from evomerge.params import TensorParams, check_resolved, resolve_params
 from evomerge.placement import place_inputs
 from evomerge.refs import hub_id_of, model_folders, named_models
 from evomerge.registry import MergeMethod
-from evomerge.spec import AnyRecipe, MergeRecipe, Placement, Recipe, resolve_setting
+from evomerge.spec import AnyRecipe, MergeRecipe, Placement, Recipe
 from evomerge.vocab import VocabPlan, align_inputs, is_vocab_tensor, plan_vocab, source_model, write_vocab
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-
-
-def layer_position(name: str, num_layers: int) -> float:
-    """Where a tensor sits for gradients: block i of n at i/(n-1); embeddings, norm and head at 0."""
-    index = layer_index(name)
-    if index is None or num_layers < 2:
-        return 0.0
-    return index / (num_layers - 1)
-
-
-@dataclass(frozen=True)
-class TensorParams:
-    """A method's parameters resolved for one tensor: shared values and one list entry per input."""
-
-    shared: dict[str, float | bool]
-    per_model: dict[str, list[float]]
-
-
-def resolve_params(recipe: Recipe, name: str, num_layers: int) -> TensorParams:
-    """Per-model value > global value > method default, with mergekit's gradient/filter rules."""
-    method = recipe.method
-    t = layer_position(name, num_layers)
-
-    def lookup(key: str, scopes: list[dict], default: float | bool | None) -> float | bool | None:
-        for scope in scopes:
-            if key in scope:
-                value = resolve_setting(scope[key], name, t)
-                if value is not None:
-                    return value
-        return default
-
-    shared = {k: lookup(k, [recipe.parameters], p.default) for k, p in method.shared.items()}
-    per_model = {k: [lookup(k, [m.parameters, recipe.parameters], p.default) for m in recipe.inputs]
-                 for k, p in method.per_model.items()}
-    return TensorParams(shared, per_model)
-
-
-def check_resolved(recipe: MergeRecipe, names: list[str], num_layers: int) -> None:
-    """Joint limits that only hold per resolved value (e.g. DELLA's density +/- epsilon)."""
-    for name in names:
-        part = recipe.part_for(layer_index(name))
-        if part.method.check is None:
-            continue
-        params = resolve_params(part, name, num_layers)
-        for i, entry in enumerate(part.inputs):
-            problem = part.method.check({k: v[i] for k, v in params.per_model.items()})
-            if problem:
-                raise SpecError(f"{entry.model}, tensor {name}: {problem}")
 
 
 def tensor_generator(seed: int, name: str, device: torch.device) -> torch.Generator:

@@ -3,6 +3,7 @@
 The page says how the budget was spent (full vs screened trials, failures, duplicates, time), how the
 best search score grew, the winner's validation/test table when the search was finalized, and the
 winner's method and parameters per layer (each layer's mean over its tensors, as the merge resolves them).
+It reads the run folder only (the base's block layout is recorded there): no torch, no model folder.
 """
 
 from __future__ import annotations
@@ -15,10 +16,10 @@ from pathlib import Path
 import optuna
 from optuna.trial import TrialState
 
-from evomerge.checkpoint import atomic_write_text, layer_index
 from evomerge.errors import SpecError
-from evomerge.merge import resolve_params
-from evomerge.models import open_checkpoint
+from evomerge.files import atomic_write_text
+from evomerge.layout import LayerLayout, layer_index
+from evomerge.params import resolve_params
 from evomerge.run import (
     Attr,
     RunFolder,
@@ -63,27 +64,26 @@ def layer_methods(recipe: MergeRecipe, num_layers: int) -> list[str]:
     return [recipe.part_for(layer).merge_method for layer in range(num_layers)]
 
 
-def layer_parameters(recipe: MergeRecipe) -> dict[str, dict[str, list[float | None]]]:
+def layer_parameters(recipe: MergeRecipe, layout: LayerLayout) -> dict[str, dict[str, list[float | None]]]:
     """Per-model parameters of ``recipe`` per layer: ``{param: {model: [mean over layer i's tensors]}}``,
     None for a layer whose method does not take the parameter (or does not merge that model)."""
-    ckpt = open_checkpoint(recipe.model_refs[0])
+    n = layout.num_layers
     sums: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for name in ckpt.tensors:
+    for name in layout.block_tensors:
         layer = layer_index(name)
-        if layer is None:
-            continue
         part = recipe.part_for(layer)
-        for param, values in resolve_params(part, name, ckpt.num_layers).per_model.items():
+        for param, values in resolve_params(part, name, n).per_model.items():
             for entry, value in zip(part.inputs, values, strict=True):
                 sums[param][entry.model][layer].append(float(value))
-    return {param: {model: [sum(layers[i]) / len(layers[i]) if i in layers else None for i in range(ckpt.num_layers)]
+    return {param: {model: [sum(layers[i]) / len(layers[i]) if i in layers else None for i in range(n)]
                     for model, layers in by_model.items()}
             for param, by_model in sums.items()}
 
 
 def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna.trial.FrozenTrial], examples: int,
               points: list[TrialPoint], curve: list[float | None], chosen: tuple[str, AnyRecipe] | None,
-              per_layer: dict[str, dict[str, list[float | None]]], summary: dict | None, png: Path) -> str:
+              layout: LayerLayout | None, per_layer: dict[str, dict[str, list[float | None]]], summary: dict | None,
+              png: Path) -> str:
     full = sum(p.fidelity == "full" for p in points)
     failed = sum(t.state == TrialState.FAIL for t in trials)
     duplicates = sum(Attr.DUPLICATE_OF in t.user_attrs for t in trials)
@@ -115,8 +115,11 @@ def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna
                       f"{chosen[1].outer}):", "", "| block | model | source block | scale |", "|---|---|---|---|"]
             lines += [f"| {i} | {s.model} | {s.layer} | {s.scale:.3f} |" for i, s in enumerate(chosen[1].path)]
             lines.append("")
-        methods = [] if isinstance(chosen[1], PathRecipe) else \
-            layer_methods(chosen[1], open_checkpoint(chosen[1].model_refs[0]).num_layers)
+        if layout is None and not isinstance(chosen[1], PathRecipe):
+            lines += [f"(No per-layer tables: {run.layout_file.name} is missing, as in run folders written before "
+                      "evomerge recorded the base's layout; resuming the search records it.)", ""]
+        methods = [] if isinstance(chosen[1], PathRecipe) or layout is None else \
+            layer_methods(chosen[1], layout.num_layers)
         if len(set(methods)) > 1:
             lines += ["Method per layer:", "", "| " + " | ".join(f"L{i}" for i in range(len(methods))) + " |",
                       "|" + "---|" * len(methods), "| " + " | ".join(methods) + " |", ""]
@@ -183,15 +186,17 @@ def write_report(run_dir: Path) -> Path:
         best = max(full, key=lambda p: p.score)
         recipe = stored_recipe(trials[best.number].user_attrs.get(Attr.RECIPE), f"trial {best.number}'s recipe")
         chosen = (f"best trial so far: {best.number}", recipe)
-    per_layer = layer_parameters(chosen[1]) if chosen is not None and not isinstance(chosen[1], PathRecipe) else {}
+    layout = run.read_layout()
+    per_layer = {} if chosen is None or isinstance(chosen[1], PathRecipe) or layout is None else \
+        layer_parameters(chosen[1], layout)
     png, out = run.root / "report.png", run.root / "report.md"
     if not os.access(run.root, os.W_OK | os.X_OK):  # a read-only file system
         raise SpecError(f"cannot write the report into {run.root}: not a writable folder")
     for path in (png, out):
         if path.exists() and not path.is_file():
             raise SpecError(f"{path} is in the way: not a file")
-    text = _markdown(run, spec, budget, trials, examples_scored(study), points, curve, chosen, per_layer, summary,
-                     png)  # every input read (and the trial log checked) before either file is written
+    text = _markdown(run, spec, budget, trials, examples_scored(study), points, curve, chosen, layout, per_layer,
+                     summary, png)  # every input read (and the trial log checked) before either file is written
     _plot(points, curve, chosen[0] if chosen is not None else "", per_layer, png)
     atomic_write_text(out, text)
     return out

@@ -1,8 +1,9 @@
 """The run folder and its study: what a search leaves on disk and how every command reads it.
 
 A run folder holds ``spec.yaml`` (the resolved spec, its hash, the budget and the study's storage URL),
-``trials.jsonl`` (one line per finished or failed trial), ``summary.json`` (the validated winner) and,
-by default, ``study.db`` (the Optuna study). Reading commands (status, report, export's lookup) open the
+``layout.json`` (the base's blocks: what the report needs of the model), ``trials.jsonl`` (one line per
+finished or failed trial), ``summary.json`` (the validated winner) and, by default, ``study.db`` (the Optuna
+study). Reading commands (status, report, export's lookup) open the
 study read-only and never create anything. This module imports neither torch nor the search stack.
 """
 
@@ -21,6 +22,8 @@ from optuna.trial import FrozenTrial, TrialState
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from evomerge.errors import SpecError
+from evomerge.files import atomic_write_text
+from evomerge.layout import LayerLayout
 from evomerge.yaml_io import load_yaml
 
 if TYPE_CHECKING:
@@ -152,6 +155,10 @@ class RunFolder:
         return self.root / "summary.json"
 
     @property
+    def layout_file(self) -> Path:
+        return self.root / "layout.json"
+
+    @property
     def lock_file(self) -> Path:
         return self.root / ".search.lock"
 
@@ -210,12 +217,29 @@ class RunFolder:
 
     def write_doc(self, spec_doc: dict[str, Any], digest: str, budget: int, storage: str | None,
                   study: str, max_examples: int | None = None) -> None:
-        from evomerge.checkpoint import atomic_write_text
+        from evomerge.files import atomic_write_text
 
         doc = {"spec_hash": digest, "budget": budget, "storage": storage, "study": study, "spec": spec_doc}
         if max_examples is not None:
             doc["max_examples"] = max_examples
         atomic_write_text(self.spec, yaml.safe_dump(doc, sort_keys=False))
+
+    def write_layout(self, layout: LayerLayout) -> None:
+        atomic_write_text(self.layout_file, layout.model_dump_json(indent=1) + "\n")
+
+    def read_layout(self) -> LayerLayout | None:
+        """The base's block layout as recorded when the run was prepared; None for a run folder written before
+        evomerge recorded it (resuming the search records it)."""
+        if not self.layout_file.exists():
+            return None
+        try:
+            return LayerLayout.model_validate_json(self.layout_file.read_bytes())
+        except OSError as err:
+            raise SpecError(f"{self.layout_file}: unreadable ({str(err).splitlines()[0]})") from None
+        except ValidationError as err:
+            from evomerge.spec import describe_error
+
+            raise SpecError(f"{self.layout_file}: not a layer layout ({describe_error(err)})") from None
 
     # ------------------------------------------------------------------ the study, read-only
 

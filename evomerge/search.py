@@ -25,11 +25,12 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from evomerge.checkpoint import Checkpoint, atomic_write_text, check_apart
 from evomerge.errors import SearchError, SpecError
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate, Executor, InProcessExecutor, Outcome, Worker, has_room, run_all
+from evomerge.files import atomic_write_text, check_apart
 from evomerge.interrupt import CtrlC
+from evomerge.layout import LayerLayout
 from evomerge.models import open_checkpoint
 from evomerge.refs import model_folders
 from evomerge.run import (
@@ -45,7 +46,7 @@ from evomerge.run import (
 )
 from evomerge.scores import task_shares, weighted_mean
 from evomerge.screening import Screen, race
-from evomerge.space import LayerLayout, Space, make_space
+from evomerge.space import Space, make_space
 from evomerge.spec import AnyRecipe, Recipe, SearchSpec, SpaceSpec, TaskSpec, recipe_from_yaml
 from evomerge.subsets import AnswerStrata, FirstDocuments, SearchSubset
 
@@ -96,7 +97,7 @@ def check_spec(spec: SearchSpec) -> None:
     check_compatible(list(checkpoints.values()), aligned_vocab=spec.tokenizer_source is not None)
     check_loadable(spec.base_model, checkpoints[spec.base_model])
     layout = LayerLayout.of(checkpoints[spec.base_model])
-    check_modules(spec, checkpoints[spec.base_model], layout)
+    check_modules(spec, layout)
     try:  # what a Search builds in memory before its study is opened: a failure here, not once files are written
         study_sampler(spec, make_space(spec, layout))
     except ValueError as err:
@@ -125,14 +126,14 @@ def check_spec(spec: SearchSpec) -> None:
     check_tasks(spec.evaluation.tasks, include_paths(spec), tokenizer=resolve_model_path(tokenizer))
 
 
-def check_modules(spec: SearchSpec, base: Checkpoint, layout: LayerLayout) -> None:
+def check_modules(spec: SearchSpec, layout: LayerLayout) -> None:
     """A ``layer_module`` space searches one coefficient per block and module pattern: a pattern that matches no
     tensor of the base's blocks (``layout``) would search a dimension that changes nothing."""
     if spec.space.kind != "weights" or spec.space.grain.kind != "layer_module" or not layout.num_layers:
         return
     for module in spec.space.modules:
         filters = [f"{layout.prefix}{i}.{module}" for i in range(layout.num_layers)]
-        if not any(f in name for name in base.tensors for f in filters):
+        if not any(f in name for name in layout.block_tensors for f in filters):
             raise SpecError(f"space.modules: {module!r} matches no tensor of {spec.base_model}'s blocks "
                             f"(no name contains {filters[0]!r}); name a module the blocks have")
 
@@ -253,14 +254,17 @@ def prepare_run(spec: SearchSpec, run: RunFolder, budget: int, force: bool, stor
                 max_examples: int | None = None) -> None:
     """Create the run folder (or take over one made by the same spec; with ``force``, set aside the search it
     holds) and record spec, budget (and example budget), storage and study name (a fresh one in a
-    ``--storage`` database, so that runs sharing it never share a study)."""
+    ``--storage`` database, so that runs sharing it never share a study) and the base's block layout (what
+    ``evomerge report`` reads instead of the model)."""
     storage = check_run_folder(spec, run, force, storage)
     if force and run.spec.exists():
         set_aside(run)
     study = run.study_name() if run.spec.exists() else \
         (f"{run.root.name}-{uuid.uuid4().hex[:8]}" if storage else STUDY_NAME)
+    layout = LayerLayout.of(open_checkpoint(spec.base_model))
     run.root.mkdir(parents=True, exist_ok=True)
     run.write_doc(spec.model_dump(mode="json"), spec_hash(spec), budget, storage, study, max_examples)
+    run.write_layout(layout)
 
 
 STAGE_WINNER = "ps-winner"  # the first stage's winner, exported into the run folder for the then stage

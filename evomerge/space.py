@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import optuna
 
-from evomerge.checkpoint import Checkpoint
+from evomerge.layout import LayerLayout
 from evomerge.registry import MergeMethod, get_method
 from evomerge.spec import (
     MAX_PATH_LENGTH,
@@ -29,19 +29,6 @@ from evomerge.spec import (
     SearchSpec,
     Setting,
 )
-
-
-@dataclass(frozen=True)
-class LayerLayout:
-    """How block tensors are named: ``prefix`` + index + ``.`` (e.g. ``model.layers.3.``)."""
-
-    prefix: str
-    num_layers: int
-
-    @classmethod
-    def of(cls, ckpt: Checkpoint) -> LayerLayout:
-        prefix = ckpt.layer_prefix
-        return cls(prefix, ckpt.num_layers if prefix else 0)
 
 
 @dataclass(frozen=True)

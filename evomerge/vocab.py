@@ -26,8 +26,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from evomerge.checkpoint import Checkpoint, folder_names, regular_file
+from evomerge.checkpoint import Checkpoint, folder_names
 from evomerge.errors import SpecError
+from evomerge.files import regular_file
 from evomerge.refs import resolve_model_path
 
 if TYPE_CHECKING:

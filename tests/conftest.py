@@ -8,7 +8,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from helpers import _family
+from helpers import Mergekit, _family
 from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM  # noqa: E402
 
 # The skips that say a test cannot apply to this machine (no CUDA device). Any other skip (a test dependency or
@@ -57,6 +57,14 @@ def _small_merge_slices(request, monkeypatch):
         monkeypatch.setattr(evomerge.merge, "SLICE", 97)
 
 
+
+
+@pytest.fixture(scope="session")
+def mergekit():
+    """mergekit's own commands, served by one interpreter for the session (see helpers.Mergekit)."""
+    server = Mergekit()
+    yield server
+    server.close()
 
 
 @pytest.fixture(scope="session")

@@ -18,11 +18,11 @@ import torch  # noqa: E402
 import transformers  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
-from evomerge.checkpoint import layer_index  # noqa: E402
 from evomerge.demo import model_path  # noqa: E402
+from evomerge.layout import LayerLayout, layer_index
 from evomerge.merge import LiveMerger, merge_to_folder  # noqa: E402
 from evomerge.models import open_checkpoint  # noqa: E402
-from evomerge.space import LayerLayout, make_slots  # noqa: E402
+from evomerge.space import make_slots
 from evomerge.spec import Granularity, LayerwiseRecipe, Recipe  # noqa: E402
 
 VOCAB = 46  # the demo tokenizer's
@@ -202,7 +202,8 @@ def test_layer_layout(arch, zoos):
     ckpt = open_checkpoint(str(zoos[arch]["base"]))
     n = ARCHS[arch][1]["num_hidden_layers"]
     layout = LayerLayout.of(ckpt)
-    assert layout == LayerLayout("model.layers.", n)
+    assert (layout.prefix, layout.num_layers) == ("model.layers.", n)
+    assert layout.block_tensors == tuple(name for name in ckpt.tensors if name.startswith("model.layers."))
     blocks = {layer_index(name) for name in ckpt.tensors}
     assert blocks == {*range(n), None}
     outer = sorted(name for name in ckpt.tensors if layer_index(name) is None)

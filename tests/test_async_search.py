@@ -78,6 +78,7 @@ def no_screen_spec(**changes) -> SearchSpec:
     return SearchSpec.model_validate({**SPEC, "evaluation": evaluation, **changes})
 
 
+@pytest.mark.slow
 def test_out_of_order_results_count_exactly_the_budget(tmp_path):
     spec = no_screen_spec()
     run = RunFolder(tmp_path / "run")
@@ -98,6 +99,7 @@ def test_out_of_order_results_count_exactly_the_budget(tmp_path):
     assert not [t for t in trials if t.state == TrialState.RUNNING]
 
 
+@pytest.mark.slow
 def test_screening_reference_follows_results_in_any_order(tmp_path):
     spec = SearchSpec.model_validate(SPEC)  # 15 screening examples of 40 per task
     run = RunFolder(tmp_path / "run")
@@ -169,6 +171,7 @@ def worker():
     return Worker(SearchSpec.model_validate(SPEC))
 
 
+@pytest.mark.slow
 def test_worker_returns_failures_instead_of_raising(worker, monkeypatch):
     good = Recipe(merge_method="linear", models=[{"model": "demo:add"}, {"model": "demo:reverse"}])
     ids = {"demo_add": [0, 1, 2], "demo_reverse": [0, 1]}

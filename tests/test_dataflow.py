@@ -5,7 +5,6 @@ write, bad path recipes are one line before anything is written, and a trial's p
 import gc
 import json
 import shutil
-import subprocess
 import weakref
 from pathlib import Path
 
@@ -302,13 +301,12 @@ def test_live_path_refuses_models_outside_the_pool_and_missing_blocks(llama_zoo)
 
 @pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit is not installed")
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])
-def test_mergekit_reproduces_the_export(arch, llama_zoo, gpt2_zoo, tmp_path):
+def test_mergekit_reproduces_the_export(arch, llama_zoo, gpt2_zoo, tmp_path, mergekit):
     zoo = {"llama": llama_zoo, "gpt2": gpt2_zoo}[arch]
     a, b, base = str(zoo["a"]), str(zoo["b"]), str(zoo["base"])
     recipe = PathRecipe(path=steps((a, 1, 0.5), (b, 0, 1.0), (a, 1, 1.0), (b, 1, 1.75), (a, 0, 1.0)), outer=base)
     ours = path_to_folder(recipe, tmp_path / "ours")
-    done = subprocess.run(["mergekit-yaml", str(ours / "mergekit_config.yml"), str(tmp_path / "theirs")],
-                          capture_output=True, text=True)
+    done = mergekit.run("mergekit-yaml", ours / "mergekit_config.yml", tmp_path / "theirs")
     assert done.returncode == 0, done.stderr[-2000:]
     mine, theirs = weights(ours), weights(tmp_path / "theirs")
     assert set(mine) == set(theirs)

@@ -16,9 +16,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evomerge.cli import main
 from evomerge.demo import TASKS_DIR
 from evomerge.evaluate import Evaluator
+from evomerge.layout import LayerLayout
 from evomerge.models import open_checkpoint
 from evomerge.run import Attr, RunFolder, counted, structured_attr
-from evomerge.space import LayerLayout, PathSpace, make_space
+from evomerge.space import PathSpace, make_space
 from evomerge.spec import PathRecipe, SearchSpec, TaskSpec
 
 SPEC = {
@@ -30,7 +31,7 @@ SPEC = {
     "sampler": "tpe",
     "seed": 1,
 }
-LAYOUT = LayerLayout("model.layers.", 4)
+LAYOUT = LayerLayout(prefix="model.layers.", num_layers=4)
 
 
 def spec_with(**space) -> SearchSpec:
@@ -91,6 +92,7 @@ def test_bad_dataflow_spec_fails_before_compute(case, tmp_path, capsys):
     assert not run.exists()
 
 
+@pytest.mark.slow
 def test_dataflow_search_exports_and_reports_the_path_it_scored(tmp_path, capsys):
     spec = tmp_path / "dfs.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
@@ -118,6 +120,7 @@ def test_dataflow_search_exports_and_reports_the_path_it_scored(tmp_path, capsys
     assert [r.split(" | ")[1:3] for r in rows] == [[s.model, str(s.layer)] for s in recipe.path]
 
 
+@pytest.mark.slow
 def test_dataflow_resume_after_sigkill_at_events(tmp_path):
     spec = tmp_path / "dfs.yaml"
     spec.write_text(yaml.safe_dump(SPEC))
@@ -143,6 +146,7 @@ CHAIN = {**SPEC, "space": {"methods": ["linear"], "granularity": "global"}, "sam
          "then": {"space": SPEC["space"], "sampler": "tpe"}}
 
 
+@pytest.mark.slow
 def test_ps_then_dfs_in_one_command_and_resumed_in_its_second_stage(tmp_path, capsys):
     """The first stage's winner is exported into the run folder and joins the second stage's pool; a SIGKILL
     in the second stage is resumed from the top folder without running the first stage again."""
@@ -195,7 +199,7 @@ def test_paths_stop_at_the_longest_a_recipe_takes_and_the_default_sampler_suits_
     from evomerge.spec import MAX_PATH_LENGTH
 
     spec = spec_with(repeats=1, max_length=None, scale=None)
-    space = PathSpace(spec, LayerLayout("model.layers.", 600))
+    space = PathSpace(spec, LayerLayout(prefix="model.layers.", num_layers=600))
     every = {f"use[{label}]": 1 for label in space.labels}
     assert len(space.steps) == 1200 and len(space.sample(optuna.trial.FixedTrial(every)).path) == MAX_PATH_LENGTH
     assert default_sampler(spec.model_copy(update={"sampler": None})) == "tpe"  # 0/1 decisions alone

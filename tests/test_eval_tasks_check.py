@@ -36,6 +36,7 @@ def test_good_tasks_pass(task_dir):
                 [task_dir])
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("task", "message"), [
     ({"name": "no_such_task"}, "task 'no_such_task' not found (is its folder in include_paths?)"),
     ({"name": "demo_add", "metric": "f1"}, "task demo_add has no metric 'f1'; it has: acc"),
@@ -120,6 +121,7 @@ def test_filtered_task_needs_its_filter_named(filtered_dir, metric, message):
     assert str(error.value) == message
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("filter_name", ["whole", "clipped"])
 def test_filtered_metric_equals_lm_eval(filtered_dir, filter_name):
     """``metric,filter`` scores each example as plain lm-eval does under that filter."""

@@ -39,6 +39,7 @@ def rows(skill, split):
     return [json.loads(line) for line in (TASKS_DIR / "data" / f"{skill}_{split}.jsonl").open()]
 
 
+@pytest.mark.slow
 def test_scores_equal_greedy_decoding(live):
     model, tok, ev = live
     ids = {task_name(s): list(range(5, 5 + N)) for s in SKILLS}
@@ -92,6 +93,7 @@ def test_in_place_weight_change_is_seen(live):
     assert ev.evaluate("validation", ids).scores == before
 
 
+@pytest.mark.slow
 def test_bad_task_and_split():
     with pytest.raises(SpecError, match="not NAME or NAME"):
         parse_split("test[a:b]")

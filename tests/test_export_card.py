@@ -7,6 +7,7 @@ written in every form a recipe takes."""
 import re
 from types import SimpleNamespace
 
+import pytest
 import yaml
 from huggingface_hub import ModelCard
 
@@ -44,6 +45,7 @@ def check_card(path, hub_models: list[str] | None) -> str:
     return body
 
 
+@pytest.mark.slow
 def test_exported_card_has_hub_metadata(tmp_path):
     spec_file = tmp_path / "spec.yaml"
     spec_file.write_text(yaml.safe_dump(SINGLE))

@@ -25,6 +25,7 @@ def evaluator(name: str, tasks: list[TaskSpec], batch_size: int = 64) -> Evaluat
     return Evaluator(model, AutoTokenizer.from_pretrained(path), tasks, [TASKS_DIR], batch_size=batch_size)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["base", "add", "reverse"])
 def test_greedy_generation_agrees_with_the_teacher_forced_argmax(name):
     """Greedy decoding reproduces the target exactly iff every target character is the argmax given the
@@ -35,12 +36,14 @@ def test_greedy_generation_agrees_with_the_teacher_forced_argmax(name):
     assert result.scores["demo_add_gen"] == result.scores["demo_add"]
 
 
+@pytest.mark.slow
 def test_batched_generation_gives_the_answers_of_one_at_a_time():
     one = evaluator("add", [GEN], batch_size=1).evaluate("search", {"demo_add_gen": range(24)})
     many = evaluator("add", [GEN], batch_size=16).evaluate("search", {"demo_add_gen": range(24)})
     assert one.examples == many.examples and one.scores["demo_add_gen"] > 0.8
 
 
+@pytest.mark.slow
 def test_a_search_on_a_generative_task_exports_what_it_scored(tmp_path):
     spec = {"base_model": "demo:base", "models": ["demo:add", "demo:reverse"],
             "space": {"methods": ["linear"], "granularity": "global"},

@@ -21,9 +21,10 @@ import yaml
 from optuna.distributions import FloatDistribution
 
 from evomerge.cli import main
+from evomerge.layout import LayerLayout
 from evomerge.run import STUDY_NAME, Attr, RunFolder, as_text, counted, sqlite_url
 from evomerge.search import check_storage, open_study, prepare_run, spec_hash
-from evomerge.space import LayerLayout, make_space
+from evomerge.space import make_space
 from evomerge.spec import Recipe, SearchSpec
 
 SMALL = {
@@ -302,6 +303,7 @@ def test_report_in_the_way_of_a_folder_writes_nothing(name, tmp_path, capsys):
     refused(["report", str(run.root)], tmp_path, capsys, f"{name} is in the way")
 
 
+@pytest.mark.slow
 def test_valid_hand_made_run_is_served(tmp_path, capsys):
     """The run the refusals above break, whole (its log's last line cut by a kill): every command serves it."""
     run = made_run(tmp_path / "run")
@@ -375,6 +377,7 @@ print(json.dumps(results))
 """
 
 
+@pytest.mark.slow
 def test_read_only_file_system_is_refused(tmp_path):
     """Run folders, storage and reports on a file system mounted read-only (a bind mount in a mount namespace
     of a child process, which root cannot write through either)."""

@@ -78,6 +78,7 @@ def test_the_cache_is_laid_out_as_huggingface_hub_reads_it(hf_home):
         "main": commit_of("expert-1"), "v2": commit_of("expert-2")}
 
 
+@pytest.mark.slow
 def test_merge_of_hub_ids_is_bit_identical_to_local_folders(hf_home, tmp_path):
     hub_recipe = write_recipe(tmp_path / "hub.yaml", "org/base", ["org/add", "org/expert@v2"])
     local_recipe = write_recipe(tmp_path / "local.yaml", str(model_path("base")),
@@ -114,6 +115,7 @@ def test_revisions_resolve_to_their_snapshot(hub_cache):
         assert part in message, message
 
 
+@pytest.mark.slow
 def test_an_uncached_hub_id_is_one_line_exit_2_and_writes_nothing(hf_home, tmp_path):
     recipe = write_recipe(tmp_path / "recipe.yaml", "org/base", ["org/add", "org/missing@v1"])
     before = tree_digest(tmp_path), tree_digest(hf_home)
@@ -139,6 +141,7 @@ def tiny_add_task(root: Path) -> Path:
     return root
 
 
+@pytest.mark.slow
 def test_search_with_hub_ids(hub_cache, tmp_path, capsys):
     evaluation = {**SMALL["evaluation"], "include_paths": [str(tiny_add_task(tmp_path / "tasks"))],
                   "tasks": [{"name": "hub_add"}], "search_examples": 8, "screen_examples": 4}

@@ -68,6 +68,7 @@ def test_ctrl_c_inside_a_finalizer_is_not_lost(capsys):
     assert "KeyboardInterrupt" not in capsys.readouterr().err  # the dropped one is not reported as an error
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("query", [61, 103, 145])  # each cut a multi-row read under the old handler
 def test_ctrl_c_inside_a_storage_query_leaves_a_resumable_run(tmp_path, monkeypatch, query):
     """The CI failure this guards against: Ctrl-C while SQLAlchemy read a query's rows left the SQLite

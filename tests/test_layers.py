@@ -10,7 +10,8 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "evomerge"
 # modules that read specs, recipes and run folders: they must not pull in torch or the merge stack
-TORCH_FREE = ["errors", "scores", "yaml_io", "interrupt", "refs", "registry", "spec", "run", "status"]
+TORCH_FREE = ["errors", "scores", "yaml_io", "interrupt", "refs", "files", "layout", "registry", "params", "spec",
+              "run", "status", "report"]
 MERGE_STACK = ["torch", "evomerge.checkpoint", "evomerge.kernels", "evomerge.merge", "evomerge.lora",
                "evomerge.vocab", "evomerge.dataflow"]
 
@@ -98,6 +99,7 @@ def test_the_config_layer_imports_no_torch(module):
     assert loaded == [], f"import evomerge.{module} loads {', '.join(loaded)}"
 
 
+@pytest.mark.slow
 def test_the_registry_loads_a_kernel_on_first_use():
     code = ("import sys\nfrom evomerge.registry import get_method\nm = get_method('ties')\n"
             "assert 'evomerge.kernels' not in sys.modules and m.parameters['density'].high == 1.0\n"

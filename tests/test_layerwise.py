@@ -5,7 +5,6 @@ mergekit-multi, refused with one line when malformed, and searched end to end th
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import optuna
@@ -16,12 +15,14 @@ from transformers import AutoModelForCausalLM
 
 from evomerge.cli import main
 from evomerge.errors import SpecError
-from evomerge.merge import LiveMerger, merge_to_folder, resolve_params
+from evomerge.layout import LayerLayout
+from evomerge.merge import LiveMerger, merge_to_folder
 from evomerge.models import open_checkpoint
+from evomerge.params import resolve_params
 from evomerge.registry import get_method
 from evomerge.report import layer_methods
 from evomerge.run import STUDY_NAME, Attr, RunFolder, counted, structured_attr
-from evomerge.space import LayerLayout, SearchSpace
+from evomerge.space import SearchSpace
 from evomerge.spec import LayerwiseRecipe, Recipe, SearchSpec, parse_recipe, recipe_from_yaml
 
 BLOCK = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")  # llama and GPT-2 blocks, parsed here on purpose
@@ -263,12 +264,12 @@ def test_report_names_the_method_of_each_layer(llama_zoo):
 # ----------------------------------------------------------------------------- mergekit-multi
 
 
-def run_mergekit_multi(recipe: LayerwiseRecipe, tmp_path):
+def run_mergekit_multi(recipe: LayerwiseRecipe, tmp_path, mergekit):
     ours = merge_to_folder(recipe, tmp_path / "ours")
     config = ours / "mergekit_multi.yml"
     assert len(list(yaml.safe_load_all(config.read_text()))) == len(recipe.groups) + 1
-    done = subprocess.run(["mergekit-multi", str(config), "--intermediate-dir", str(tmp_path / "work"),
-                           "--out-path", str(tmp_path / "theirs")], capture_output=True, text=True, cwd=tmp_path)
+    done = mergekit.run("mergekit-multi", config, "--intermediate-dir", tmp_path / "work", "--out-path",
+                        tmp_path / "theirs", cwd=tmp_path)
     assert done.returncode == 0, done.stderr[-2000:]
     return weights(ours), weights(tmp_path / "theirs")
 
@@ -293,7 +294,7 @@ MERGEKIT_CASES = {  # zoo, outer, [(layers, method, parameters, models)]
 
 @pytest.mark.skipif(shutil.which("mergekit-multi") is None, reason="mergekit is not installed")
 @pytest.mark.parametrize("case", list(MERGEKIT_CASES))
-def test_layerwise_matches_mergekit_multi(case, llama_zoo, gpt2_zoo, tmp_path):
+def test_layerwise_matches_mergekit_multi(case, llama_zoo, gpt2_zoo, tmp_path, mergekit):
     """Deterministic methods: our merge and mergekit-multi's on the mergekit_multi.yml it wrote (one float32
     intermediate per group, then a 1/0 linear pick by block filters, named after the model's layout)."""
     zoo_name, outer, groups = MERGEKIT_CASES[case]
@@ -302,7 +303,7 @@ def test_layerwise_matches_mergekit_multi(case, llama_zoo, gpt2_zoo, tmp_path):
         "base_model": str(zoo["base"]), "outer": outer,
         "groups": [{"layers": r, "merge_method": m, "parameters": p, "models": models(zoo)}
                    for r, m, p, models in groups]})
-    ours, theirs = run_mergekit_multi(recipe, tmp_path)
+    ours, theirs = run_mergekit_multi(recipe, tmp_path, mergekit)
     assert set(ours) == set(theirs)
     worst = {n: (ours[n] - theirs[n].to(ours[n].dtype)).abs().max().item() for n in ours}
     assert max(worst.values()) <= 1e-5, f"{case}: {max(worst, key=worst.get)} differs by {max(worst.values())}"
@@ -413,6 +414,7 @@ def study_trials(run):
     return optuna.load_study(study_name=STUDY_NAME, storage=RunFolder(Path(run)).default_storage()).get_trials()
 
 
+@pytest.mark.slow
 def test_layerwise_search_status_report_export_resume(tmp_path, capsys, monkeypatch):
     """Budget 6 with a method per half of the demo model, then status, report, export and a resumed budget 8."""
     monkeypatch.setenv("COLUMNS", "200")  # status rows on one line each

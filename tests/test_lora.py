@@ -182,18 +182,16 @@ def test_task_arithmetic_of_two_adapters_and_the_live_worker(adapters, tmp_path)
 
 
 @pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit is not installed")
-def test_written_mergekit_config_keeps_the_adapters(adapters, tmp_path):
+def test_written_mergekit_config_keeps_the_adapters(adapters, tmp_path, mergekit):
     """mergekit_config.yml names each input as BASE+ADAPTER; mergekit applies the LoRAs itself and agrees."""
-    import subprocess
-
     base, first, _ = adapters["llama"]
     _, second, _ = adapters["second"]
     out = merge_to_folder(two_adapter_recipe(base, first, second), tmp_path / "ours")
     config = yaml.safe_load((out / "mergekit_config.yml").read_text())
     assert [m["model"] for m in config["models"]][:2] == [f"{base.resolve()}+{first.resolve()}",
                                                         f"{base.resolve()}+{second.resolve()}"]
-    done = subprocess.run(["mergekit-yaml", str(out / "mergekit_config.yml"), str(tmp_path / "theirs"),
-                           "--lora-merge-cache", str(tmp_path / "lora-cache")], capture_output=True, text=True)
+    done = mergekit.run("mergekit-yaml", out / "mergekit_config.yml", tmp_path / "theirs", "--lora-merge-cache",
+                        tmp_path / "lora-cache")
     assert done.returncode == 0, done.stderr[-2000:]
     ours, theirs = weights(out), weights(tmp_path / "theirs")
     assert set(ours) == set(theirs)

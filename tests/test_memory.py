@@ -157,6 +157,7 @@ def test_a_placement_that_cannot_fit_is_refused_with_the_sizes(bf16_zoo, monkeyp
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
 
 
+@pytest.mark.slow
 def test_search_says_where_the_inputs_are_and_refuses_what_cannot_fit(tmp_path, monkeypatch, capsys):
     import yaml
 

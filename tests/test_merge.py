@@ -87,6 +87,7 @@ def test_gpt2_layout_merges_and_loads(gpt2_zoo, tmp_path):
     AutoModelForCausalLM.from_pretrained(out)
 
 
+@pytest.mark.slow
 def test_console_script_runs(llama_zoo, tmp_path):
     doc = {"merge_method": "slerp", "base_model": str(llama_zoo["base"]),
            "models": [{"model": str(llama_zoo["a"])}], "parameters": {"t": [0.0, 1.0]}}

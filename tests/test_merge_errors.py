@@ -13,9 +13,10 @@ import yaml
 from helpers import checksums
 from safetensors.torch import load_file, save_file
 
-from evomerge.checkpoint import check_output_folder, shard_bytes
+from evomerge.checkpoint import shard_bytes
 from evomerge.cli import main
 from evomerge.errors import SpecError
+from evomerge.files import check_output_folder
 from evomerge.merge import merge_to_folder
 from evomerge.spec import Recipe
 
@@ -221,6 +222,7 @@ def test_unwritable_location_fails_up_front(own_zoo, tmp_path, capsys):
     assert (tmp_path / "file").read_text() == "x"
 
 
+@pytest.mark.slow
 def test_read_only_parent_fails_up_front(own_zoo, tmp_path):
     """An --out on a file system mounted read-only (a bind mount in the mount namespace of a child process: root
     cannot write through it either) is refused before compute."""
@@ -247,9 +249,10 @@ def test_merge_refuses_empty_shards(own_zoo, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.slow
 def test_killed_merge_leftovers_are_removed_and_modes_are_normal(own_zoo, tmp_path):
     out = tmp_path / "out"
-    kill = ("import os, sys; from pathlib import Path; from evomerge.checkpoint import atomic_folder\n"
+    kill = ("import os, sys; from pathlib import Path; from evomerge.files import atomic_folder\n"
             "with atomic_folder(Path(sys.argv[1])) as tmp:\n    (tmp / 'half').write_text('x'); os._exit(9)")
     assert subprocess.run([sys.executable, "-c", kill, str(out)]).returncode == 9
     stale = [p for p in tmp_path.iterdir() if p.name.startswith(".out.tmp-")]

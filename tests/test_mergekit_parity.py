@@ -1,7 +1,6 @@
 """Our `evomerge merge` against `mergekit-yaml` on the mergekit YAML we write for the same recipe."""
 
 import shutil
-import subprocess
 
 import pytest
 import torch
@@ -36,26 +35,25 @@ def cases(zoo):
     }
 
 
-def run_both(recipe: Recipe, tmp_path):
+def run_both(recipe: Recipe, tmp_path, mergekit):
     """Our merge, and mergekit-yaml's on the mergekit_config.yml our merge wrote."""
     ours = merge_to_folder(recipe, tmp_path / "ours")
-    config = ours / "mergekit_config.yml"
-    done = subprocess.run(["mergekit-yaml", str(config), str(tmp_path / "theirs")], capture_output=True, text=True)
+    done = mergekit.run("mergekit-yaml", ours / "mergekit_config.yml", tmp_path / "theirs")
     assert done.returncode == 0, done.stderr[-2000:]
     return weights(ours), weights(tmp_path / "theirs")
 
 
 @pytest.mark.parametrize("method", list(cases({k: k for k in ("base", "a", "b", "c")})))
-def test_deterministic_methods_match_mergekit(method, llama_zoo, tmp_path):
+def test_deterministic_methods_match_mergekit(method, llama_zoo, tmp_path, mergekit):
     recipe = Recipe(merge_method=method, **cases(llama_zoo)[method])
-    ours, theirs = run_both(recipe, tmp_path)
+    ours, theirs = run_both(recipe, tmp_path, mergekit)
     assert set(ours) == set(theirs)
     worst = max((ours[n] - theirs[n]).abs().max().item() for n in ours)
     assert worst <= 1e-5, f"{method}: max abs difference {worst}"
 
 
 @pytest.mark.parametrize("method", ["linear", "task_arithmetic"])
-def test_elementwise_merges_in_slices_are_whole_tensor_merges(method, llama_zoo, tmp_path, monkeypatch):
+def test_elementwise_merges_in_slices_are_whole_tensor_merges(method, llama_zoo, tmp_path, monkeypatch, mergekit):
     """Slice by slice (97 entries here, see conftest: uneven slices, every tensor past 97 entries in several)
     the output is bit for bit the one-piece merge's, and mergekit's within 1e-5."""
     import evomerge.checkpoint
@@ -66,7 +64,7 @@ def test_elementwise_merges_in_slices_are_whole_tensor_merges(method, llama_zoo,
     read_slices = evomerge.checkpoint.Checkpoint.read_slices
     monkeypatch.setattr(evomerge.checkpoint.Checkpoint, "read_slices",
                         lambda self, name, size: (slices.append(x.numel()) or x for x in read_slices(self, name, size)))
-    ours, theirs = run_both(recipe, tmp_path)
+    ours, theirs = run_both(recipe, tmp_path, mergekit)
     assert len(slices) > 10 * len(ours) and max(slices) == 97  # large tensors were read in slices
     monkeypatch.setattr(evomerge.merge, "SLICE", 1 << 30)
     whole = weights(merge_to_folder(recipe, tmp_path / "whole"))
@@ -76,11 +74,11 @@ def test_elementwise_merges_in_slices_are_whole_tensor_merges(method, llama_zoo,
 
 
 @pytest.mark.parametrize("method", ["dare_linear", "della_linear"])
-def test_random_methods_agree_statistically(method, llama_zoo, tmp_path):
+def test_random_methods_agree_statistically(method, llama_zoo, tmp_path, mergekit):
     base, a = str(llama_zoo["base"]), str(llama_zoo["a"])
     params = {"weight": 1.0, "density": 0.4, **({"epsilon": 0.2} if method.startswith("della") else {})}
     recipe = Recipe(merge_method=method, base_model=base, models=per_model([a], **params))
-    ours, theirs = run_both(recipe, tmp_path)
+    ours, theirs = run_both(recipe, tmp_path, mergekit)
     b, x = weights(llama_zoo["base"]), weights(llama_zoo["a"])
     for name in ("model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight"):
         delta = x[name] - b[name]
@@ -109,13 +107,13 @@ def tied_zoo(request, tmp_path_factory):
 
 
 @pytest.mark.parametrize("case", list(TIED_CASES))
-def test_ties_among_equal_magnitudes_match_mergekit(case, tied_zoo, tmp_path):
+def test_ties_among_equal_magnitudes_match_mergekit(case, tied_zoo, tmp_path, mergekit):
     """fp16/bf16 task vectors with few distinct magnitudes: the entries kept at the top-k cut are mergekit's."""
     method = case.split()[0]
     base, *models = (str(tied_zoo[k]) for k in ("base", "a", "b", "c"))
     recipe = Recipe(merge_method=method, base_model=base, dtype=None if "input dtype" in case else "float32",
                     models=per_model(models, **TIED_CASES[case]))
-    ours, theirs = run_both(recipe, tmp_path)
+    ours, theirs = run_both(recipe, tmp_path, mergekit)
     assert {n: t.dtype for n, t in ours.items()} == {n: t.dtype for n, t in theirs.items()}
     worst = max((ours[n] - theirs[n]).abs().max().item() for n in ours)
     assert worst <= 1e-5, f"{case}: max abs difference {worst}"

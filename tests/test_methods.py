@@ -7,7 +7,8 @@ import torch
 
 from evomerge.errors import SpecError
 from evomerge.kernels import magnitude_mask, outlier_mask, top_k_mask
-from evomerge.merge import TensorParams, merge_tensor
+from evomerge.merge import merge_tensor
+from evomerge.params import TensorParams
 from evomerge.registry import METHODS, get_method
 
 

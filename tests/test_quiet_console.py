@@ -57,6 +57,7 @@ def chatter(text: str) -> list[str]:
     return [line for line in lines if any(s in line for s in LIBRARY_CHATTER)]
 
 
+@pytest.mark.slow
 def test_search_console_shows_only_our_progress(tmp_path):
     done = run_search(tmp_path, SPLITS)
     assert done.returncode == 0, done.stderr
@@ -65,6 +66,7 @@ def test_search_console_shows_only_our_progress(tmp_path):
     assert chatter(done.stdout) == [] and chatter(done.stderr) == [], done.stderr
 
 
+@pytest.mark.slow
 def test_bad_input_found_after_loading_is_one_line(tmp_path):
     """A doc range past the end of a processed split shows only once the task is loaded (process_docs hides the
     size from the YAML checks): the one-line error, exit 2, with no progress bars before it."""

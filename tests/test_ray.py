@@ -25,6 +25,8 @@ from evomerge.ray_executor import RayExecutor
 from evomerge.run import Attr, RunFolder, counted
 from evomerge.spec import Recipe, SearchSpec
 
+pytestmark = pytest.mark.slow  # every test starts a Ray cluster: the full suite only
+
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "RAY_USAGE_STATS_ENABLED": "0"}
 SMALL = {**SPEC, "evaluation": {**SPEC["evaluation"], "top_k": 1}, "device": "cpu"}  # CPU workers, GPU or not
 

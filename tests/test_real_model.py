@@ -22,7 +22,8 @@ from evomerge.evaluate import Evaluator
 from evomerge.merge import LiveMerger, merge_to_folder
 from evomerge.spec import Recipe, TaskSpec
 
-pytestmark = pytest.mark.full_slices  # a 135M model: merged in the real slices
+# the real model takes seconds per test: the full suite only; a 135M model is merged in the real slices
+pytestmark = [pytest.mark.slow, pytest.mark.full_slices]
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "build_real_zoo.py"
 N = 12  # documents per task: each costs a 135M forward pass on CPU

@@ -2,13 +2,18 @@
 
 import json
 import re
+import shutil
+import subprocess
+import sys
 
 import optuna
 import pytest
 import yaml
-from helpers import SPEC
+from helpers import CLI_ENV, SPEC, one_line_error
 
 from evomerge.cli import main
+from evomerge.layout import LayerLayout
+from evomerge.models import open_checkpoint
 from evomerge.report import TrialPoint, best_so_far, layer_parameters
 from evomerge.run import STUDY_NAME, RunFolder, counted
 from evomerge.spec import Recipe
@@ -62,6 +67,58 @@ def test_best_so_far_ignores_screened_trials():
 def test_layer_parameters_follow_a_gradient():
     recipe = Recipe(merge_method="linear", models=[{"model": "demo:add", "parameters": {"weight": [0.0, 1.0]}},
                                                    {"model": "demo:sort", "parameters": {"weight": 0.5}}])
-    per_layer = layer_parameters(recipe)["weight"]
+    per_layer = layer_parameters(recipe, LayerLayout.of(open_checkpoint("demo:add")))["weight"]
     assert per_layer["demo:add"] == pytest.approx([0, 1 / 3, 2 / 3, 1])  # layer i of 4 at i/3 on the gradient
     assert per_layer["demo:sort"] == pytest.approx([0.5] * 4)
+
+
+def _copy_without_models(run, tmp_path):
+    """The run folder copied, its spec naming model folders that are gone (moved away after the search)."""
+    copy = tmp_path / "copy"
+    shutil.copytree(run, copy)
+    doc = yaml.safe_load((copy / "spec.yaml").read_text())
+    doc["spec"]["base_model"] = str(tmp_path / "moved" / "base")
+    doc["spec"]["models"] = [str(tmp_path / "moved" / m.removeprefix("demo:")) for m in doc["spec"]["models"]]
+    (copy / "spec.yaml").write_text(yaml.safe_dump(doc, sort_keys=False))
+    for stale in ("report.md", "report.png"):
+        (copy / stale).unlink(missing_ok=True)
+    return copy
+
+
+@pytest.mark.slow
+def test_report_reads_the_run_folder_only_and_imports_no_torch(run, tmp_path):
+    assert main(["report", str(run)]) == 0
+    copy = _copy_without_models(run, tmp_path)
+    script = ("import sys; from pathlib import Path; from evomerge.report import write_report; "
+              f"write_report(Path({str(copy)!r})); print(sorted(m for m in ('torch', 'evomerge.checkpoint') "
+              "if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", script], env=CLI_ENV, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+    tables = (run / "report.md").read_text().split("```")[-1]  # after the recipe: the per-layer tables
+    assert "`weight` per layer" in tables
+    assert (copy / "report.md").read_text().split("```")[-1] == tables
+
+
+def test_report_of_a_run_without_a_layout_record_says_so(run, tmp_path):
+    copy = _copy_without_models(run, tmp_path)
+    (copy / "layout.json").unlink()
+    assert main(["report", str(copy)]) == 0
+    text = (copy / "report.md").read_text()
+    assert "No per-layer tables: layout.json is missing" in text and "per layer (mean" not in text
+    assert "## Winner: trial" in text
+
+
+@pytest.mark.parametrize("bad", ["{not json", '{"prefix": "model.layers.", "num_layers": -1}',
+                                 '{"prefix": "model.layers.", "num_layers": 4, "extra": 1}'])
+def test_report_refuses_a_broken_layout_record(run, tmp_path, capsys, bad):
+    copy = _copy_without_models(run, tmp_path)
+    (copy / "layout.json").write_text(bad)
+    assert main(["report", str(copy)]) == 2
+    one_line_error(capsys, "layout.json: not a layer layout")
+    assert not (copy / "report.md").exists() and not (copy / "report.png").exists()
+
+
+def test_a_search_records_the_bases_layout(run):
+    recorded = RunFolder(run).read_layout()
+    assert recorded == LayerLayout.of(open_checkpoint("demo:base"))
+    assert recorded.num_layers == 4 and len(recorded.block_tensors) == 4 * 9

@@ -41,6 +41,7 @@ def external_run(tmp_path_factory, spec_file):
 
 
 
+@pytest.mark.slow
 def test_recorded_storage_serves_every_command(external_run, tmp_path, capsys):
     run, db = external_run
     assert not (run / "study.db").exists() and db.exists()
@@ -59,6 +60,7 @@ def test_recorded_storage_serves_every_command(external_run, tmp_path, capsys):
     assert not other.exists()
 
 
+@pytest.mark.slow
 def test_resume_cannot_move_a_run_to_another_storage(tmp_path, spec_file, capsys):
     run = tmp_path / "run"
     assert main(["search", str(spec_file), "--budget", "2", "--run", str(run)]) == 0
@@ -185,6 +187,7 @@ def test_second_search_on_a_live_run_is_refused(tmp_path, spec_file, capsys):
         held.close()
 
 
+@pytest.mark.slow
 def test_ctrl_c_ends_with_one_line_and_a_resumable_run(tmp_path, spec_file):
     run = RunFolder(tmp_path / "run")
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
@@ -206,6 +209,7 @@ def test_ctrl_c_ends_with_one_line_and_a_resumable_run(tmp_path, spec_file):
     assert set(interrupted) <= reruns
 
 
+@pytest.mark.slow
 def test_max_examples_stops_the_search_and_holds_on_resume(spec_file, tmp_path, capsys):
     """--max-examples: no candidate starts once the trials have scored that many examples (the one in flight
     finishes: in process, the last one crosses the line), the search still ends with its hold-out check; the

@@ -63,6 +63,7 @@ def test_screen_vector_sums_to_the_weighted_score():
     assert sum(screen.vector(result)) == pytest.approx(weighted_mean({"a": 2 / 3, "b": 0.0}, weights))
 
 
+@pytest.mark.slow
 def test_search_screens_out_a_worse_parent_with_one_write_per_trial(tmp_path):
     spec = SearchSpec.model_validate(SPEC)  # 15 screening examples of 40 per task, demo_reverse weighted 2
     run = RunFolder(tmp_path / "run")
@@ -166,6 +167,7 @@ def test_race_keeps_an_equal_or_better_candidate_with_the_stated_probability(gap
     assert worse_kept / 300 <= 0.05
 
 
+@pytest.mark.slow
 def test_racing_search_stores_each_rung_and_resumes_its_state_after_sigkill(tmp_path):
     """A racing search (rungs 8 and 20 of 40 documents per task) killed with SIGKILL after its 5th trial line,
     then resumed to the end: each trial holds its rungs' answers, a pruned one scored only its rungs, and a

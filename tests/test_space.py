@@ -3,13 +3,14 @@
 import optuna
 import pytest
 
-from evomerge.merge import resolve_params
+from evomerge.layout import LayerLayout
 from evomerge.models import open_checkpoint
+from evomerge.params import resolve_params
 from evomerge.registry import get_method
-from evomerge.space import LayerLayout, SearchSpace, make_slots
+from evomerge.space import SearchSpace, make_slots
 from evomerge.spec import Granularity, SearchSpec
 
-LAYOUT = LayerLayout("model.layers.", 4)
+LAYOUT = LayerLayout(prefix="model.layers.", num_layers=4)
 
 
 def spec(**space):
@@ -19,8 +20,9 @@ def spec(**space):
 
 
 def test_layout_of_llama_and_gpt2(llama_zoo, gpt2_zoo):
-    assert LayerLayout.of(open_checkpoint(str(llama_zoo["base"]))) == LayerLayout("model.layers.", 3)
-    assert LayerLayout.of(open_checkpoint(str(gpt2_zoo["base"]))) == LayerLayout("transformer.h.", 2)
+    for zoo, prefix, blocks in ((llama_zoo, "model.layers.", 3), (gpt2_zoo, "transformer.h.", 2)):
+        layout = LayerLayout.of(open_checkpoint(str(zoo["base"])))
+        assert (layout.prefix, layout.num_layers) == (prefix, blocks)
 
 
 def test_groups_split_layers_evenly():

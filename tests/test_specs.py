@@ -30,6 +30,7 @@ def test_spec_validates(path):
         check_spec(spec)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["method_choice", "pareto", "slerp_gradient", "layerwise_methods"])
 def test_shrunk_spec_runs(name, tmp_path):
     spec = SearchSpec.from_yaml(SPACES / f"{name}.yaml")

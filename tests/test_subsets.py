@@ -132,6 +132,7 @@ ANSWERS = {**SPEC, "evaluation": {**SPEC["evaluation"], "search_examples": 16, "
                                   "subset": "answers", "subset_pool": 40}}
 
 
+@pytest.mark.slow
 def test_search_on_answer_strata_by_hand_and_across_sigkill(tmp_path):
     """A search with ``subset: answers`` killed with SIGKILL once the process holds the run's lock (the subset
     may not be chosen yet), then after the third trial line, then resumed to the end. The references (each

@@ -164,6 +164,7 @@ SPEC = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("tasks", "message"), [
     ([{"name": "grp_noagg"}], "group grp_noagg has no aggregate_metric_list, so lm-eval gives it no score; add one "
                               "(metric, aggregation: mean, weight_by_size) to its YAML"),
@@ -187,6 +188,7 @@ def test_bad_group_stops_before_compute(group_dir, tmp_path, capsys, tasks, mess
     search_refused(doc, tmp_path, capsys, message)
 
 
+@pytest.mark.slow
 def test_search_on_a_group_of_demo_tasks(tmp_path):
     """The demo's add and reverse tasks as one equal-weight group, beside demo_sort, screened and re-checked."""
     folder = tmp_path / "tasks"

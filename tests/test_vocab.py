@@ -2,9 +2,7 @@
 the streamed merge against ``mergekit-yaml`` on the config we write, the live merge against the streamed one, and
 the refusals."""
 
-import os
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -93,10 +91,9 @@ def recipe(method, zoo, names, source, base=True, **params):
     return Recipe.model_validate(doc)
 
 
-def mergekit(config, out):
-    """``mergekit-yaml`` on a config we wrote (a fixed hash seed: mergekit orders models by a set's order)."""
-    env = {**os.environ, "PYTHONHASHSEED": "0", "HF_HUB_OFFLINE": "1"}
-    done = subprocess.run(["mergekit-yaml", str(config), str(out)], capture_output=True, text=True, env=env)
+def run_mergekit(mergekit, config, out):
+    """``mergekit-yaml`` on a config we wrote."""
+    done = mergekit.run("mergekit-yaml", config, out)
     assert done.returncode == 0, done.stderr[-2000:]
     return out
 
@@ -117,7 +114,7 @@ CASES = {  # name: (method, models, tokenizer_source, merge params, base_model g
 
 @pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit is not installed")
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_mergekit(case, zoo, tmp_path):
+def test_matches_mergekit(case, zoo, tmp_path, mergekit):
     method, names, source, params, base = CASES[case]
     if source in zoo:
         source = str(zoo[source])
@@ -126,7 +123,7 @@ def test_matches_mergekit(case, zoo, tmp_path):
     if source == "base" and method == "linear":  # mergekit's base without a base_model is any model
         source = str(zoo["base"])
     assert written == (source if source in ("base", "union") else str(Path(source).resolve()))
-    theirs = mergekit(ours / "mergekit_config.yml", tmp_path / "theirs")
+    theirs = run_mergekit(mergekit, ours / "mergekit_config.yml", tmp_path / "theirs")
     got, want = weights(ours), weights(theirs)
     assert set(got) == set(want)
     for name in got:
@@ -160,10 +157,10 @@ def test_rows_a_model_lacks(zoo, tmp_path):
 
 
 @pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit is not installed")
-def test_tied_gpt2_matches_mergekit(gpt2_zoo, tmp_path):
+def test_tied_gpt2_matches_mergekit(gpt2_zoo, tmp_path, mergekit):
     """GPT-2's ``wte`` (also its head) laid out in the union vocabulary."""
     ours = merge_to_folder(recipe("ties", gpt2_zoo, ["a"], "union", density=0.7), tmp_path / "ours")
-    theirs = mergekit(ours / "mergekit_config.yml", tmp_path / "theirs")
+    theirs = run_mergekit(mergekit, ours / "mergekit_config.yml", tmp_path / "theirs")
     got, want = weights(ours), weights(theirs)
     assert got["transformer.wte.weight"].shape == (len(WORDS) + 2, 16) and "lm_head.weight" not in got
     assert max((got[n] - want[n]).abs().max().item() for n in got) <= 1e-5
@@ -261,6 +258,7 @@ def chat_spec(chat_zoo, **changes) -> dict:
     return {**SMALL, "models": [str(chat_zoo), "demo:reverse"], "tokenizer_source": "union", **changes}
 
 
+@pytest.mark.slow
 def test_search_over_differing_vocabularies(chat_zoo, tmp_path):
     """A search whose experts' vocabularies differ runs with ``tokenizer_source`` (candidates, the hold-out
     check's parents and average alike) and exports the union vocabulary; the export equals ``evomerge merge`` of
