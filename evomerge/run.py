@@ -217,8 +217,6 @@ class RunFolder:
 
     def write_doc(self, spec_doc: dict[str, Any], digest: str, budget: int, storage: str | None,
                   study: str, max_examples: int | None = None) -> None:
-        from evomerge.files import atomic_write_text
-
         doc = {"spec_hash": digest, "budget": budget, "storage": storage, "study": study, "spec": spec_doc}
         if max_examples is not None:
             doc["max_examples"] = max_examples
