@@ -20,14 +20,14 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import optuna
 from optuna.trial import TrialState
 
 from evomerge.errors import SearchError, SpecError
 from evomerge.evaluate import EvalResult
-from evomerge.executors import Candidate, Executor, InProcessExecutor, Outcome, Worker, has_room, run_all
+from evomerge.executors import Candidate, Executor, Outcome, has_room, run_all
 from evomerge.files import atomic_write_text, check_apart
 from evomerge.interrupt import CtrlC
 from evomerge.layout import LayerLayout
@@ -50,6 +50,7 @@ from evomerge.space import Space, make_space
 from evomerge.spec import AnyRecipe, Recipe, SearchSpec, SpaceSpec, TaskSpec, recipe_from_yaml
 from evomerge.subsets import AnswerStrata, FirstDocuments, SearchSubset
 
+K = TypeVar("K")  # the key of a batch of jobs
 MAX_RETRIES = 2
 MAX_FAILURES_IN_ROW = 5
 MAX_DUPLICATES_IN_ROW = 50
@@ -380,13 +381,17 @@ class _Flight:
 class Search:
     """One run folder's search: ask, sample, submit (screen, then the rest, in one worker call), tell, log."""
 
-    def __init__(self, spec: SearchSpec, run: RunFolder, executor: Executor | None = None,
-                 ctrl_c: CtrlC | None = None) -> None:
+    def __init__(self, spec: SearchSpec, run: RunFolder, executor: Executor, ctrl_c: CtrlC | None = None) -> None:
+        """Opens the study of a prepared run (``prepare_run``) and reads nothing else: the space is laid out by
+        the base's layout recorded in the run folder, and the models live in ``executor``'s workers."""
         self.spec = spec
         self.ctrl_c = ctrl_c or CtrlC()  # not installed: Python's own Ctrl-C handling
         self.run = run
-        self.space = make_space(spec, LayerLayout.of(open_checkpoint(spec.base_model)))
-        self.executor = executor or InProcessExecutor(Worker(spec))
+        layout = run.read_layout()
+        if layout is None:
+            raise SpecError(f"{run.root} has no {run.layout_file.name}: prepare the run first (prepare_run)")
+        self.space = make_space(spec, layout)
+        self.executor = executor
         self.study = open_study(spec, run, self.space, self.executor.slots())
         # None until the reference models have answered the pool (``subset: answers``, a new run)
         self.subset: SearchSubset | None = self._stored_subset()
@@ -432,8 +437,8 @@ class Search:
 
     def reference_answers(self, pool: dict[str, list[int]]) -> list[EvalResult]:
         """Each reference model's answers on the ``pool`` search documents (what an answer subset is drawn by)."""
-        return self._score_all([Candidate(r, "search", pool) for r in self.reference_recipes().values()],
-                               "the reference models' answers on the subset's pool")
+        jobs = {label: Candidate(r, "search", pool) for label, r in self.reference_recipes().items()}
+        return list(self._score_all(jobs, "the reference models' answers on the subset's pool").values())
 
     def seed_baselines(self) -> None:
         if not self.study.get_trials(deepcopy=False):
@@ -612,13 +617,15 @@ class Search:
         refs["uniform average"] = arithmetic([1 / len(spec.models)] * len(spec.models))
         return refs
 
-    def _score_all(self, jobs: list[Candidate], what: str = "the hold-out re-check") -> list[EvalResult]:
-        """Run jobs spread over the workers; their results in order, or SearchError naming ``what`` failed."""
-        outcomes = run_all(self.executor, dict(enumerate(jobs)), waiting=self.ctrl_c.waiting)
+    def _score_all(self, jobs: dict[K, Candidate], what: str = "the hold-out re-check") -> dict[K, EvalResult]:
+        """Run jobs spread over the workers; their results under the jobs' keys (in the jobs' order), or
+        SearchError naming ``what`` failed."""
+        keys = list(jobs)
+        outcomes = run_all(self.executor, {i: jobs[key] for i, key in enumerate(keys)}, waiting=self.ctrl_c.waiting)
         failed = [o.error for o in outcomes.values() if o.result is None]
         if failed or len(outcomes) < len(jobs):
             raise SearchError(f"{what} failed: {failed[0] if failed else 'no worker left'}")
-        return [outcomes[i].result for i in range(len(jobs))]
+        return {key: outcomes[i].result for i, key in enumerate(keys)}
 
     def finalize(self) -> dict[str, Any]:
         """Re-score the top-k on validation, pick the winner there, report test scores and margins."""
@@ -626,15 +633,16 @@ class Search:
         if not candidates:
             raise SearchError("no trial finished at full fidelity; nothing to choose from")
         refs = self.reference_recipes()
-        first = self._score_all([Candidate(_recipe_of(t), "validation") for t in candidates]
-                                + [Candidate(r, role) for r in refs.values() for role in ("validation", "test")])
-        validation = {t.number: first[i] for i, t in enumerate(candidates)}
+        jobs: dict[tuple[str | int, str], Candidate] = {(t.number, "validation"): Candidate(_recipe_of(t), "validation")
+                                                        for t in candidates}
+        jobs |= {(label, role): Candidate(r, role) for label, r in refs.items() for role in ("validation", "test")}
+        first = self._score_all(jobs)  # keyed (trial number or reference label, role)
+        validation = {t.number: first[t.number, "validation"] for t in candidates}
         winner = max(candidates, key=lambda t: validation[t.number].score)
-        (winner_test,) = self._score_all([Candidate(_recipe_of(winner), "test")])
+        winner_test = self._score_all({"test": Candidate(_recipe_of(winner), "test")})["test"]
         winner_label = f"winner (trial {winner.number})"
         scored = {winner_label: (validation[winner.number], winner_test)}
-        for i, label in enumerate(refs):
-            scored[label] = (first[len(candidates) + 2 * i], first[len(candidates) + 2 * i + 1])
+        scored |= {label: (first[label, "validation"], first[label, "test"]) for label in refs}
         rows = {label: {"validation": val.score, "test": test.score, "validation_tasks": val.scores,
                         "test_tasks": test.scores} for label, (val, test) in scored.items()}
         summary = {

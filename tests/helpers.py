@@ -22,12 +22,18 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from evomerge.cli import main
 from evomerge.demo import model_path
+from evomerge.executors import InProcessExecutor, Worker
 from evomerge.models import open_checkpoint
 from evomerge.run import STUDY_NAME, RunFolder, counted
 from evomerge.search import Search, prepare_run
 from evomerge.spec import SearchSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
+
+
+def in_process(spec: SearchSpec) -> InProcessExecutor:
+    """One worker in this process: the models load here, now."""
+    return InProcessExecutor(Worker(spec))
 
 
 def snapshot(root: Path) -> dict[str, tuple]:
@@ -139,7 +145,7 @@ def search_and_finalize(spec: SearchSpec, folder, budget: int) -> dict:
     summary, whose winner is one of the trials."""
     run = RunFolder(folder)
     prepare_run(spec, run, budget, force=False)
-    search = Search(spec, run)
+    search = Search(spec, run, in_process(spec))
     search.run_budget(budget)
     assert sum(counted(t) for t in search.study.get_trials()) == budget
     summary = search.finalize()

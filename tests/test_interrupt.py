@@ -6,6 +6,7 @@ import signal
 
 import pytest
 import sqlalchemy.orm.loading
+from helpers import in_process
 from optuna.trial import TrialState
 
 from evomerge.interrupt import CtrlC
@@ -86,7 +87,7 @@ def test_ctrl_c_inside_a_storage_query_leaves_a_resumable_run(tmp_path, monkeypa
         return original(cursor, context)
 
     with CtrlC() as ctrl_c:
-        search = Search(spec, run, ctrl_c=ctrl_c)
+        search = Search(spec, run, in_process(spec), ctrl_c)
         monkeypatch.setattr(sqlalchemy.orm.loading, "instances", ctrl_c_then_load_rows)
         with pytest.raises(KeyboardInterrupt):
             search.run_budget(6)
@@ -95,5 +96,5 @@ def test_ctrl_c_inside_a_storage_query_leaves_a_resumable_run(tmp_path, monkeypa
     trials = run.trials()
     assert not [t for t in trials if t.state == TrialState.RUNNING]
     assert sum(counted(t) for t in trials) < 6
-    Search(spec, run).run_budget(6)
+    Search(spec, run, in_process(spec)).run_budget(6)
     assert sum(counted(t) for t in run.trials()) == 6

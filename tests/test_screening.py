@@ -7,7 +7,7 @@ import sys
 
 import pytest
 import yaml
-from helpers import CLI_ENV, SPEC, sigkill_at
+from helpers import CLI_ENV, SPEC, in_process, sigkill_at
 from optuna.trial import TrialState
 
 from evomerge.evaluate import EvalResult
@@ -68,7 +68,7 @@ def test_search_screens_out_a_worse_parent_with_one_write_per_trial(tmp_path):
     spec = SearchSpec.model_validate(SPEC)  # 15 screening examples of 40 per task, demo_reverse weighted 2
     run = RunFolder(tmp_path / "run")
     prepare_run(spec, run, 2, force=False)
-    search = Search(spec, run)
+    search = Search(spec, run, in_process(spec))
     search.run_budget(2)  # the uniform average (full: nothing to compare with), then demo:add alone
     average, add_alone = search.study.get_trials(states=(TrialState.COMPLETE,))
     assert add_alone.user_attrs["baseline"] == "demo:add alone"
@@ -179,7 +179,7 @@ def test_racing_search_stores_each_rung_and_resumes_its_state_after_sigkill(tmp_
     cmd = [sys.executable, "-m", "evomerge.cli", "search", str(spec_path), "--budget", "14", "--run", str(run.root)]
     assert sigkill_at(cmd, lambda _: len(run.log_rows()) >= 5)
     spec = SearchSpec.model_validate(racing)
-    killed = Search(spec, run)
+    killed = Search(spec, run, in_process(spec))
     full = [t for t in killed.study.get_trials() if t.user_attrs.get(Attr.FIDELITY) == "full"]
     best = max(full, key=lambda t: t.value)
     for screen, vector in zip(killed.screens, rung_vectors(best), strict=True):
@@ -187,7 +187,7 @@ def test_racing_search_stores_each_rung_and_resumes_its_state_after_sigkill(tmp_
     killed.executor.close()
     done = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=CLI_ENV)
     assert done.returncode == 0, done.stderr[-3000:]
-    trials = [t for t in Search(spec, run).study.get_trials() if counted(t)]
+    trials = [t for t in Search(spec, run, in_process(spec)).study.get_trials() if counted(t)]
     assert len(trials) == 14
     for t in trials:
         vectors = rung_vectors(t)

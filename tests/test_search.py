@@ -7,7 +7,7 @@ import sys
 import pytest
 import torch
 import yaml
-from helpers import CLI_ENV, SPEC, sigkill_at, study_of
+from helpers import CLI_ENV, SPEC, in_process, sigkill_at, study_of
 from optuna.trial import TrialState
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -63,7 +63,7 @@ def test_duplicate_recipes_are_not_counted(tmp_path):
     spec = SearchSpec.model_validate({**SPEC, "space": {**SPEC["space"], "granularity": "global"}})
     run = RunFolder(tmp_path / "run")
     prepare_run(spec, run, 4, force=False)
-    search = Search(spec, run)
+    search = Search(spec, run, in_process(spec))
     search.seed_baselines()
     search.study.enqueue_trial({"weight[m0][all]": 0.25, "weight[m1][all]": 0.75})
     search.study.enqueue_trial({"weight[m0][all]": 0.25, "weight[m1][all]": 0.75})

@@ -10,7 +10,7 @@ from collections import Counter
 
 import pytest
 import yaml
-from helpers import CLI_ENV, SPEC, sigkill_at
+from helpers import CLI_ENV, SPEC, in_process, sigkill_at
 
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate
@@ -156,7 +156,8 @@ def test_search_on_answer_strata_by_hand_and_across_sigkill(tmp_path):
     assert json.loads(run.summary.read_text())["examples_scored"] == examples_scored(study) == \
         240 + sum(t.user_attrs[Attr.EXAMPLES] for t in trials)
 
-    search = Search(SearchSpec.model_validate(ANSWERS), run)
+    spec = SearchSpec.model_validate(ANSWERS)
+    search = Search(spec, run, in_process(spec))
     worker = search.executor.worker
     pool = {t: worker.doc_ids(t, "search")[:40] for t in ("demo_add", "demo_reverse")}
     refs = [worker.run(Candidate(r, "search", pool)).result for r in search.reference_recipes().values()]
