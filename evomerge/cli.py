@@ -11,15 +11,16 @@ from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.text import Text
 
 from evomerge.errors import SearchError, SpecError
+from evomerge.events import SearchEvents
 from evomerge.interrupt import CtrlC
 
 if TYPE_CHECKING:
+    from evomerge.events import Progress as SearchProgress
     from evomerge.run import RunFolder
-    from evomerge.search import Progress as SearchProgress
     from evomerge.search import Search
     from evomerge.spec import SearchSpec
 
@@ -71,10 +72,11 @@ def _search(args: argparse.Namespace) -> None:
     if not args.spec and not args.resume:  # the built-in demo needs nothing from a hub: never ask one
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    from evomerge.chain import dataflow_stage, export_stage_winner
     from evomerge.demo import DEMO_SPEC
+    from evomerge.launch import default_run_name
     from evomerge.run import RunFolder
-    from evomerge.search import dataflow_stage, default_run_name, export_stage_winner, spec_hash
-    from evomerge.spec import SearchSpec
+    from evomerge.spec import SearchSpec, spec_hash
 
     if args.resume:
         if args.spec:
@@ -110,8 +112,15 @@ def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Na
                 force: bool) -> None:
     """One run folder's search, checked before compute, to its budget and the hold-out re-check. A new run
     whose start fails after all (before its search begins) is taken back: nothing is left of it."""
-    from evomerge.launch import choose_executor, make_executor
-    from evomerge.search import Search, check_budget, check_run_folder, check_spec, check_storage, prepare_run
+    from evomerge.launch import (
+        check_budget,
+        check_run_folder,
+        check_spec,
+        check_storage,
+        choose_executor,
+        make_executor,
+        run_search,
+    )
 
     if args.inputs_on:
         spec = spec.model_copy(update={"inputs_on": args.inputs_on})
@@ -125,6 +134,7 @@ def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Na
     kind = choose_executor(spec, args.executor, args.workers, args.ray_address, args.gpus_per_worker)
     fresh = None if run.spec.exists() else _NewRun.before(run)
     lock = run.lock() if run.root.is_dir() else None  # a run being searched is refused before models load
+    events = _ConsoleEvents(budget)
     try:
         # the workers start (models load, a cluster is joined) before anything is written for a new run
         if kind == "ray" and args.ray_address:
@@ -134,33 +144,23 @@ def _search_run(spec: SearchSpec, run: RunFolder, budget: int, args: argparse.Na
             if lock is None:
                 run.root.mkdir(parents=True, exist_ok=True)
                 lock = run.lock()
-            max_examples = args.max_examples or (run.max_examples() if run.spec.exists() and not force else None)
-            prepare_run(spec, run, budget, force=force, storage=storage, max_examples=max_examples)
             with CtrlC() as ctrl_c:
-                search = Search(spec, run, executor, ctrl_c)
-                fresh = None  # begun: from here on a failure leaves a resumable run
-                console.print(Text(f"run folder: {run.root}"))
-                console.print(Text(executor.inputs))
-                if search.subset is None:
-                    console.print(f"the reference models answer {spec.evaluation.subset_pool or 'all'} search "
-                                  "documents per task to choose the search subset ...")
-                    search.choose_subset()
-                _run_with_progress(search, budget, max_examples)
-                console.print("re-scoring the best candidates on the validation split ...")
-                summary = search.finalize()
+                summary = run_search(spec, run, budget, executor, force=force, storage=storage,
+                                     max_examples=args.max_examples, ctrl_c=ctrl_c, events=events).summary
                 ctrl_c.check()
             _print_summary(summary)
         finally:
+            events.searched()
             executor.close()
     except KeyboardInterrupt:
-        if fresh is not None or not run.spec.exists():
+        if not events.begun_at or not run.spec.exists():
             raise
         raise _Interrupted(f"interrupted; the candidates in flight will run again: "
                            f"evomerge search --resume {run.root}") from None
     finally:
         if lock is not None:
             lock.close()
-        if fresh is not None:
+        if fresh is not None and not events.begun_at:
             fresh.take_back()
 
 
@@ -189,17 +189,38 @@ class _NewRun:
         remove_empty_folders(self.folders)  # anything else put there is kept
 
 
-def _run_with_progress(search: Search, budget: int, max_examples: int | None) -> None:
-    columns = (TextColumn("trials"), BarColumn(), MofNCompleteColumn(), TextColumn("best {task.fields[best]}"),
-               TextColumn("workers {task.fields[busy]}"), TimeRemainingColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("search", total=budget, best="-", busy="-")
+class _ConsoleEvents(SearchEvents):
+    """A search on the console: its step lines, and a progress bar (done of budget, best so far, workers busy,
+    ETA) while the budget is spent."""
 
-        def show(p: SearchProgress) -> None:
-            progress.update(task, completed=p.done, best="-" if p.best is None else f"{p.best:.4f}",
-                            busy=f"{p.busy}/{p.workers} busy")
+    def __init__(self, budget: int) -> None:
+        self.budget = budget
+        self.begun_at: Search | None = None  # the open search: a failure from here on leaves a resumable run
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
 
-        search.run_budget(budget, show, max_examples)
+    def begun(self, search: Search) -> None:
+        self.begun_at = search
+
+    def say(self, line: str) -> None:
+        console.print(Text(line))
+
+    def progress(self, progress: SearchProgress) -> None:
+        if self._bar is None:
+            columns = (TextColumn("trials"), BarColumn(), MofNCompleteColumn(),
+                       TextColumn("best {task.fields[best]}"), TextColumn("workers {task.fields[busy]}"),
+                       TimeRemainingColumn())
+            self._bar = Progress(*columns, console=console)
+            self._bar.start()
+            self._task = self._bar.add_task("search", total=self.budget, best="-", busy="-")
+        self._bar.update(self._task, completed=progress.done,
+                         best="-" if progress.best is None else f"{progress.best:.4f}",
+                         busy=f"{progress.busy}/{progress.workers} busy")
+
+    def searched(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+            self._bar = None
 
 
 class _Interrupted(Exception):

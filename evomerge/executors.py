@@ -76,9 +76,11 @@ class Executor(Protocol):
     with ``error`` set, never as an exception. ``slots`` is how many jobs may be in flight at once (0: no
     worker left); ``can_submit`` says whether a job handed over now starts without waiting for a worker to
     come back (a restarting one); ``busy`` is how many jobs are in flight, and callers keep it below
-    ``slots``. ``workers`` is (workers with a job, workers alive), for the progress display."""
+    ``slots``. ``workers`` is (workers with a job, workers alive), for the progress display; ``inputs`` says
+    where the workers keep the models they merge from (a line per kind of worker)."""
 
     name: str
+    inputs: str
 
     def slots(self) -> int: ...
 

@@ -10,16 +10,12 @@ in the study; the next start marks them failed and queues them again, as Ctrl-C 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import time
-import uuid
-import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
 import optuna
@@ -27,310 +23,29 @@ from optuna.trial import TrialState
 
 from evomerge.errors import SearchError, SpecError
 from evomerge.evaluate import EvalResult
+from evomerge.events import Progress
 from evomerge.executors import Candidate, Executor, Outcome, has_room, run_all
-from evomerge.files import atomic_write_text, check_apart
+from evomerge.files import atomic_write_text
 from evomerge.interrupt import CtrlC
-from evomerge.layout import LayerLayout
-from evomerge.models import open_checkpoint
-from evomerge.refs import model_folders
 from evomerge.run import (
-    STUDY_FILE,
-    STUDY_NAME,
     Attr,
     RunFolder,
     as_text,
     counted,
     examples_scored,
-    sqlite_file,
     stored_recipe,
 )
+from evomerge.samplers import open_study
 from evomerge.scores import task_shares, weighted_mean
 from evomerge.screening import Screen, race
-from evomerge.space import Space, make_space
-from evomerge.spec import AnyRecipe, Recipe, SearchSpec, SpaceSpec, TaskSpec, recipe_from_yaml
+from evomerge.space import make_space
+from evomerge.spec import AnyRecipe, Recipe, SearchSpec, recipe_hash
 from evomerge.subsets import AnswerStrata, FirstDocuments, SearchSubset
 
 K = TypeVar("K")  # the key of a batch of jobs
 MAX_RETRIES = 2
 MAX_FAILURES_IN_ROW = 5
 MAX_DUPLICATES_IN_ROW = 50
-
-
-def spec_hash(spec: SearchSpec) -> str:
-    """The spec's identity in its run folder. Fields added later are left out while they hold the value that
-    means "as before" (one method everywhere, no task options), so older run folders keep their hash; where the
-    inputs live (``inputs_on``) changes no result and is never part of it."""
-    unchanged: dict[str, Any] = {"inputs_on": True, "evaluation": {"tasks": {
-        i: {o for o in TaskSpec.OPTIONS if getattr(task, o) is None} for i, task in enumerate(spec.evaluation.tasks)}}}
-    if spec.evaluation.subset == "first":
-        unchanged["evaluation"].update({"subset": True, "subset_pool": True})
-    if spec.space.method_granularity == "global":
-        unchanged["space"] = {"method_granularity"}
-    if spec.space.kind == "weights":
-        unchanged.setdefault("space", set()).update({"kind", *SpaceSpec.DATAFLOW_FIELDS})
-    if spec.then is None:
-        unchanged["then"] = True
-    if spec.tokenizer_source is None:
-        unchanged["tokenizer_source"] = True
-    return hashlib.sha256(spec.model_dump_json(exclude=unchanged).encode()).hexdigest()[:16]
-
-
-def recipe_hash(recipe: AnyRecipe) -> str:
-    """A recipe's identity in its run (duplicates reuse a score); a field added later is left out while it
-    holds its default, so that a resumed older run still knows its recipes."""
-    later = {"tokenizer_source"} if isinstance(recipe, Recipe) and recipe.tokenizer_source is None else None
-    return hashlib.sha256(recipe.model_dump_json(exclude=later).encode()).hexdigest()[:16]
-
-
-def default_run_name(spec_path: str | None) -> str:
-    stem = Path(spec_path).stem if spec_path else "demo"
-    return f"{stem}-{time.strftime('%Y%m%d-%H%M%S')}"
-
-
-def check_spec(spec: SearchSpec) -> None:
-    """Everything about the spec that can fail before compute: model folders, their compatibility, tasks."""
-    from evomerge.evaluate import check_tasks
-    from evomerge.executors import include_paths
-    from evomerge.models import check_compatible, check_loadable
-    from evomerge.refs import resolve_model_path
-
-    checkpoints = {ref: open_checkpoint(ref) for ref in [spec.base_model, *spec.models]}
-    check_compatible(list(checkpoints.values()), aligned_vocab=spec.tokenizer_source is not None)
-    check_loadable(spec.base_model, checkpoints[spec.base_model])
-    layout = LayerLayout.of(checkpoints[spec.base_model])
-    check_modules(spec, layout)
-    try:  # what a Search builds in memory before its study is opened: a failure here, not once files are written
-        study_sampler(spec, make_space(spec, layout))
-    except ValueError as err:
-        raise SpecError(f"sampler {spec.sampler or default_sampler(spec)} with seed {spec.seed}: {err}") from None
-    tokenizer = spec.base_model  # the tasks' tokenizer (a union starts from the base's)
-    if spec.tokenizer_source is not None:
-        from evomerge.registry import get_method
-        from evomerge.vocab import plan_vocab, source_model
-
-        tokenizer = source_model(spec.tokenizer_source, spec.base_model) or tokenizer
-        searched = plan_vocab(spec.tokenizer_source, checkpoints, spec.base_model).tokenizer.get_vocab()
-        baseless = [m for m in spec.space.methods if get_method(m).base == "none"]
-        if baseless and spec.tokenizer_source == "union":  # their union starts from models[0], not the base
-            without = {ref: checkpoints[ref] for ref in spec.models}
-            if plan_vocab("union", without, spec.base_model).tokenizer.get_vocab() != searched:
-                raise SpecError(f"tokenizer_source union: {baseless[0]} merges without the base, and the union of the "
-                                "models alone numbers the tokens otherwise than the one that starts from the base; "
-                                "drop it from space.methods, put the model that shares the base's token ids first, "
-                                "or use tokenizer_source base")
-    paths = spec.space if spec.space.kind == "dataflow" else spec.then.space if spec.then else None
-    if paths is not None and paths.scale is not None:  # a then stage's too: checked before the first stage runs
-        from evomerge.dataflow import check_scalable
-
-        for ref in spec.models:
-            check_scalable(checkpoints[ref], f"{'then.' if spec.then else ''}space.scale ({ref})")
-    check_tasks(spec.evaluation.tasks, include_paths(spec), tokenizer=resolve_model_path(tokenizer))
-
-
-def check_modules(spec: SearchSpec, layout: LayerLayout) -> None:
-    """A ``layer_module`` space searches one coefficient per block and module pattern: a pattern that matches no
-    tensor of the base's blocks (``layout``) would search a dimension that changes nothing."""
-    if spec.space.kind != "weights" or spec.space.grain.kind != "layer_module" or not layout.num_layers:
-        return
-    for module in spec.space.modules:
-        filters = [f"{layout.prefix}{i}.{module}" for i in range(layout.num_layers)]
-        if not any(f in name for name in layout.block_tensors for f in filters):
-            raise SpecError(f"space.modules: {module!r} matches no tensor of {spec.base_model}'s blocks "
-                            f"(no name contains {filters[0]!r}); name a module the blocks have")
-
-
-SQLITE_HEADER = b"SQLite format 3\x00"
-
-
-def check_sqlite_file(db: Path, url: str) -> None:
-    """A SQLite study file that the search can create, or open and write: its folder exists and is writable (a
-    read-only file system is not); an existing file is a writable SQLite database (or empty, as a search
-    killed while creating it leaves it)."""
-    folder = db.resolve().parent
-    if not folder.is_dir():
-        raise SpecError(f"--storage {url}: folder {folder} does not exist")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise SpecError(f"--storage {url}: folder {folder} is not writable")
-    if not db.exists():
-        return
-    if not db.is_file():
-        raise SpecError(f"--storage {url}: {db} is not a file")
-    try:
-        with db.open("rb") as f:
-            head = f.read(len(SQLITE_HEADER))
-    except OSError as err:
-        raise SpecError(f"--storage {url}: {db} is unreadable ({err.strerror})") from None
-    if head and head != SQLITE_HEADER:
-        raise SpecError(f"--storage {url}: {db} is not a SQLite database")
-    if not os.access(db, os.W_OK):
-        raise SpecError(f"--storage {url}: {db} is not writable")
-
-
-def check_storage(url: str) -> None:
-    """A study storage URL that names a known database kind and can be reached and written, checked before
-    anything is written. SQLite files are not opened (that would create them): see ``check_sqlite_file``."""
-    import sqlalchemy
-    from sqlalchemy.engine import make_url
-
-    try:
-        parsed = make_url(url)
-        if parsed.get_backend_name() == "sqlite":
-            db = sqlite_file(parsed)
-            if db is not None:
-                check_sqlite_file(db, url)
-            return
-        engine = sqlalchemy.create_engine(parsed)
-        with engine.connect():
-            pass
-        engine.dispose()
-    except SpecError:
-        raise
-    except Exception as err:  # unknown scheme, missing driver, unreachable server, bad credentials
-        raise SpecError(f"--storage {url}: {type(err).__name__}: {str(err).splitlines()[0][:200]}") from None
-
-
-def spec_inputs(spec: SearchSpec) -> list[Path]:
-    """Every folder the search reads models from: the base's, each model's (a LoRA's base and adapter) and the
-    ``tokenizer_source`` model's; its run folder must keep clear of them."""
-    from evomerge.vocab import source_model
-
-    named = source_model(spec.tokenizer_source, spec.base_model) if spec.tokenizer_source else None
-    return [folder for ref in [spec.base_model, *spec.models, *([named] if named else [])]
-            for folder in model_folders(ref)]
-
-
-def check_run_folder(spec: SearchSpec, run: RunFolder, force: bool, storage: str | None = None) -> str | None:
-    """Whether ``run`` may take this search (a new folder, or one made by the same spec and storage; with
-    ``force`` any run folder, for a new search; never one that is, contains or lies inside an input, nor holds a
-    file one reads through its links, nor one this process cannot write); returns the ``--storage`` URL to
-    record (None: the run's own file). Reads only."""
-    check_apart(run.root, "run folder", spec_inputs(spec))
-    if run.root.exists() and not run.root.is_dir():
-        raise SpecError(f"run folder {run.root} is a file")
-    if not run.spec.exists():
-        parent = next(p for p in run.root.absolute().parents if p.exists())
-        if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-            raise SpecError(f"cannot create the run folder {run.root}: {parent} is not a writable folder")
-        return storage
-    doc = run.read_doc()
-    if not os.access(run.root, os.W_OK | os.X_OK):  # a read-only file system: its lock, log and study
-        raise SpecError(f"run folder {run.root} is not writable")
-    if force:  # a new search; the old one's study is set aside (``prepare_run``), in its storage unless told
-        return storage or doc.get("storage")
-    if doc.get("spec_hash") != spec_hash(spec):
-        raise SpecError(f"run {run.root} was made with a different spec; use another --run or pass --force")
-    recorded = run.storage_url()
-    if storage and storage != recorded:
-        raise SpecError(f"run {run.root} keeps its study at {recorded}, not {storage}")
-    return doc.get("storage")
-
-
-def check_budget(run: RunFolder, budget: int) -> None:
-    """A run's budget may grow or stay, never fall below the trials it has finished (they would all count,
-    and the hold-out check would run again under a budget rewritten downwards). Reads only."""
-    try:
-        done = sum(counted(t) for t in run.trials())
-    except SpecError:  # no study yet, or its creation cut short: nothing finished (the search completes it)
-        return
-    if budget < done:
-        raise SpecError(f"--budget {budget} is below the {done} trials run {run.root} has finished; give at "
-                        f"least {done}")
-
-
-def set_aside(run: RunFolder) -> Path:
-    """Move a run folder's search (its record, log, summary, report, then stage and, in the run's own file, its
-    study) into a ``set-aside-*`` folder inside it, so that a new search starts from nothing and the old one
-    is kept, never mixed in. Returns that folder."""
-    own_file = not run.read_doc().get("storage")
-    aside = run.root / f"set-aside-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    aside.mkdir()
-    for path in (run.spec, run.log, run.summary, run.root / "report.md", run.root / "report.png",
-                 run.root / STAGE_WINNER, run.root / STAGE_FOLDER, *([run.root / STUDY_FILE] if own_file else [])):
-        if path.exists() or path.is_symlink():
-            path.rename(aside / path.name)
-    return aside
-
-
-def prepare_run(spec: SearchSpec, run: RunFolder, budget: int, force: bool, storage: str | None = None,
-                max_examples: int | None = None) -> None:
-    """Create the run folder (or take over one made by the same spec; with ``force``, set aside the search it
-    holds) and record spec, budget (and example budget), storage and study name (a fresh one in a
-    ``--storage`` database, so that runs sharing it never share a study) and the base's block layout (what
-    ``evomerge report`` reads instead of the model)."""
-    storage = check_run_folder(spec, run, force, storage)
-    if force and run.spec.exists():
-        set_aside(run)
-    study = run.study_name() if run.spec.exists() else \
-        (f"{run.root.name}-{uuid.uuid4().hex[:8]}" if storage else STUDY_NAME)
-    layout = LayerLayout.of(open_checkpoint(spec.base_model))
-    run.root.mkdir(parents=True, exist_ok=True)
-    run.write_doc(spec.model_dump(mode="json"), spec_hash(spec), budget, storage, study, max_examples)
-    run.write_layout(layout)
-
-
-STAGE_WINNER = "ps-winner"  # the first stage's winner, exported into the run folder for the then stage
-STAGE_FOLDER = "dataflow"  # the then stage's run folder, inside the first stage's
-
-
-def dataflow_stage(spec: SearchSpec, run: RunFolder) -> tuple[SearchSpec, RunFolder]:
-    """The ``then`` stage of ``spec``'s run: its spec (the first stage's winner folder among the models) and
-    its run folder. Reads nothing."""
-    return spec.dataflow_stage(str((run.root / STAGE_WINNER).resolve())), RunFolder(run.root / STAGE_FOLDER)
-
-
-def export_stage_winner(run: RunFolder, fixed: bool) -> None:
-    """Write the first stage's winner into the run folder, where the then stage's pool reads it. Once the
-    then stage has begun (``fixed``) the folder is kept as it is; before, a winner that changed (the first
-    stage resumed with a larger budget) replaces it."""
-    from evomerge.merge import merge_to_folder
-
-    folder = run.root / STAGE_WINNER
-    winner = stored_recipe(run.read_summary()["winner_recipe"], f"{run.summary}: winner_recipe")
-    written = folder / "evomerge_recipe.yaml"
-    if folder.exists() and (fixed or (written.is_file() and recipe_from_yaml(written) == winner)):
-        return
-    merge_to_folder(winner, folder, force=True)
-
-
-def make_sampler(spec: SearchSpec, workers: int = 1, dimensions: int = 1) -> optuna.samplers.BaseSampler:
-    """The spec's sampler. CMA-ES gets a population of at least ``workers``: with more candidates in flight
-    than one generation holds, the extra ones are wasted (Optuna's advice)."""
-    kind = spec.sampler or default_sampler(spec)
-    if kind == "cmaes":
-        default = 4 + math.floor(3 * math.log(max(1, dimensions)))
-        return optuna.samplers.CmaEsSampler(seed=spec.seed, warn_independent_sampling=False,
-                                            popsize=max(default, workers),
-                                            with_margin=spec.space.kind == "dataflow")  # keeps 0/1 steps moving
-    if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, group=True)
-    if kind == "nsga2":
-        return optuna.samplers.NSGAIISampler(seed=spec.seed)
-    return optuna.samplers.RandomSampler(seed=spec.seed)
-
-
-def default_sampler(spec: SearchSpec) -> str:
-    if spec.evaluation.objective == "pareto":
-        return "nsga2"
-    if spec.space.kind == "dataflow":  # CMA-ES on 0/1 decisions alone soon proposes the same path again and again
-        return "cmaes" if spec.space.scale is not None else "tpe"
-    return "tpe" if len(spec.space.methods) > 1 else "cmaes"
-
-
-def study_sampler(spec: SearchSpec, space: Space, workers: int = 1) -> optuna.samplers.BaseSampler:
-    """The sampler of the spec's study, sized to ``space`` (how many numbers one recipe takes sizes CMA-ES's
-    population). Builds everything in memory."""
-    probe = optuna.create_study().ask()
-    space.sample(probe)
-    with warnings.catch_warnings():  # TPE's group is "experimental"; used knowingly
-        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return make_sampler(spec, workers, len(probe.params))
-
-
-def open_study(spec: SearchSpec, run: RunFolder, space: Space, workers: int = 1) -> optuna.Study:
-    directions = ["maximize"] * (len(spec.evaluation.tasks) if spec.evaluation.objective == "pareto" else 1)
-    sampler = study_sampler(spec, space, workers)
-    return optuna.create_study(study_name=run.study_name(), storage=run.storage_url(), sampler=sampler,
-                               pruner=optuna.pruners.NopPruner(), directions=directions, load_if_exists=True)
 
 
 def _requeue(study: optuna.Study, trial: optuna.trial.BaseTrial, **attrs: Any) -> None:
@@ -357,15 +72,6 @@ def _objective(spec: SearchSpec, result: EvalResult) -> list[float]:
     if spec.evaluation.objective == "pareto":
         return [result.scores[t.name] for t in spec.evaluation.tasks]
     return [result.score]
-
-
-@dataclass
-class Progress:
-    done: int
-    budget: int
-    best: float | None
-    busy: int  # workers with a candidate in flight
-    workers: int  # workers alive
 
 
 @dataclass

@@ -9,6 +9,7 @@ back as a mergekit YAML. ``seed`` (for DARE/DELLA masks) is our only addition. A
 from __future__ import annotations
 
 import functools
+import hashlib
 import itertools
 import re
 from dataclasses import dataclass
@@ -803,3 +804,29 @@ class SearchSpec(BaseModel):
             space["outer"] = winner
         return SearchSpec.model_validate({**stage, "models": [winner, *self.models], "space": space,
                                           "sampler": self.then.sampler})
+
+
+def spec_hash(spec: SearchSpec) -> str:
+    """The spec's identity in its run folder. Fields added later are left out while they hold the value that
+    means "as before" (one method everywhere, no task options), so older run folders keep their hash; where the
+    inputs live (``inputs_on``) changes no result and is never part of it."""
+    unchanged: dict[str, Any] = {"inputs_on": True, "evaluation": {"tasks": {
+        i: {o for o in TaskSpec.OPTIONS if getattr(task, o) is None} for i, task in enumerate(spec.evaluation.tasks)}}}
+    if spec.evaluation.subset == "first":
+        unchanged["evaluation"].update({"subset": True, "subset_pool": True})
+    if spec.space.method_granularity == "global":
+        unchanged["space"] = {"method_granularity"}
+    if spec.space.kind == "weights":
+        unchanged.setdefault("space", set()).update({"kind", *SpaceSpec.DATAFLOW_FIELDS})
+    if spec.then is None:
+        unchanged["then"] = True
+    if spec.tokenizer_source is None:
+        unchanged["tokenizer_source"] = True
+    return hashlib.sha256(spec.model_dump_json(exclude=unchanged).encode()).hexdigest()[:16]
+
+
+def recipe_hash(recipe: AnyRecipe) -> str:
+    """A recipe's identity in its run (duplicates reuse a score); a field added later is left out while it
+    holds its default, so that a resumed older run still knows its recipes."""
+    later = {"tokenizer_source"} if isinstance(recipe, Recipe) and recipe.tokenizer_source is None else None
+    return hashlib.sha256(recipe.model_dump_json(exclude=later).encode()).hexdigest()[:16]

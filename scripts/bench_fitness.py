@@ -33,8 +33,9 @@ from bench_search import searched, test_score  # noqa: E402  (this folder: a scr
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import DEMO_SPEC  # noqa: E402
 from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
+from evomerge.launch import prepare_run  # noqa: E402
 from evomerge.run import Attr, RunFolder, structured_attr  # noqa: E402
-from evomerge.search import Search, prepare_run  # noqa: E402
+from evomerge.search import Search  # noqa: E402
 from evomerge.spec import SearchSpec, parse_recipe  # noqa: E402
 
 # label: (search_examples, screen_examples, subset_pool) per task; a list of screens is a race over those rungs;

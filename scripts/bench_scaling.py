@@ -23,9 +23,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.demo import DEMO_SPEC  # noqa: E402
-from evomerge.launch import make_executor  # noqa: E402
+from evomerge.launch import make_executor, run_search  # noqa: E402
 from evomerge.run import RunFolder  # noqa: E402
-from evomerge.search import Search, prepare_run  # noqa: E402
 from evomerge.spec import SearchSpec  # noqa: E402
 
 CONFIGS = {  # label -> (executor kind, workers)
@@ -38,13 +37,11 @@ CONFIGS = {  # label -> (executor kind, workers)
 def measure(spec: SearchSpec, kind: str, workers: int | None, budget: int) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as tmp:
         run = RunFolder(Path(tmp) / "run")
-        prepare_run(spec, run, budget, force=False)
         start = time.perf_counter()
         executor = make_executor(spec, kind, workers)
         try:
-            search = Search(spec, run, executor)
             ready = time.perf_counter()
-            search.run_budget(budget)
+            run_search(spec, run, budget, executor, finalize=False)
             loop = time.perf_counter() - ready
         finally:
             executor.close()

@@ -25,8 +25,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import DEMO_SPEC  # noqa: E402
 from evomerge.executors import Candidate, InProcessExecutor, Worker  # noqa: E402
+from evomerge.launch import run_search  # noqa: E402
 from evomerge.run import Attr, RunFolder, counted, structured_attr  # noqa: E402
-from evomerge.search import Search, prepare_run  # noqa: E402
+from evomerge.search import Search  # noqa: E402
 from evomerge.spec import MergeRecipe, Recipe, SearchSpec, parse_recipe  # noqa: E402
 
 SAMPLERS = ("cmaes", "tpe", "random")
@@ -67,13 +68,10 @@ def print_seed_table(results_per_seed: list[dict[str, dict]], labels: list[str],
 @contextlib.contextmanager
 def searched(spec: SearchSpec, executor: InProcessExecutor, budget: int) -> Iterator[tuple[Search, float]]:
     """A search run to its budget in a temporary run folder (which lives while the block runs), and the
-    search's wall time."""
+    search's wall time (preparing the run folder included)."""
     with tempfile.TemporaryDirectory() as tmp:
-        run = RunFolder(Path(tmp) / "run")
-        prepare_run(spec, run, budget, force=False)
-        search = Search(spec, run, executor=executor)
         start = time.perf_counter()
-        search.run_budget(budget)
+        search = run_search(spec, RunFolder(Path(tmp) / "run"), budget, executor, finalize=False).search
         yield search, time.perf_counter() - start
 
 

@@ -23,9 +23,9 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 from evomerge.cli import main
 from evomerge.demo import model_path
 from evomerge.executors import InProcessExecutor, Worker
+from evomerge.launch import run_search
 from evomerge.models import open_checkpoint
 from evomerge.run import STUDY_NAME, RunFolder, counted
-from evomerge.search import Search, prepare_run
 from evomerge.spec import SearchSpec
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
@@ -143,14 +143,11 @@ def checksums(*folders) -> dict[str, str]:
 def search_and_finalize(spec: SearchSpec, folder, budget: int) -> dict:
     """A new run of ``spec`` in ``folder`` through exactly ``budget`` counted trials and the hold-out check; the
     summary, whose winner is one of the trials."""
-    run = RunFolder(folder)
-    prepare_run(spec, run, budget, force=False)
-    search = Search(spec, run, in_process(spec))
-    search.run_budget(budget)
-    assert sum(counted(t) for t in search.study.get_trials()) == budget
-    summary = search.finalize()
-    assert summary["winner_trial"] in {t.number for t in search.study.get_trials()}
-    return summary
+    done = run_search(spec, RunFolder(folder), budget, in_process(spec))
+    trials = done.search.study.get_trials()
+    assert sum(counted(t) for t in trials) == budget
+    assert done.summary["winner_trial"] in {t.number for t in trials}
+    return done.summary
 
 def commit_of(name: str) -> str:
     return hashlib.sha1(name.encode()).hexdigest()

@@ -11,8 +11,9 @@ from optuna.trial import TrialState
 from evomerge.errors import SearchError
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate, InProcessExecutor, Outcome, Worker, run_all, screen_then_rest
+from evomerge.launch import prepare_run
 from evomerge.run import Attr, RunFolder, counted, structured_attr
-from evomerge.search import Search, prepare_run
+from evomerge.search import Search
 from evomerge.spec import Recipe, SearchSpec
 
 

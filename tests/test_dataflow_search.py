@@ -195,7 +195,7 @@ def test_then_needs_a_dataflow_space_after_a_weight_space(tmp_path, capsys):
 
 
 def test_paths_stop_at_the_longest_a_recipe_takes_and_the_default_sampler_suits_the_space():
-    from evomerge.search import default_sampler
+    from evomerge.samplers import default_sampler
     from evomerge.spec import MAX_PATH_LENGTH
 
     spec = spec_with(repeats=1, max_length=None, scale=None)

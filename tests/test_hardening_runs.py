@@ -21,11 +21,12 @@ import yaml
 from optuna.distributions import FloatDistribution
 
 from evomerge.cli import main
+from evomerge.launch import check_storage, prepare_run
 from evomerge.layout import LayerLayout
 from evomerge.run import STUDY_NAME, Attr, RunFolder, as_text, counted, sqlite_url
-from evomerge.search import check_storage, open_study, prepare_run, spec_hash
+from evomerge.samplers import open_study
 from evomerge.space import make_space
-from evomerge.spec import Recipe, SearchSpec
+from evomerge.spec import Recipe, SearchSpec, spec_hash
 
 SMALL = {
     "base_model": "demo:base",
@@ -354,7 +355,8 @@ def test_start_failing_late_leaves_nothing(where, folder, tmp_path, capsys, monk
     monkeypatch.setattr(evomerge.launch, "make_executor",
                         fail if where == "the workers" else lambda *a, **k: _NoWorkers())
     if where != "the workers":
-        monkeypatch.setattr(evomerge.search, LATE_FAILURES[where], fail)
+        module = evomerge.search if where == "the study" else evomerge.launch
+        monkeypatch.setattr(module, LATE_FAILURES[where], fail)
     refused(["search", str(spec), "--budget", "2", "--run", str(tmp_path / folder)], tmp_path, capsys,
             f"{where} failed late")
     monkeypatch.undo()

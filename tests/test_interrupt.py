@@ -10,8 +10,9 @@ from helpers import in_process
 from optuna.trial import TrialState
 
 from evomerge.interrupt import CtrlC
+from evomerge.launch import prepare_run
 from evomerge.run import RunFolder, counted
-from evomerge.search import Search, prepare_run
+from evomerge.search import Search
 from evomerge.spec import SearchSpec
 
 SPEC = {

@@ -133,7 +133,7 @@ def test_live_merge_equals_streamed_export_and_generates(real, tmp_path):
 def test_real_zoo_spec_searches_the_real_model(real, tmp_path, monkeypatch):
     """search_spaces/real_zoo.yaml, shrunk (its experts swapped for the base and its noisy copy, a few documents),
     runs end to end on the real architecture: checked up front, trials scored, a winner re-scored and exported."""
-    from evomerge.search import check_spec
+    from evomerge.launch import check_spec
     from evomerge.spec import SearchSpec
 
     root = SCRIPT.parent.parent

@@ -11,10 +11,11 @@ from helpers import CLI_ENV, SPEC, in_process, sigkill_at
 from optuna.trial import TrialState
 
 from evomerge.evaluate import EvalResult
+from evomerge.launch import prepare_run
 from evomerge.run import Attr, RunFolder, counted, structured_attr
 from evomerge.scores import weighted_mean
 from evomerge.screening import P_THRESHOLD, Screen, rung_vectors, significantly_worse
-from evomerge.search import Search, prepare_run
+from evomerge.search import Search
 from evomerge.spec import SearchSpec
 from evomerge.subsets import FirstDocuments
 

@@ -14,8 +14,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evomerge.cli import main
 from evomerge.demo import TASKS_DIR
 from evomerge.evaluate import Evaluator
+from evomerge.launch import prepare_run
 from evomerge.run import RunFolder, counted
-from evomerge.search import Search, prepare_run
+from evomerge.search import Search
 from evomerge.spec import SearchSpec, TaskSpec
 
 

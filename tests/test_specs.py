@@ -10,7 +10,7 @@ from pydantic import ValidationError
 
 from evomerge.demo import DEMO_SPEC
 from evomerge.errors import SpecError
-from evomerge.search import check_spec
+from evomerge.launch import check_spec
 from evomerge.spec import SearchSpec
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -132,7 +132,7 @@ def test_specs_keep_the_hash_their_run_folders_recorded():
     """Run folders written before method_granularity existed recorded this hash of the demo spec of that time
     (screen 100 of 500 examples); fields added since, at their defaults, stay out of the hash, so those runs
     still resume."""
-    from evomerge.search import spec_hash
+    from evomerge.spec import spec_hash
 
     earlier = yaml.safe_load((SPACES / "demo.yaml").read_text())
     earlier["evaluation"].update(search_examples=500, screen_examples=100)

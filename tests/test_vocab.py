@@ -305,7 +305,7 @@ def test_union_search_with_a_baseless_method_checked_up_front(zoo, tmp_path, cap
     where both agree (a appends, c keeps the base's vocabulary) the check passes."""
     from helpers import SMALL, search_refused
 
-    from evomerge.search import check_spec
+    from evomerge.launch import check_spec
     from evomerge.spec import SearchSpec
 
     doc = {**SMALL, "base_model": str(zoo["base"]), "models": [str(zoo["d"]), str(zoo["a"])],
@@ -317,7 +317,7 @@ def test_union_search_with_a_baseless_method_checked_up_front(zoo, tmp_path, cap
 def test_recipe_hash_unchanged_by_the_tokenizer_source_field():
     """Recipes without a tokenizer_source hash as before the field existed (a resumed older run still knows
     which recipes it scored): the value computed by the code before it."""
-    from evomerge.search import recipe_hash
+    from evomerge.spec import recipe_hash
 
     recipe = Recipe.model_validate({"merge_method": "ties", "base_model": "demo:base", "models": [
         {"model": "demo:add", "parameters": {"weight": 0.5, "density": 0.5}},
