@@ -4,8 +4,9 @@ stage lives in its own run folder inside the first's and reads the first stage's
 from __future__ import annotations
 
 from evomerge.merge import merge_to_folder
+from evomerge.recipes import recipe_from_yaml
 from evomerge.run import RunFolder, stored_recipe
-from evomerge.spec import SearchSpec, recipe_from_yaml
+from evomerge.spec import SearchSpec
 
 STAGE_WINNER = "ps-winner"  # the first stage's winner, exported into the run folder for the then stage
 

@@ -56,7 +56,7 @@ def _folder(text: str) -> str:
 def _merge(args: argparse.Namespace) -> None:
     from evomerge.checkpoint import shard_bytes
     from evomerge.dataflow import write_recipe_folder
-    from evomerge.spec import recipe_from_yaml
+    from evomerge.recipes import recipe_from_yaml
 
     shard = shard_bytes(args.shard_size)
     recipe = recipe_from_yaml(args.recipe)

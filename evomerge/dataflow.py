@@ -25,8 +25,8 @@ from evomerge.layout import layer_index
 from evomerge.merge import DTYPE_NAMES, merge_to_folder, output_dtype
 from evomerge.models import check_compatible, open_checkpoint
 from evomerge.placement import place_inputs
+from evomerge.recipes import OUTPUT_PROJECTIONS, AnyRecipe, PathRecipe, Placement
 from evomerge.refs import model_folders
-from evomerge.spec import OUTPUT_PROJECTIONS, AnyRecipe, PathRecipe, Placement
 
 # model types whose blocks add their OUTPUT_PROJECTIONS' results straight to the residual stream (checked against
 # transformers' modeling code): scaling those weights scales what a block adds. Elsewhere a norm after them (Gemma2/3,

@@ -21,9 +21,10 @@ from evomerge.dataflow import LivePath
 from evomerge.errors import SpecError
 from evomerge.evaluate import EvalResult, Evaluator
 from evomerge.merge import DTYPES, LiveMerger
+from evomerge.recipes import AnyRecipe, PathRecipe
 from evomerge.refs import resolve_model_path
 from evomerge.screening import Screen
-from evomerge.spec import AnyRecipe, PathRecipe, SearchSpec
+from evomerge.spec import SearchSpec
 
 Fidelity = Literal["full", "screen"]
 

@@ -6,9 +6,9 @@ from pathlib import Path
 
 from evomerge.dataflow import write_recipe_folder
 from evomerge.errors import SpecError
+from evomerge.recipes import AnyRecipe, PathRecipe
 from evomerge.refs import hub_id_of, named_models
 from evomerge.run import Attr, RunFolder, stored_recipe, summary_table_markdown
-from evomerge.spec import AnyRecipe, PathRecipe
 
 
 def trial_recipe(run: RunFolder, trial: int | None) -> tuple[int, AnyRecipe, dict]:

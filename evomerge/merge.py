@@ -21,9 +21,9 @@ from evomerge.layout import layer_index
 from evomerge.models import check_compatible, open_checkpoint
 from evomerge.params import TensorParams, check_resolved, resolve_params
 from evomerge.placement import place_inputs
+from evomerge.recipes import AnyRecipe, MergeRecipe, Placement, Recipe
 from evomerge.refs import hub_id_of, model_folders, named_models
 from evomerge.registry import MergeMethod
-from evomerge.spec import AnyRecipe, MergeRecipe, Placement, Recipe
 from evomerge.vocab import VocabPlan, align_inputs, is_vocab_tensor, plan_vocab, source_model, write_vocab
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,

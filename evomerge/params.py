@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from evomerge.errors import SpecError
 from evomerge.layout import layer_index, layer_position
-from evomerge.spec import MergeRecipe, Recipe, resolve_setting
+from evomerge.recipes import MergeRecipe, Recipe, resolve_setting
 
 
 @dataclass(frozen=True)

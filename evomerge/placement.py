@@ -20,7 +20,7 @@ import torch
 
 from evomerge.checkpoint import Checkpoint
 from evomerge.errors import SpecError
-from evomerge.spec import Placement
+from evomerge.recipes import Placement
 
 PLACEMENTS: tuple[Placement, ...] = get_args(Placement)
 GB = 1e9

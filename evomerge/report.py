@@ -20,6 +20,7 @@ from evomerge.errors import SpecError
 from evomerge.files import atomic_write_text
 from evomerge.layout import LayerLayout, layer_index
 from evomerge.params import resolve_params
+from evomerge.recipes import AnyRecipe, MergeRecipe, PathRecipe
 from evomerge.run import (
     Attr,
     RunFolder,
@@ -30,7 +31,7 @@ from evomerge.run import (
     summary_table_markdown,
 )
 from evomerge.scores import weighted_mean
-from evomerge.spec import AnyRecipe, MergeRecipe, PathRecipe, SearchSpec
+from evomerge.spec import SearchSpec
 
 
 @dataclass(frozen=True)

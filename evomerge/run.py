@@ -29,7 +29,8 @@ from evomerge.yaml_io import load_yaml
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
-    from evomerge.spec import AnyRecipe, SearchSpec
+    from evomerge.recipes import AnyRecipe
+    from evomerge.spec import SearchSpec
 
 STUDY_NAME = "evomerge"
 STUDY_FILE = "study.db"
@@ -70,7 +71,8 @@ def structured_attr(trial: FrozenTrial, name: str, default: Any = None) -> Any:
 def stored_recipe(value: Any, where: str) -> AnyRecipe:
     """A recipe as a run stores it (a trial's JSON text, a summary's mapping); SpecError naming ``where`` when
     a cut or a hand edit left something that is not a recipe."""
-    from evomerge.spec import describe_error, parse_recipe
+    from evomerge.recipes import parse_recipe
+    from evomerge.yaml_io import describe_error
 
     try:
         data = json.loads(value) if isinstance(value, str) else value
@@ -235,7 +237,7 @@ class RunFolder:
         except OSError as err:
             raise SpecError(f"{self.layout_file}: unreadable ({str(err).splitlines()[0]})") from None
         except ValidationError as err:
-            from evomerge.spec import describe_error
+            from evomerge.yaml_io import describe_error
 
             raise SpecError(f"{self.layout_file}: not a layer layout ({describe_error(err)})") from None
 
@@ -289,7 +291,7 @@ class RunFolder:
             summary = json.loads(self.summary.read_text())
         except (json.JSONDecodeError, UnicodeDecodeError, OSError) as err:
             raise SpecError(f"{self.summary}: unreadable ({err})") from None
-        from evomerge.spec import describe_error
+        from evomerge.yaml_io import describe_error
 
         try:
             _Summary.model_validate(summary)

@@ -14,7 +14,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import optuna
-from scipy.stats import wilcoxon
 
 from evomerge.evaluate import EvalResult
 from evomerge.run import Attr, structured_attr
@@ -27,6 +26,8 @@ P_THRESHOLD = 0.1
 def significantly_worse(candidate: Sequence[float], best: Sequence[float], p_threshold: float = P_THRESHOLD) -> bool:
     """Whether ``candidate`` is worse than ``best`` on the same examples at level ``p_threshold``.
     Ties (zero differences) are split between the signs, so equal answers weigh against pruning."""
+    from scipy.stats import wilcoxon  # scipy.stats takes seconds to import: only a race that screens needs it
+
     diffs = [c - b for c, b in zip(candidate, best, strict=True)]
     if sum(diffs) >= 0:
         return False

@@ -27,6 +27,7 @@ from evomerge.events import Progress
 from evomerge.executors import Candidate, Executor, Outcome, has_room, run_all
 from evomerge.files import atomic_write_text
 from evomerge.interrupt import CtrlC
+from evomerge.recipes import AnyRecipe, Recipe, recipe_hash
 from evomerge.run import (
     Attr,
     RunFolder,
@@ -39,7 +40,7 @@ from evomerge.samplers import open_study
 from evomerge.scores import task_shares, weighted_mean
 from evomerge.screening import Screen, race
 from evomerge.space import make_space
-from evomerge.spec import AnyRecipe, Recipe, SearchSpec, recipe_hash
+from evomerge.spec import SearchSpec
 from evomerge.subsets import AnswerStrata, FirstDocuments, SearchSubset
 
 K = TypeVar("K")  # the key of a batch of jobs

@@ -15,20 +15,19 @@ from typing import Any, Protocol
 import optuna
 
 from evomerge.layout import LayerLayout
-from evomerge.registry import MergeMethod, get_method
-from evomerge.spec import (
+from evomerge.recipes import (
     MAX_PATH_LENGTH,
     AnyRecipe,
     Filtered,
-    Granularity,
     LayerGroup,
     LayerwiseRecipe,
     PathRecipe,
     PathStep,
     Recipe,
-    SearchSpec,
     Setting,
 )
+from evomerge.registry import MergeMethod, get_method
+from evomerge.spec import Granularity, SearchSpec
 
 
 @dataclass(frozen=True)

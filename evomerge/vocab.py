@@ -32,7 +32,7 @@ from evomerge.files import regular_file
 from evomerge.refs import resolve_model_path
 
 if TYPE_CHECKING:
-    from evomerge.spec import Recipe
+    from evomerge.recipes import Recipe
 
 # names (after a dot, or whole) of the tensors whose rows are tokens: mergekit's ``vocabulary_axis: 0`` tensors
 # of decoder-only architectures

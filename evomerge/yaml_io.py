@@ -1,17 +1,20 @@
 """YAML as evomerge reads it (recipes, specs, a run's spec.yaml, task YAMLs): stricter than ``yaml.safe_load``
 where that would pass silently, crash or block. A key given twice is refused (PyYAML keeps the last one),
 nesting deeper than any of our files needs is one line (not a RecursionError), and a file that is not a regular
-file (a FIFO, a device) is refused before a byte is read from it."""
+file (a FIFO, a device) is refused before a byte is read from it. A mapping read from YAML is validated into its
+pydantic model with one error line naming file and field (``describe_error``)."""
 
 from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import yaml
+from pydantic import BaseModel, ValidationError
 
 from evomerge.errors import SpecError
 
@@ -108,3 +111,49 @@ def _not_regular(path: Path) -> SpecError:
 def read_yaml_file(path: Path, *, functions: bool = False) -> Any:
     """The YAML document of a file, every problem one SpecError line naming the file (see ``load_yaml``)."""
     return load_yaml(read_text_file(path), str(path), functions=functions)
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def load_yaml_model(cls: type[M], path: str | Path) -> M:
+    """Parse and validate a YAML file; any problem becomes one SpecError line naming file and field."""
+    return validate_mapping(cls, read_yaml_mapping(Path(path)), Path(path))
+
+
+def read_yaml_mapping(path: Path) -> dict[str, Any]:
+    """A recipe's or spec's top-level mapping (``read_yaml_file``: a regular file, no key twice)."""
+    data = read_yaml_file(path)
+    if not isinstance(data, dict):
+        raise SpecError(f"{path}: expected a mapping at the top level")
+    return data
+
+
+def validate_mapping(cls: type[M], data: dict[str, Any], path: Path) -> M:
+    try:
+        return cls.model_validate(data)
+    except ValidationError as err:
+        raise SpecError(f"{path}: {describe_error(err)}") from None
+    except SpecError as err:
+        raise SpecError(f"{path}: {err}") from None
+
+
+# Errors that only say "this union member does not fit": when a value may be a number, a list or a
+# filter list, the telling error is the one about the member it was meant to be.
+_MISMATCH = {"bool_type", "bool_parsing", "float_type", "float_parsing", "int_type", "int_parsing", "list_type",
+             "string_type", "dict_type", "model_type", "model_attributes_type", "literal_error", "none_required"}
+
+
+_UNION_TAG = re.compile(r"^(bool|float|int|str|constrained-.*|function-.*|.*\[.*\])$")
+
+
+def describe_error(err: ValidationError) -> str:
+    """One line for a validation error: the most telling entry, where it is and what is wrong (for a
+    value that fits no member of a union: what each member wants)."""
+    errors = [(".".join(str(p) for p in e["loc"] if not (isinstance(p, str) and _UNION_TAG.match(p))), e)
+              for e in err.errors()]
+    telling = [(loc, e) for loc, e in errors if e["type"] not in _MISMATCH]
+    loc, first = (telling or errors)[0]
+    msgs = [first["msg"]] if telling else list(dict.fromkeys(e["msg"] for at, e in errors if at == loc))
+    msg = " or ".join(msgs).removeprefix("Value error, ")
+    return f"{loc + ': ' if loc else ''}{msg}"

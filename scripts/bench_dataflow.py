@@ -30,7 +30,8 @@ from bench_search import per_seed, print_seed_table, searched  # noqa: E402  (th
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
 from evomerge.merge import merge_to_folder  # noqa: E402
-from evomerge.spec import PathRecipe, SearchSpec, parse_recipe  # noqa: E402
+from evomerge.recipes import PathRecipe, parse_recipe  # noqa: E402
+from evomerge.spec import SearchSpec  # noqa: E402
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 SPACE_NAMES = ("ps", "dfs", "chain")

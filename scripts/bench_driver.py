@@ -51,9 +51,10 @@ from evomerge.evaluate import EvalResult  # noqa: E402
 from evomerge.events import Progress  # noqa: E402
 from evomerge.executors import Candidate, Outcome  # noqa: E402
 from evomerge.launch import prepare_run  # noqa: E402
+from evomerge.recipes import Recipe  # noqa: E402
 from evomerge.run import RunFolder, counted  # noqa: E402
 from evomerge.search import Search  # noqa: E402
-from evomerge.spec import Recipe, SearchSpec  # noqa: E402
+from evomerge.spec import SearchSpec  # noqa: E402
 
 REAL_MEAN_S = 40.0  # the mean of a real candidate's 20-60 s, for the conclusion
 

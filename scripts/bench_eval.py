@@ -31,7 +31,8 @@ from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import TASKS_DIR  # noqa: E402
 from evomerge.executors import Candidate, Worker  # noqa: E402
 from evomerge.merge import merge_to_folder  # noqa: E402
-from evomerge.spec import Recipe, SearchSpec  # noqa: E402
+from evomerge.recipes import Recipe  # noqa: E402
+from evomerge.spec import SearchSpec  # noqa: E402
 
 
 class Zoo(NamedTuple):

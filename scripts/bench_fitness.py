@@ -34,9 +34,10 @@ from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import DEMO_SPEC  # noqa: E402
 from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
 from evomerge.launch import prepare_run  # noqa: E402
+from evomerge.recipes import parse_recipe  # noqa: E402
 from evomerge.run import Attr, RunFolder, structured_attr  # noqa: E402
 from evomerge.search import Search  # noqa: E402
-from evomerge.spec import SearchSpec, parse_recipe  # noqa: E402
+from evomerge.spec import SearchSpec  # noqa: E402
 
 # label: (search_examples, screen_examples, subset_pool) per task; a list of screens is a race over those rungs;
 # with a pool, the search documents are drawn from strata of the reference models' answers on that many

@@ -24,7 +24,8 @@ from bench_search import per_seed, print_seed_table, searched  # noqa: E402  (th
 
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
-from evomerge.spec import SearchSpec, parse_recipe  # noqa: E402
+from evomerge.recipes import parse_recipe  # noqa: E402
+from evomerge.spec import SearchSpec  # noqa: E402
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 SPECS = {"per-layer linear (demo, CMA-ES)": "demo.yaml", "one method (method_choice, TPE)": "method_choice.yaml",

@@ -168,7 +168,7 @@ def cell(args: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     from evomerge.merge import LiveMerger
-    from evomerge.spec import Recipe
+    from evomerge.recipes import Recipe
 
     torch.set_num_threads(os.cpu_count() or 1)
     peaks = Peaks()

@@ -26,7 +26,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from evomerge.spec import Recipe
+from evomerge.recipes import Recipe
 
 COMMON = dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=16,
               tie_word_embeddings=False)

@@ -51,7 +51,7 @@ from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
 from evomerge.dataflow import path_to_folder
 from evomerge.demo import MODELS_DIR
-from evomerge.spec import PathRecipe
+from evomerge.recipes import PathRecipe
 
 SKILLS = ("add", "sort")  # the base is weak at both (README's zoo table); reverse it already solves
 PROBE_PATHS = ("A0 A1 B0 B1 base2 base3", "B0 B1 A0 A1 base2 base3", "A0 B0 A1 B1 base2 base3",

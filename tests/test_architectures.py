@@ -22,8 +22,9 @@ from evomerge.demo import model_path  # noqa: E402
 from evomerge.layout import LayerLayout, layer_index
 from evomerge.merge import LiveMerger, merge_to_folder  # noqa: E402
 from evomerge.models import open_checkpoint  # noqa: E402
+from evomerge.recipes import LayerwiseRecipe, Recipe
 from evomerge.space import make_slots
-from evomerge.spec import Granularity, LayerwiseRecipe, Recipe  # noqa: E402
+from evomerge.spec import Granularity
 
 VOCAB = 46  # the demo tokenizer's
 SMALL = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_attention_heads=4, num_key_value_heads=2)

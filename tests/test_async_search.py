@@ -12,9 +12,10 @@ from evomerge.errors import SearchError
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate, InProcessExecutor, Outcome, Worker, run_all, screen_then_rest
 from evomerge.launch import prepare_run
+from evomerge.recipes import Recipe
 from evomerge.run import Attr, RunFolder, counted, structured_attr
 from evomerge.search import Search
-from evomerge.spec import Recipe, SearchSpec
+from evomerge.spec import SearchSpec
 
 
 class ShuffledExecutor:

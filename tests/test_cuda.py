@@ -11,7 +11,8 @@ from helpers import SPEC
 from evomerge.executors import Candidate, Worker
 from evomerge.merge import merge_to_folder
 from evomerge.ray_executor import plan_workers
-from evomerge.spec import LayerwiseRecipe, Recipe, SearchSpec
+from evomerge.recipes import LayerwiseRecipe, Recipe
+from evomerge.spec import SearchSpec
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 IDS = {"demo_add": list(range(20)), "demo_reverse": list(range(20))}

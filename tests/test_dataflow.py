@@ -23,9 +23,9 @@ from evomerge.dataflow import LivePath, check_scalable, path_to_folder, scaled_b
 from evomerge.errors import SpecError
 from evomerge.merge import DTYPES, LiveMerger
 from evomerge.models import open_checkpoint
+from evomerge.recipes import PathRecipe, Recipe
 from evomerge.refs import resolve_model_path
 from evomerge.run import STUDY_NAME, RunFolder, sqlite_url
-from evomerge.spec import PathRecipe, Recipe
 
 TOKENS = torch.tensor([[1, 5, 7, 9, 11, 3, 4, 8, 2]])
 DEMO = ["demo:base", "demo:add", "demo:reverse"]

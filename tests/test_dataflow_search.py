@@ -18,9 +18,10 @@ from evomerge.demo import TASKS_DIR
 from evomerge.evaluate import Evaluator
 from evomerge.layout import LayerLayout
 from evomerge.models import open_checkpoint
+from evomerge.recipes import PathRecipe
 from evomerge.run import Attr, RunFolder, counted, structured_attr
 from evomerge.space import PathSpace, make_space
-from evomerge.spec import PathRecipe, SearchSpec, TaskSpec
+from evomerge.spec import SearchSpec, TaskSpec
 
 SPEC = {
     "base_model": "demo:base",
@@ -195,8 +196,8 @@ def test_then_needs_a_dataflow_space_after_a_weight_space(tmp_path, capsys):
 
 
 def test_paths_stop_at_the_longest_a_recipe_takes_and_the_default_sampler_suits_the_space():
+    from evomerge.recipes import MAX_PATH_LENGTH
     from evomerge.samplers import default_sampler
-    from evomerge.spec import MAX_PATH_LENGTH
 
     spec = spec_with(repeats=1, max_length=None, scale=None)
     space = PathSpace(spec, LayerLayout(prefix="model.layers.", num_layers=600))

@@ -13,7 +13,7 @@ from huggingface_hub import ModelCard
 
 from evomerge.cli import main
 from evomerge.export import model_card
-from evomerge.spec import LayerwiseRecipe, parse_recipe, recipe_from_yaml
+from evomerge.recipes import LayerwiseRecipe, parse_recipe, recipe_from_yaml
 
 SPLITS = {"search": "search[0:12]", "validation": "validation[0:8]", "test": "test[0:8]"}
 EVALUATION = {"include_paths": ["demo"], "search_examples": None, "screen_examples": None, "top_k": 1,

@@ -23,10 +23,11 @@ from optuna.distributions import FloatDistribution
 from evomerge.cli import main
 from evomerge.launch import check_storage, prepare_run
 from evomerge.layout import LayerLayout
+from evomerge.recipes import Recipe
 from evomerge.run import STUDY_NAME, Attr, RunFolder, as_text, counted, sqlite_url
 from evomerge.samplers import open_study
 from evomerge.space import make_space
-from evomerge.spec import Recipe, SearchSpec, spec_hash
+from evomerge.spec import SearchSpec, spec_hash
 
 SMALL = {
     "base_model": "demo:base",

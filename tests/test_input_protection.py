@@ -21,8 +21,8 @@ from huggingface_hub import constants
 from transformers import AutoModelForCausalLM
 
 from evomerge.cli import main
+from evomerge.recipes import Recipe
 from evomerge.run import STUDY_NAME, RunFolder, sqlite_url
-from evomerge.spec import Recipe
 
 # where an output or run folder may not go, relative to the test's folder
 INPUT_CLASSES = {

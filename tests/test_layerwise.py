@@ -19,11 +19,12 @@ from evomerge.layout import LayerLayout
 from evomerge.merge import LiveMerger, merge_to_folder
 from evomerge.models import open_checkpoint
 from evomerge.params import resolve_params
+from evomerge.recipes import LayerwiseRecipe, Recipe, parse_recipe, recipe_from_yaml
 from evomerge.registry import get_method
 from evomerge.report import layer_methods
 from evomerge.run import STUDY_NAME, Attr, RunFolder, counted, structured_attr
 from evomerge.space import SearchSpace
-from evomerge.spec import LayerwiseRecipe, Recipe, SearchSpec, parse_recipe, recipe_from_yaml
+from evomerge.spec import SearchSpec
 
 BLOCK = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")  # llama and GPT-2 blocks, parsed here on purpose
 

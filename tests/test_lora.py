@@ -22,8 +22,8 @@ from evomerge.errors import SpecError  # noqa: E402
 from evomerge.lora import AdaptedCheckpoint  # noqa: E402
 from evomerge.merge import LiveMerger, merge_to_folder  # noqa: E402
 from evomerge.models import open_checkpoint  # noqa: E402
+from evomerge.recipes import Recipe
 from evomerge.refs import hub_id_of, model_folders, resolve_model_path, split_adapter_ref  # noqa: E402  # noqa: E402
-from evomerge.spec import Recipe  # noqa: E402
 
 peft = pytest.importorskip("peft")
 from peft import LoraConfig, PeftModel, get_peft_model  # noqa: E402

@@ -16,8 +16,8 @@ from evomerge.errors import SpecError
 from evomerge.merge import LiveMerger, merge_to_folder
 from evomerge.models import open_checkpoint
 from evomerge.placement import DeviceInputs, HostInputs, Stager, place_inputs
+from evomerge.recipes import LayerwiseRecipe, Recipe
 from evomerge.registry import METHODS
-from evomerge.spec import LayerwiseRecipe, Recipe
 
 
 @pytest.fixture(scope="module")

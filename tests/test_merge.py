@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from evomerge.cli import main
 from evomerge.merge import LiveMerger, merge_to_folder
-from evomerge.spec import Recipe
+from evomerge.recipes import Recipe
 
 
 @pytest.fixture(params=["float16", "bfloat16"])

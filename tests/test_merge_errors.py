@@ -18,7 +18,7 @@ from evomerge.cli import main
 from evomerge.errors import SpecError
 from evomerge.files import check_output_folder
 from evomerge.merge import merge_to_folder
-from evomerge.spec import Recipe
+from evomerge.recipes import Recipe
 
 
 def write_safetensors(path, header, data: bytes) -> None:

@@ -7,7 +7,7 @@ import torch
 from helpers import build_tied_zoo, weights
 
 from evomerge.merge import merge_to_folder
-from evomerge.spec import Recipe
+from evomerge.recipes import Recipe
 
 pytestmark = pytest.mark.skipif(shutil.which("mergekit-yaml") is None, reason="mergekit is not installed")
 

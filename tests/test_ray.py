@@ -22,8 +22,9 @@ from optuna.trial import TrialState
 
 from evomerge.executors import Candidate
 from evomerge.ray_executor import RayExecutor
+from evomerge.recipes import Recipe
 from evomerge.run import Attr, RunFolder, counted
-from evomerge.spec import Recipe, SearchSpec
+from evomerge.spec import SearchSpec
 
 pytestmark = pytest.mark.slow  # every test starts a Ray cluster: the full suite only
 

@@ -20,7 +20,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from evomerge.evaluate import Evaluator
 from evomerge.merge import LiveMerger, merge_to_folder
-from evomerge.spec import Recipe, TaskSpec
+from evomerge.recipes import Recipe
+from evomerge.spec import TaskSpec
 
 # the real model takes seconds per test: the full suite only; a 135M model is merged in the real slices
 pytestmark = [pytest.mark.slow, pytest.mark.full_slices]

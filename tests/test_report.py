@@ -14,9 +14,9 @@ from helpers import CLI_ENV, SPEC, one_line_error
 from evomerge.cli import main
 from evomerge.layout import LayerLayout
 from evomerge.models import open_checkpoint
+from evomerge.recipes import Recipe
 from evomerge.report import TrialPoint, best_so_far, layer_parameters
 from evomerge.run import STUDY_NAME, RunFolder, counted
-from evomerge.spec import Recipe
 
 
 @pytest.fixture(scope="module")

@@ -100,7 +100,7 @@ def synthetic_answers(accuracy: float, rng: random.Random, difficulty: list[floa
 def race_outcome(screens, answers: dict[str, list[float]]):
     """screen_then_rest (the worker's loop) on a scorer that looks the answers up."""
     from evomerge.executors import Candidate, screen_then_rest
-    from evomerge.spec import Recipe
+    from evomerge.recipes import Recipe
 
     def score(recipe, role, ids):
         examples = {t: {d: answers[t][d] for d in v} for t, v in ids.items()}

@@ -14,9 +14,10 @@ from helpers import CLI_ENV, SPEC, in_process, sigkill_at
 
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Candidate
+from evomerge.recipes import parse_recipe
 from evomerge.run import Attr, RunFolder, counted, examples_scored, structured_attr
 from evomerge.search import Search
-from evomerge.spec import SearchSpec, parse_recipe
+from evomerge.spec import SearchSpec
 from evomerge.subsets import AnswerStrata, FirstDocuments
 
 

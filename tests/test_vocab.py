@@ -23,7 +23,7 @@ from transformers import (
 from evomerge.cli import main
 from evomerge.errors import SpecError
 from evomerge.merge import LiveMerger, merge_to_folder
-from evomerge.spec import Recipe
+from evomerge.recipes import Recipe
 
 WORDS = ["<unk>", "<s>", "</s>", *(f"w{i}" for i in range(17))]  # 20 tokens
 CHAT = ["<|im_start|>", "<|im_end|>"]
@@ -317,7 +317,7 @@ def test_union_search_with_a_baseless_method_checked_up_front(zoo, tmp_path, cap
 def test_recipe_hash_unchanged_by_the_tokenizer_source_field():
     """Recipes without a tokenizer_source hash as before the field existed (a resumed older run still knows
     which recipes it scored): the value computed by the code before it."""
-    from evomerge.spec import recipe_hash
+    from evomerge.recipes import recipe_hash
 
     recipe = Recipe.model_validate({"merge_method": "ties", "base_model": "demo:base", "models": [
         {"model": "demo:add", "parameters": {"weight": 0.5, "density": 0.5}},
