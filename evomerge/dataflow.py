@@ -25,7 +25,7 @@ from evomerge.layout import layer_index
 from evomerge.merge import DTYPE_NAMES, merge_to_folder, output_dtype
 from evomerge.models import check_compatible, open_checkpoint
 from evomerge.placement import place_inputs
-from evomerge.recipes import OUTPUT_PROJECTIONS, AnyRecipe, PathRecipe, Placement
+from evomerge.recipes import OUTPUT_PROJECTIONS, Engine, PathRecipe, Placement, RecipeForm
 from evomerge.refs import model_folders
 
 # model types whose blocks add their OUTPUT_PROJECTIONS' results straight to the residual stream (checked against
@@ -37,11 +37,10 @@ NOT_PER_LAYER = frozenset({"architectures", "bos_token_id", "eos_token_id", "pad
                            "suppress_tokens", "begin_suppress_tokens", "forced_decoder_ids"})
 
 
-def write_recipe_folder(recipe: AnyRecipe, out: Path, **kwargs: Any) -> Path:
-    """Write any recipe as a model folder (``merge_to_folder``'s keyword arguments): a layer path changes the
-    block count, so it has its own writer."""
-    write = path_to_folder if isinstance(recipe, PathRecipe) else merge_to_folder
-    return write(recipe, out, **kwargs)
+def write_recipe_folder(recipe: RecipeForm, out: Path, **kwargs: Any) -> Path:
+    """Write any recipe as a model folder (``merge_to_folder``'s keyword arguments), by its engine's writer (a
+    layer path changes the block count, so it has its own)."""
+    return FOLDER_WRITERS[recipe.engine](recipe, out, **kwargs)
 
 
 def check_scalable(ckpt: Checkpoint, where: str) -> None:
@@ -323,3 +322,6 @@ class LivePath:
         for name, _, original in self._outer_slots:
             _set_parameter(self.model, name, original)
         self._applied = False
+
+
+FOLDER_WRITERS: dict[Engine, Callable[..., Path]] = {"weights": merge_to_folder, "path": path_to_folder}

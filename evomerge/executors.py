@@ -21,7 +21,7 @@ from evomerge.dataflow import LivePath
 from evomerge.errors import SpecError
 from evomerge.evaluate import EvalResult, Evaluator
 from evomerge.merge import DTYPES, LiveMerger
-from evomerge.recipes import AnyRecipe, PathRecipe
+from evomerge.recipes import RecipeForm
 from evomerge.refs import resolve_model_path
 from evomerge.screening import Screen
 from evomerge.spec import SearchSpec
@@ -48,7 +48,7 @@ class Candidate:
     the role). With ``screens`` (the rungs of a race, nested prefixes of ``doc_ids``), score each rung's
     subset in turn and stop at the first where the paired test prunes."""
 
-    recipe: AnyRecipe
+    recipe: RecipeForm
     role: str = "search"
     doc_ids: dict[str, list[int]] | None = None
     screens: tuple[Screen, ...] = ()
@@ -129,7 +129,7 @@ def run_all(executor: Executor, jobs: dict[int, Candidate], retries: int = 2,
     return done
 
 
-Scorer = Callable[[AnyRecipe, str, "dict[str, Sequence[int]] | None"], tuple[EvalResult, float, float]]
+Scorer = Callable[[RecipeForm, str, "dict[str, Sequence[int]] | None"], tuple[EvalResult, float, float]]
 
 
 def screen_then_rest(job: Candidate, score: Scorer, worker: str) -> Outcome:
@@ -197,7 +197,7 @@ class Worker:
         """Where this worker keeps its inputs (one line)."""
         return (self.paths or self.merger).inputs.describe()
 
-    def _score(self, recipe: AnyRecipe, role: str, doc_ids: dict[str, Sequence[int]] | None) -> tuple[EvalResult,
+    def _score(self, recipe: RecipeForm, role: str, doc_ids: dict[str, Sequence[int]] | None) -> tuple[EvalResult,
                                                                                                    float, float]:
         start = time.perf_counter()
         self._apply(recipe)
@@ -210,15 +210,17 @@ class Worker:
             raise FloatingPointError(f"task {nan[0]} scored {result.scores[nan[0]]}")
         return result, merged - start, time.perf_counter() - merged
 
-    def _apply(self, recipe: AnyRecipe) -> None:
-        if isinstance(recipe, PathRecipe):
-            if self.paths is None:
-                raise SpecError("a layer path needs a worker built for a data-flow search (space.kind: dataflow)")
+    def _apply(self, recipe: RecipeForm) -> None:
+        """Build ``recipe`` in the live model with its engine; a weight merge first puts back the model's own
+        blocks where a layer path replaced them."""
+        if recipe.engine == "weights":
+            if self.paths is not None:
+                self.paths.restore()
+            self.merger.apply(recipe)
+        elif self.paths is None:
+            raise SpecError("a layer path needs a worker built for a data-flow search (space.kind: dataflow)")
+        else:
             self.paths.apply(recipe)
-            return
-        if self.paths is not None:
-            self.paths.restore()
-        self.merger.apply(recipe)
 
     @property
     def merger(self) -> LiveMerger:

@@ -6,12 +6,13 @@ from pathlib import Path
 
 from evomerge.dataflow import write_recipe_folder
 from evomerge.errors import SpecError
-from evomerge.recipes import AnyRecipe, PathRecipe
+from evomerge.layout import LayerLayout
+from evomerge.recipes import RecipeForm
 from evomerge.refs import hub_id_of, named_models
 from evomerge.run import Attr, RunFolder, stored_recipe, summary_table_markdown
 
 
-def trial_recipe(run: RunFolder, trial: int | None) -> tuple[int, AnyRecipe, dict]:
+def trial_recipe(run: RunFolder, trial: int | None) -> tuple[int, RecipeForm, dict]:
     """The chosen trial's number, recipe and recorded scores (default: the validated winner). Reads only."""
     summary = run.read_summary()
     if trial is None:
@@ -30,7 +31,7 @@ def trial_recipe(run: RunFolder, trial: int | None) -> tuple[int, AnyRecipe, dic
 CARD_TAGS = ["merge", "mergekit", "evomerge"]
 
 
-def card_metadata(recipe: AnyRecipe) -> str:
+def card_metadata(recipe: RecipeForm) -> str:
     """The model card's Hugging Face metadata header (YAML front matter between ``---`` lines, as the Hub reads
     it), written by huggingface_hub's ``ModelCardData``: the Hub models the recipe reads as ``base_model``
     (the Hub links only repository ids, so local folders and demo models are left out),
@@ -44,19 +45,12 @@ def card_metadata(recipe: AnyRecipe) -> str:
     return f"---\n{data.to_yaml().rstrip()}\n---\n"
 
 
-def describe_path(recipe: PathRecipe) -> list[str]:
-    """A layer path for the card: its blocks in order as ``model:layer×scale``, and where the rest comes from."""
-    steps = " → ".join(f"`{step.model}:{step.layer}×{step.scale:g}`" for step in recipe.path)
-    return ["## Layer path", "", f"{len(recipe.path)} blocks, in order: {steps}.", "",
-            f"Embeddings, final norm and head: `{recipe.outer}`.", ""]
-
-
-def model_card(run: RunFolder, trial: int, recipe: AnyRecipe, scores: dict) -> str:
-    """README.md of an export: the metadata header, then the recipe (a layer path also step by step), its scores
-    and the mergekit command."""
-    lines = [f"# Merged with evomerge (run `{run.root.name}`, trial {trial})", "",
-             *(describe_path(recipe) if isinstance(recipe, PathRecipe) else []),
-             "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "", "## Scores", "",
+def model_card(run_name: str, trial: int, recipe: RecipeForm, scores: dict, layout: LayerLayout | None) -> str:
+    """README.md of an export: the metadata header, then the recipe (its YAML, then block by block over the base's
+    ``layout``), its scores and the mergekit command."""
+    lines = [f"# Merged with evomerge (run `{run_name}`, trial {trial})", "",
+             "## Recipe", "", "```yaml", recipe.to_yaml().rstrip(), "```", "", *recipe.describe(layout),
+             "## Scores", "",
              f"Search split ({scores['fidelity']} fidelity): " +
              ", ".join(f"{k} {v:.4f}" for k, v in scores["search"].items()), ""]
     if "summary" in scores:
@@ -69,6 +63,7 @@ def export_trial(run_dir: Path, out: Path, trial: int | None = None, force: bool
     run = RunFolder(run_dir)
     run.load()
     number, recipe, scores = trial_recipe(run, trial)
-    write_recipe_folder(recipe, out, force=force, extra_files={"README.md": model_card(run, number, recipe, scores)},
+    write_recipe_folder(recipe, out, force=force, extra_files={
+        "README.md": model_card(run.root.name, number, recipe, scores, run.read_layout())},
                         protected=[run.root])
     return number, out

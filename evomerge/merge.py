@@ -1,6 +1,6 @@
 """Applying a recipe: per-tensor parameters, then either a streaming merge from files to a folder or an
 in-place merge into a live model (the search's hot path: nothing reloaded, nothing written). A layer-wise
-recipe merges each tensor by the single-method recipe of its block's group (``MergeRecipe.part_for``)."""
+recipe merges each tensor by the single-method recipe of its block's group (``WeightRecipe.part_for``)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from evomerge.layout import layer_index
 from evomerge.models import check_compatible, open_checkpoint
 from evomerge.params import TensorParams, check_resolved, resolve_params
 from evomerge.placement import place_inputs
-from evomerge.recipes import AnyRecipe, MergeRecipe, Placement, Recipe
+from evomerge.recipes import Placement, Recipe, RecipeForm, WeightRecipe
 from evomerge.refs import hub_id_of, model_folders, named_models
 from evomerge.registry import MergeMethod
 from evomerge.vocab import VocabPlan, align_inputs, is_vocab_tensor, plan_vocab, source_model, write_vocab
@@ -77,7 +77,7 @@ class MergeInputs:
     """The opened, mutually compatible checkpoints of a recipe, by model reference, and the output vocabulary
     when the recipe has a ``tokenizer_source``."""
 
-    recipe: MergeRecipe
+    recipe: WeightRecipe
     base: Checkpoint | None
     inputs: dict[str, Checkpoint]
     vocab: VocabPlan | None = None
@@ -100,12 +100,12 @@ class MergeInputs:
         return (self.base if part.reads_base else None), [self.inputs[m.model] for m in part.inputs]
 
 
-def tokenizer_source(recipe: MergeRecipe) -> str | None:
+def tokenizer_source(recipe: WeightRecipe) -> str | None:
     """The recipe's ``tokenizer_source`` (a layer-wise recipe's groups have none)."""
     return recipe.parts[0].tokenizer_source
 
 
-def open_inputs(recipe: MergeRecipe) -> MergeInputs:
+def open_inputs(recipe: WeightRecipe) -> MergeInputs:
     """Open every model of a recipe and check them against each other, and plan the output vocabulary; reads
     headers and tokenizers only."""
     base = open_checkpoint(recipe.base_model) if any(p.reads_base for p in recipe.parts) else None
@@ -122,7 +122,7 @@ def open_inputs(recipe: MergeRecipe) -> MergeInputs:
     return merged
 
 
-def output_dtype(recipe: MergeRecipe | AnyRecipe, source: torch.dtype) -> torch.dtype:
+def output_dtype(recipe: WeightRecipe | RecipeForm, source: torch.dtype) -> torch.dtype:
     """The recipe's dtype for floating tensors; other tensors keep theirs."""
     if not source.is_floating_point or recipe.output_dtype is None:
         return source
@@ -203,7 +203,7 @@ def _streamed_tensor(opened: MergeInputs, name: str, num_layers: int, dtype: tor
     return merged_tensor(part, name, num_layers, base_t, inputs, opened.vocab).to(dtype)
 
 
-def merge_to_folder(recipe: MergeRecipe, out: Path, *, force: bool = False, max_shard_bytes: int = 2 * 1024**3,
+def merge_to_folder(recipe: WeightRecipe, out: Path, *, force: bool = False, max_shard_bytes: int = 2 * 1024**3,
                     on_progress: Callable[[int, int], None] | None = None,
                     extra_files: dict[str, str] | None = None, protected: Sequence[Path] = ()) -> Path:
     """Stream a merge from checkpoint files to a Hugging Face folder, a few tensors in memory at a time.
@@ -321,7 +321,7 @@ class LiveMerger:
                             f"(over {', '.join(self.checkpoints)}); merge it to a folder instead")
 
     @torch.no_grad()
-    def apply(self, recipe: MergeRecipe) -> None:
+    def apply(self, recipe: WeightRecipe) -> None:
         """Overwrite the live parameters with ``recipe``'s merge (its models must be among ours)."""
         recipe.check_layers(self.num_layers)
         for part in recipe.parts:

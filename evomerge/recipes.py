@@ -10,8 +10,10 @@ back as a mergekit YAML. ``seed`` (for DARE/DELLA masks) is our only addition. A
 from __future__ import annotations
 
 import hashlib
+from abc import ABC, abstractmethod
+from collections import defaultdict
 from pathlib import Path
-from typing import Annotated, Any, ClassVar, Literal, Protocol
+from typing import Annotated, Any, ClassVar, Literal
 
 import yaml
 from pydantic import (
@@ -25,28 +27,10 @@ from pydantic import (
 )
 
 from evomerge.errors import SpecError
+from evomerge.layout import LayerLayout, layer_index
+from evomerge.params import Filtered, Setting, resolve_params, setting_numbers
 from evomerge.registry import MergeMethod, Param, get_method
-from evomerge.yaml_io import describe_error, load_yaml_model, read_yaml_mapping, validate_mapping
-
-STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)  # unknown keys, NaN and infinities are errors
-
-
-Scalar = bool | float
-
-
-Gradient = Annotated[list[float], Field(min_length=1)]
-
-
-class Filtered(BaseModel):
-    """A value that applies to tensors whose name contains ``filter`` (no filter: every tensor)."""
-
-    model_config = STRICT
-    filter: str | None = None
-    value: Scalar | Gradient
-
-
-Setting = Scalar | Gradient | Annotated[list[Filtered], Field(min_length=1)]
-
+from evomerge.yaml_io import STRICT, describe_error, load_yaml_model, read_yaml_mapping, validate_mapping
 
 DType = Literal["float32", "float16", "bfloat16", "float64"]
 
@@ -60,43 +44,29 @@ Seed = Annotated[int, Field(ge=0, le=2**32 - 1, strict=True)]
 Placement = Literal["auto", "device", "host"]
 
 
-def setting_numbers(setting: Setting) -> list[float | bool]:
-    """Every literal value a setting holds (interpolation never leaves their range)."""
-    if isinstance(setting, list):
-        out: list[float | bool] = []
-        for item in setting:
-            out.extend(setting_numbers(item.value) if isinstance(item, Filtered) else [item])
-        return out
-    return [setting]
-
-
-def resolve_setting(setting: Setting, tensor_name: str, t: float) -> float | bool | None:
-    """The value for one tensor: scalar as is; gradient interpolated at layer position ``t`` in
-    [0, 1]; filtered list: the first entry whose filter is in the name (None when none matches)."""
-    if not isinstance(setting, list):
-        return setting
-    if not setting:
-        return None
-    if isinstance(setting[0], Filtered):
-        for item in setting:
-            if item.filter in (None, "*") or item.filter in tensor_name:
-                return resolve_setting(item.value, tensor_name, t)
-        return None
-    scaled = t * (len(setting) - 1)
-    i0 = int(scaled)
-    i1 = min(len(setting) - 1, i0 + 1)
-    frac = scaled - i0
-    return (1 - frac) * setting[i0] + frac * setting[i1]
-
-
 class ModelEntry(BaseModel):
     model_config = STRICT
     model: str
     parameters: dict[str, Setting] = {}
 
 
-class _RecipeForms(BaseModel):
-    """What both recipe forms share: the output dtype they settle and their YAML (the fields they hold)."""
+Engine = Literal["weights", "path"]  # what builds a recipe: arithmetic on the models' weights, or a layer path
+
+
+PerLayer = dict[str, dict[str, list[float | None]]]  # {parameter: {model: its value per block}}
+
+
+class RecipeForm(BaseModel, ABC):
+    """The contract of every recipe form (one method, a method per layer group, a layer path), so that no caller
+    asks which form it holds: the models it reads, the block count it fits, a label and a Markdown description,
+    its YAML forms (ours, and mergekit's in the file ``mergekit_file``), its identity in a run, and ``engine``:
+    which merge engine builds it (``evomerge.dataflow.FOLDER_WRITERS`` into a folder, ``Worker`` live)."""
+
+    engine: ClassVar[Engine]
+    mergekit_file: ClassVar[str]
+    mergekit_command: ClassVar[str]
+    # fields added after runs were recorded: left out of the identity while unset, so older runs keep their hashes
+    added_later: ClassVar[tuple[str, ...]] = ()
 
     @property
     def output_dtype(self) -> str | None:
@@ -106,8 +76,93 @@ class _RecipeForms(BaseModel):
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.model_dump(mode="json", exclude_defaults=True), sort_keys=False)
 
+    def identity(self) -> str:
+        """The recipe's identity in its run (a duplicate reuses the score of the first)."""
+        later = {name for name in self.added_later if getattr(self, name) is None} or None
+        return hashlib.sha256(self.model_dump_json(exclude=later).encode()).hexdigest()[:16]
 
-class Recipe(_RecipeForms):
+    @property
+    @abstractmethod
+    def model_refs(self) -> list[str]:
+        """Every model the merge reads, the one it takes the tensors outside the blocks from first."""
+
+    @property
+    @abstractmethod
+    def label(self) -> str:
+        """A few words for a table row: the method (per group), or the path's length."""
+
+    @abstractmethod
+    def check_layers(self, num_layers: int) -> None:
+        """SpecError unless the recipe fits models of ``num_layers`` blocks."""
+
+    @abstractmethod
+    def to_mergekit_yaml(self, out_dtype: DType | None = None, layer_prefix: str = "") -> str:
+        """The same merge for mergekit (``out_dtype``: the one our merge wrote when the recipe names none;
+        ``layer_prefix``: the blocks' tensor-name prefix, ``Checkpoint.layer_prefix``, where a form needs it)."""
+
+    @abstractmethod
+    def per_layer(self, layout: LayerLayout) -> PerLayer:
+        """Each per-model parameter's value per block of ``layout`` (the mean over the block's tensors, as the
+        merge resolves them; None where the block's method does not take it); empty for a form without any."""
+
+    @abstractmethod
+    def describe(self, layout: LayerLayout | None) -> list[str]:
+        """Markdown lines for a report or a model card: what the merge does block by block, beyond its YAML
+        (``layout``: the base's; None where it is not known)."""
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    """A Markdown table, then a blank line."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(row) + " |" for row in rows), ""]
+
+
+class WeightRecipe(RecipeForm):
+    """A merge by arithmetic on the models' weights: each block's tensors are merged by one single-method recipe
+    (``part_for``). What the merge engine (``evomerge.merge``) reads."""
+
+    engine: ClassVar[Engine] = "weights"
+
+    @property
+    @abstractmethod
+    def parts(self) -> list[Recipe]:
+        """Every single-method recipe it merges by, in group order."""
+
+    @abstractmethod
+    def part_for(self, layer: int | None) -> Recipe:
+        """The recipe that merges block ``layer``'s tensors (None: a tensor outside the blocks)."""
+
+    def layer_methods(self, num_layers: int) -> list[str]:
+        """The merge method of each block (one name repeated, unless the recipe is layer-wise)."""
+        return [self.part_for(layer).merge_method for layer in range(num_layers)]
+
+    def per_layer(self, layout: LayerLayout) -> PerLayer:
+        n = layout.num_layers
+        sums: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+        for name in layout.block_tensors:
+            layer = layer_index(name)
+            part = self.part_for(layer)
+            for param, values in resolve_params(part, name, n).per_model.items():
+                for entry, value in zip(part.inputs, values, strict=True):
+                    sums[param][entry.model][layer].append(float(value))
+        return {param: {model: [sum(layers[i]) / len(layers[i]) if i in layers else None for i in range(n)]
+                        for model, layers in by_model.items()}
+                for param, by_model in sums.items()}
+
+    def describe(self, layout: LayerLayout | None) -> list[str]:
+        """The method per block (when it varies) and each per-model parameter per block."""
+        if layout is None:
+            return ["(No per-layer tables: the base's block layout is not known.)", ""]
+        blocks = [f"L{i}" for i in range(layout.num_layers)]
+        methods = self.layer_methods(layout.num_layers)
+        lines = ["Method per layer:", "", *_table(blocks, [methods])] if len(set(methods)) > 1 else []
+        for param, by_model in self.per_layer(layout).items():
+            rows = [[model, *("-" if v is None else f"{v:.3f}" for v in values)] for model, values in by_model.items()]
+            lines += [f"`{param}` per layer (mean over the layer's tensors):", "", *_table(["model", *blocks], rows)]
+        return lines
+
+
+class Recipe(WeightRecipe):
     """One merge: which models, which method, which parameters (scalar, gradient or filtered)."""
 
     model_config = ConfigDict(**STRICT, populate_by_name=True)
@@ -145,10 +200,13 @@ class Recipe(_RecipeForms):
         check_tokenizer_source(self.tokenizer_source, self.base_model)
         return self
 
-    # ------------------------------------------------------------------ the MergeRecipe contract
-
     mergekit_file: ClassVar[str] = "mergekit_config.yml"
     mergekit_command: ClassVar[str] = "mergekit-yaml mergekit_config.yml OUT"
+    added_later: ClassVar[tuple[str, ...]] = ("tokenizer_source",)
+
+    @property
+    def label(self) -> str:
+        return self.merge_method
 
     @property
     def parts(self) -> list[Recipe]:
@@ -217,7 +275,7 @@ class LayerGroup(BaseModel):
     parameters: dict[str, Setting] = {}
 
 
-class LayerwiseRecipe(_RecipeForms):
+class LayerwiseRecipe(WeightRecipe):
     """A merge with a method per layer group. Each tensor of a block is merged exactly as the single-method
     recipe of its group would merge it; the tensors outside the blocks (embeddings, final norm, head)
     follow group ``outer``. Parameter gradients keep their whole-model layer positions."""
@@ -263,6 +321,10 @@ class LayerwiseRecipe(_RecipeForms):
         return self
 
     @property
+    def label(self) -> str:
+        return "/".join(group.merge_method for group in self.groups)
+
+    @property
     def parts(self) -> list[Recipe]:
         """One single-method recipe per group, in group order."""
         return self._parts
@@ -272,7 +334,6 @@ class LayerwiseRecipe(_RecipeForms):
         return list(dict.fromkeys(ref for part in self._parts for ref in part.model_refs))
 
     def part_for(self, layer: int | None) -> Recipe:
-        """The recipe that merges block ``layer``'s tensors (None: a tensor outside the blocks)."""
         if layer is None:
             return self._parts[self.outer]
         for group, part in zip(self.groups, self._parts, strict=True):
@@ -325,7 +386,7 @@ class PathStep(BaseModel):
     scale: float = Field(1.0, gt=0.0, le=4.0)
 
 
-class PathRecipe(_RecipeForms):
+class PathRecipe(RecipeForm):
     """A data-flow merge: the output's blocks are ``path``, each copied from a block of one input model, in
     order (repeats allowed); embeddings, final norm and head come from ``outer``. ``scale`` multiplies the
     block's output projections (``OUTPUT_PROJECTIONS``: weights and biases), i.e. what the block adds to the
@@ -337,8 +398,13 @@ class PathRecipe(_RecipeForms):
     dtype: DType | None = None
     out_dtype: DType | None = None
 
+    engine: ClassVar[Engine] = "path"
     mergekit_file: ClassVar[str] = "mergekit_config.yml"
     mergekit_command: ClassVar[str] = "mergekit-yaml mergekit_config.yml OUT"
+
+    @property
+    def label(self) -> str:
+        return f"path of {len(self.path)} blocks"
 
     @property
     def model_refs(self) -> list[str]:
@@ -352,10 +418,20 @@ class PathRecipe(_RecipeForms):
                 blocks = f"{num_layers} blocks (0-{num_layers - 1})" if num_layers else "no blocks"
                 raise SpecError(f"path[{i}].layer {step.layer} does not exist: {step.model} has {blocks}")
 
-    def to_mergekit_yaml(self, out_dtype: DType | None = None) -> str:
-        """A ``passthrough`` of one-block slices. mergekit takes the embeddings from the first slice's model
-        and the final norm and head from the last one's, so empty slices of ``outer`` open and close the
-        list."""
+    def per_layer(self, layout: LayerLayout) -> PerLayer:
+        """A path copies blocks: it has no per-model parameters."""
+        return {}
+
+    def describe(self, layout: LayerLayout | None) -> list[str]:
+        """The path's blocks in order (its own: no layout needed)."""
+        rows = [[str(i), step.model, str(step.layer), f"{step.scale:g}"] for i, step in enumerate(self.path)]
+        return [f"Layer path ({len(self.path)} blocks; embeddings, final norm and head from {self.outer}):", "",
+                *_table(["block", "model", "source block", "scale"], rows)]
+
+    def to_mergekit_yaml(self, out_dtype: DType | None = None, layer_prefix: str = "") -> str:
+        """A ``passthrough`` of one-block slices (named by block range: no ``layer_prefix`` needed). mergekit
+        takes the embeddings from the first slice's model and the final norm and head from the last one's, so
+        empty slices of ``outer`` open and close the list."""
         outer = _abs_path(self.outer)
         slices: list[dict[str, Any]] = [{"sources": [{"model": outer, "layer_range": [0, 0]}]}]
         for step in self.path:
@@ -371,52 +447,17 @@ class PathRecipe(_RecipeForms):
         return yaml.safe_dump(doc, sort_keys=False)
 
 
-class MergeRecipe(Protocol):
-    """What the merge engine, the search and the exports need of a recipe, single-method or layer-wise:
-    the single-method recipe for each block (``part_for``), all its parts, the models it reads, and its
-    YAML forms (ours, and mergekit's in the file ``mergekit_file``)."""
-
-    base_model: str | None
-    seed: int
-    mergekit_file: ClassVar[str]
-    mergekit_command: ClassVar[str]
-
-    @property
-    def parts(self) -> list[Recipe]: ...
-
-    @property
-    def model_refs(self) -> list[str]: ...
-
-    @property
-    def output_dtype(self) -> str | None: ...
-
-    def part_for(self, layer: int | None) -> Recipe: ...
-
-    def check_layers(self, num_layers: int) -> None: ...
-
-    def to_yaml(self) -> str: ...
-
-    def to_mergekit_yaml(self, out_dtype: DType | None = None, layer_prefix: str = ...) -> str: ...
-
-    def model_dump(self, **kwargs: Any) -> dict[str, Any]: ...
-
-    def model_dump_json(self, **kwargs: Any) -> str: ...
-
-
-AnyRecipe = Recipe | LayerwiseRecipe | PathRecipe
-
-
-def _recipe_class(data: dict[str, Any]) -> type[AnyRecipe]:
+def _recipe_class(data: dict[str, Any]) -> type[RecipeForm]:
     """A recipe mapping is layer-wise when it has ``groups``, a layer path when it has ``path``."""
     return LayerwiseRecipe if "groups" in data else PathRecipe if "path" in data else Recipe
 
 
-def parse_recipe(data: dict[str, Any]) -> AnyRecipe:
+def parse_recipe(data: dict[str, Any]) -> RecipeForm:
     """A recipe mapping as stored (a trial's attribute, a summary) or written by a user."""
     return _recipe_class(data).model_validate(data)
 
 
-def recipe_from_yaml(path: str | Path) -> AnyRecipe:
+def recipe_from_yaml(path: str | Path) -> RecipeForm:
     """A recipe file of either form, with the same one-line errors as any YAML we read."""
     data = read_yaml_mapping(Path(path))
     return validate_mapping(_recipe_class(data), data, Path(path))
@@ -468,10 +509,3 @@ def check_value(param: Param, name: str, value: float | bool, where: str) -> Non
         param.check(name, value, where)
     except SpecError as err:
         raise ValueError(str(err)) from None
-
-
-def recipe_hash(recipe: AnyRecipe) -> str:
-    """A recipe's identity in its run (duplicates reuse a score); a field added later is left out while it
-    holds its default, so that a resumed older run still knows its recipes."""
-    later = {"tokenizer_source"} if isinstance(recipe, Recipe) and recipe.tokenizer_source is None else None
-    return hashlib.sha256(recipe.model_dump_json(exclude=later).encode()).hexdigest()[:16]

@@ -9,7 +9,6 @@ It reads the run folder only (the base's block layout is recorded there): no tor
 from __future__ import annotations
 
 import os
-from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,9 +17,8 @@ from optuna.trial import TrialState
 
 from evomerge.errors import SpecError
 from evomerge.files import atomic_write_text
-from evomerge.layout import LayerLayout, layer_index
-from evomerge.params import resolve_params
-from evomerge.recipes import AnyRecipe, MergeRecipe, PathRecipe
+from evomerge.layout import LayerLayout
+from evomerge.recipes import RecipeForm
 from evomerge.run import (
     Attr,
     RunFolder,
@@ -60,31 +58,9 @@ def best_so_far(points: list[TrialPoint]) -> list[float | None]:
     return out
 
 
-def layer_methods(recipe: MergeRecipe, num_layers: int) -> list[str]:
-    """The merge method of each block (one name repeated, unless the recipe is layer-wise)."""
-    return [recipe.part_for(layer).merge_method for layer in range(num_layers)]
-
-
-def layer_parameters(recipe: MergeRecipe, layout: LayerLayout) -> dict[str, dict[str, list[float | None]]]:
-    """Per-model parameters of ``recipe`` per layer: ``{param: {model: [mean over layer i's tensors]}}``,
-    None for a layer whose method does not take the parameter (or does not merge that model)."""
-    n = layout.num_layers
-    sums: dict[str, dict[str, dict[int, list[float]]]] = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
-    for name in layout.block_tensors:
-        layer = layer_index(name)
-        part = recipe.part_for(layer)
-        for param, values in resolve_params(part, name, n).per_model.items():
-            for entry, value in zip(part.inputs, values, strict=True):
-                sums[param][entry.model][layer].append(float(value))
-    return {param: {model: [sum(layers[i]) / len(layers[i]) if i in layers else None for i in range(n)]
-                    for model, layers in by_model.items()}
-            for param, by_model in sums.items()}
-
-
 def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna.trial.FrozenTrial], examples: int,
-              points: list[TrialPoint], curve: list[float | None], chosen: tuple[str, AnyRecipe] | None,
-              layout: LayerLayout | None, per_layer: dict[str, dict[str, list[float | None]]], summary: dict | None,
-              png: Path) -> str:
+              points: list[TrialPoint], curve: list[float | None], chosen: tuple[str, RecipeForm] | None,
+              layout: LayerLayout | None, summary: dict | None, png: Path) -> str:
     full = sum(p.fidelity == "full" for p in points)
     failed = sum(t.state == TrialState.FAIL for t in trials)
     duplicates = sum(Attr.DUPLICATE_OF in t.user_attrs for t in trials)
@@ -96,7 +72,9 @@ def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna
              f"sampler {spec.sampler or 'default'}, seed {spec.seed}",
              f"- budget {budget}: {len(points)} finished ({full} full, {len(points) - full} screened), "
              f"{failed} failed, {duplicates} duplicates; {examples} examples scored, {seconds:.0f} s in candidate "
-             "evaluations", ""]
+             "evaluations",
+             *([f"- {run.layout_file.name} is missing, as in run folders written before evomerge recorded the base's "
+                "block layout: no per-layer tables (resuming the search records it)"] if layout is None else []), ""]
     if points:
         lines += ["## Best search score so far", "", "| finished trials | best search score |", "|---|---|"]
         step = max(1, len(points) // 10)
@@ -111,26 +89,7 @@ def _markdown(run: RunFolder, spec: SearchSpec, budget: int, trials: list[optuna
         lines += [f"## {chosen[0]} (not finalized: no validation re-check yet)", ""]
     if chosen is not None:
         lines += ["Recipe:", "", "```yaml", chosen[1].to_yaml().rstrip(), "```", ""]
-        if isinstance(chosen[1], PathRecipe):
-            lines += [f"Layer path ({len(chosen[1].path)} blocks; embeddings, final norm and head from "
-                      f"{chosen[1].outer}):", "", "| block | model | source block | scale |", "|---|---|---|---|"]
-            lines += [f"| {i} | {s.model} | {s.layer} | {s.scale:.3f} |" for i, s in enumerate(chosen[1].path)]
-            lines.append("")
-        if layout is None and not isinstance(chosen[1], PathRecipe):
-            lines += [f"(No per-layer tables: {run.layout_file.name} is missing, as in run folders written before "
-                      "evomerge recorded the base's layout; resuming the search records it.)", ""]
-        methods = [] if isinstance(chosen[1], PathRecipe) or layout is None else \
-            layer_methods(chosen[1], layout.num_layers)
-        if len(set(methods)) > 1:
-            lines += ["Method per layer:", "", "| " + " | ".join(f"L{i}" for i in range(len(methods))) + " |",
-                      "|" + "---|" * len(methods), "| " + " | ".join(methods) + " |", ""]
-        for param, by_model in per_layer.items():
-            n = len(next(iter(by_model.values())))
-            lines += [f"`{param}` per layer (mean over the layer's tensors):", "",
-                      "| model | " + " | ".join(f"L{i}" for i in range(n)) + " |", "|---|" + "---|" * n]
-            lines += [f"| {model} | " + " | ".join("-" if v is None else f"{v:.3f}" for v in values) + " |"
-                      for model, values in by_model.items()]
-            lines.append("")
+        lines += chosen[1].describe(layout)
     lines += [f"![search]({png.name})", ""]
     return "\n".join(lines)
 
@@ -188,16 +147,15 @@ def write_report(run_dir: Path) -> Path:
         recipe = stored_recipe(trials[best.number].user_attrs.get(Attr.RECIPE), f"trial {best.number}'s recipe")
         chosen = (f"best trial so far: {best.number}", recipe)
     layout = run.read_layout()
-    per_layer = {} if chosen is None or isinstance(chosen[1], PathRecipe) or layout is None else \
-        layer_parameters(chosen[1], layout)
+    per_layer = {} if chosen is None or layout is None else chosen[1].per_layer(layout)
     png, out = run.root / "report.png", run.root / "report.md"
     if not os.access(run.root, os.W_OK | os.X_OK):  # a read-only file system
         raise SpecError(f"cannot write the report into {run.root}: not a writable folder")
     for path in (png, out):
         if path.exists() and not path.is_file():
             raise SpecError(f"{path} is in the way: not a file")
-    text = _markdown(run, spec, budget, trials, examples_scored(study), points, curve, chosen, layout, per_layer,
-                     summary, png)  # every input read (and the trial log checked) before either file is written
+    text = _markdown(run, spec, budget, trials, examples_scored(study), points, curve, chosen, layout, summary,
+                     png)  # every input read (and the trial log checked) before either file is written
     _plot(points, curve, chosen[0] if chosen is not None else "", per_layer, png)
     atomic_write_text(out, text)
     return out

@@ -29,7 +29,7 @@ from evomerge.yaml_io import load_yaml
 if TYPE_CHECKING:
     from sqlalchemy.engine import URL
 
-    from evomerge.recipes import AnyRecipe
+    from evomerge.recipes import RecipeForm
     from evomerge.spec import SearchSpec
 
 STUDY_NAME = "evomerge"
@@ -68,7 +68,7 @@ def structured_attr(trial: FrozenTrial, name: str, default: Any = None) -> Any:
     return json.loads(value) if isinstance(value, str) else value
 
 
-def stored_recipe(value: Any, where: str) -> AnyRecipe:
+def stored_recipe(value: Any, where: str) -> RecipeForm:
     """A recipe as a run stores it (a trial's JSON text, a summary's mapping); SpecError naming ``where`` when
     a cut or a hand edit left something that is not a recipe."""
     from evomerge.recipes import parse_recipe

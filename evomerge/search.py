@@ -27,7 +27,7 @@ from evomerge.events import Progress
 from evomerge.executors import Candidate, Executor, Outcome, has_room, run_all
 from evomerge.files import atomic_write_text
 from evomerge.interrupt import CtrlC
-from evomerge.recipes import AnyRecipe, Recipe, recipe_hash
+from evomerge.recipes import Recipe, RecipeForm
 from evomerge.run import (
     Attr,
     RunFolder,
@@ -80,7 +80,7 @@ class _Flight:
     """A candidate handed to the executor and not yet told."""
 
     trial: optuna.Trial
-    recipe: AnyRecipe
+    recipe: RecipeForm
     key: str
     start: float
 
@@ -199,7 +199,7 @@ class Search:
         while len(self._flight) < remaining and has_room(self.executor):
             trial = self.study.ask()
             recipe = self.space.sample(trial)
-            key = recipe_hash(recipe)
+            key = recipe.identity()
             trial.set_user_attr(Attr.RECIPE_HASH, key)
             in_flight = any(f.key == key for f in self._flight.values())
             if key in self._seen or in_flight:
@@ -277,7 +277,7 @@ class Search:
         self._flight.clear()
         self._waiting.clear()
 
-    def _log(self, number: int, state: str, result: EvalResult | None, recipe: AnyRecipe, seconds: float,
+    def _log(self, number: int, state: str, result: EvalResult | None, recipe: RecipeForm, seconds: float,
              **extra: Any) -> None:
         """Append one JSON line per trial (a line cut by a kill is skipped by readers)."""
         row = {"trial": number, "state": state, "score": result.score if result else None,
@@ -370,7 +370,7 @@ def _examples(result: EvalResult) -> int:
     return sum(len(v) for v in result.examples.values())
 
 
-def _recipe_of(trial: optuna.trial.FrozenTrial) -> AnyRecipe:
+def _recipe_of(trial: optuna.trial.FrozenTrial) -> RecipeForm:
     return stored_recipe(trial.user_attrs[Attr.RECIPE], f"trial {trial.number}")
 
 

@@ -15,17 +15,8 @@ from typing import Any, Protocol
 import optuna
 
 from evomerge.layout import LayerLayout
-from evomerge.recipes import (
-    MAX_PATH_LENGTH,
-    AnyRecipe,
-    Filtered,
-    LayerGroup,
-    LayerwiseRecipe,
-    PathRecipe,
-    PathStep,
-    Recipe,
-    Setting,
-)
+from evomerge.params import Filtered, Setting
+from evomerge.recipes import MAX_PATH_LENGTH, LayerGroup, LayerwiseRecipe, PathRecipe, PathStep, Recipe, RecipeForm
 from evomerge.registry import MergeMethod, get_method
 from evomerge.spec import Granularity, SearchSpec
 
@@ -240,7 +231,7 @@ class PathSpace:
 class Space(Protocol):
     """What the search needs of a space: a recipe per trial, and known points to evaluate first."""
 
-    def sample(self, trial: optuna.trial.BaseTrial) -> AnyRecipe: ...
+    def sample(self, trial: optuna.trial.BaseTrial) -> RecipeForm: ...
 
     def baselines(self) -> list[tuple[str, dict[str, Any]]]: ...
 

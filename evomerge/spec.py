@@ -20,19 +20,18 @@ from pydantic import (
 )
 
 from evomerge.errors import SpecError
+from evomerge.params import Scalar
 from evomerge.recipes import (
     MAX_PATH_LENGTH,
-    STRICT,
     DType,
     Placement,
-    Scalar,
     Seed,
     check_tokenizer_source,
     check_value,
 )
 from evomerge.registry import get_method
 from evomerge.scores import task_shares
-from evomerge.yaml_io import describe_error, load_yaml_model
+from evomerge.yaml_io import STRICT, describe_error, load_yaml_model
 
 
 class Range(BaseModel):

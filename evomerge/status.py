@@ -30,10 +30,7 @@ def run_table(run_dir: Path, limit: int = 20) -> Table:
     ranked = sorted(finished, key=lambda t: (t.user_attrs.get(Attr.FIDELITY) == "full", t.values[0]), reverse=True)
     for t in ranked[:limit]:
         note = t.user_attrs.get(Attr.BASELINE) or ("winner" if t.number == winner else "")
-        recipe = stored_recipe(t.user_attrs.get(Attr.RECIPE), f"trial {t.number}'s recipe").model_dump(
-            mode="json")  # layer-wise: the groups' methods, first block's first
-        method = recipe.get("merge_method") or "/".join(g["merge_method"] for g in recipe.get("groups", [])) \
-            or (f"path of {len(recipe['path'])} blocks" if "path" in recipe else "")
+        method = stored_recipe(t.user_attrs.get(Attr.RECIPE), f"trial {t.number}'s recipe").label
         table.add_row(str(t.number), t.user_attrs.get(Attr.FIDELITY, ""), " ".join(f"{v:.4f}" for v in t.values),
                       method, Text(note))
     return table

@@ -14,9 +14,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError
 
 from evomerge.errors import SpecError
+
+# every configuration model's strictness: unknown keys, NaN and infinities are errors
+STRICT = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 MAX_DEPTH = 64  # nested mappings and lists; ours need a handful, and far below the interpreter's recursion limit
 
@@ -157,3 +160,4 @@ def describe_error(err: ValidationError) -> str:
     msgs = [first["msg"]] if telling else list(dict.fromkeys(e["msg"] for at, e in errors if at == loc))
     msg = " or ".join(msgs).removeprefix("Value error, ")
     return f"{loc + ': ' if loc else ''}{msg}"
+

@@ -30,7 +30,7 @@ from bench_search import per_seed, print_seed_table, searched  # noqa: E402  (th
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
 from evomerge.merge import merge_to_folder  # noqa: E402
-from evomerge.recipes import PathRecipe, parse_recipe  # noqa: E402
+from evomerge.recipes import parse_recipe  # noqa: E402
 from evomerge.spec import SearchSpec  # noqa: E402
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
@@ -46,8 +46,8 @@ def one_search(spec: SearchSpec, budget: int) -> dict:
     winner = summary["table"][f"winner (trial {summary['winner_trial']})"]
     recipe = parse_recipe(summary["winner_recipe"])
     shape, path = "weights", ""
-    if isinstance(recipe, PathRecipe):
-        shape = f"path of {len(recipe.path)}"
+    if recipe.engine == "path":
+        shape = recipe.label
         path = " ".join(f"{Path(s.model).name}.{s.layer}" + (f"x{s.scale:.2f}" if s.scale != 1 else "")
                         for s in recipe.path)
     return {"validation": winner["validation"], "test": winner["test"], "recipe": recipe, "shape": shape, "path": path,

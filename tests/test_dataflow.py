@@ -435,9 +435,9 @@ def test_export_of_a_path_trial_uses_the_path_writer_and_describes_the_path(tmp_
     assert weights(out).keys() == weights(path_to_folder(recipe, tmp_path / "direct")).keys()
     assert all(torch.equal(t, weights(tmp_path / "direct")[n]) for n, t in weights(out).items())
     card = (out / "README.md").read_text()
-    assert ("5 blocks, in order: `demo:add:0×1` → `demo:reverse:2×0.5` → `demo:add:0×1` → `demo:base:3×1` → "
-            "`demo:reverse:1×1`.") in card
-    assert "Embeddings, final norm and head: `demo:base`." in card
+    assert "Layer path (5 blocks; embeddings, final norm and head from demo:base):" in card
+    assert ("| 0 | demo:add | 0 | 1 |\n| 1 | demo:reverse | 2 | 0.5 |\n| 2 | demo:add | 0 | 1 |\n"
+            "| 3 | demo:base | 3 | 1 |\n| 4 | demo:reverse | 1 | 1 |\n") in card
     assert "`mergekit_config.yml` reproduces this merge with mergekit: `mergekit-yaml" in card
     assert load(out, DTYPES["float16"]).config.num_hidden_layers == 5
     assert main(["export", str(run), "--trial", "0", "--out", str(run / "inside"), "--force"]) == 2

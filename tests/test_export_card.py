@@ -5,7 +5,6 @@ search's exported winner end to end, and the card of single-method and layer-wis
 written in every form a recipe takes."""
 
 import re
-from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -13,6 +12,7 @@ from huggingface_hub import ModelCard
 
 from evomerge.cli import main
 from evomerge.export import model_card
+from evomerge.layout import LayerLayout
 from evomerge.recipes import LayerwiseRecipe, parse_recipe, recipe_from_yaml
 
 SPLITS = {"search": "search[0:12]", "validation": "validation[0:8]", "test": "test[0:8]"}
@@ -68,9 +68,8 @@ def test_card_names_the_hub_models_of_the_recipe(tmp_path):
     recipe = parse_recipe({"merge_method": "task_arithmetic", "base_model": refs[0],
                            "models": [{"model": m, "parameters": {"weight": 0.5}} for m in [*refs[1:], refs[1]]]})
     assert recipe.model_refs == refs
-    run = SimpleNamespace(root=tmp_path / "my-run")
     path = tmp_path / "README.md"
-    path.write_text(model_card(run, 7, recipe, {"search": {"t": 0.5}, "fidelity": "full"}))
+    path.write_text(model_card("my-run", 7, recipe, {"search": {"t": 0.5}, "fidelity": "full"}, None))
     body = check_card(path, ["org/base-7b", "org/lora-adapter"])  # a LoRA names its base and its adapter
     assert body.startswith("# Merged with evomerge (run `my-run`, trial 7)") and "t 0.5000" in body
     assert "| model |" not in body  # not the winner: no summary table
@@ -86,7 +85,12 @@ def test_layerwise_card_names_every_group_model_once(tmp_path):
                     {"model": "org/add", "parameters": {"weight": 0.5}}]}]})
     assert isinstance(recipe, LayerwiseRecipe)
     path = tmp_path / "README.md"
-    path.write_text(model_card(SimpleNamespace(root=tmp_path / "lw"), 3, recipe, {"search": {"t": 1.0},
-                                                                                  "fidelity": "full"}))
+    layout = LayerLayout(prefix="model.layers.", num_layers=4,
+                         block_tensors=tuple(f"model.layers.{i}.mlp.weight" for i in range(4)))
+    path.write_text(model_card("lw", 3, recipe, {"search": {"t": 1.0}, "fidelity": "full"}, layout))
     body = check_card(path, ["org/base", "org/add", "org/sort"])
+    assert "Method per layer:\n\n| L0 | L1 | L2 | L3 |\n|---|---|---|---|\n" \
+        "| task_arithmetic | task_arithmetic | linear | linear |\n" in body
+    # each model's weight on the blocks of the groups that merge it
+    assert "| org/add | 0.500 | 0.500 | 0.500 | 0.500 |\n| org/sort@main | - | - | 0.500 | 0.500 |\n" in body
     assert "`mergekit_multi.yml` reproduces this merge with mergekit: `mergekit-multi" in body

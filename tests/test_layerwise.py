@@ -21,7 +21,6 @@ from evomerge.models import open_checkpoint
 from evomerge.params import resolve_params
 from evomerge.recipes import LayerwiseRecipe, Recipe, parse_recipe, recipe_from_yaml
 from evomerge.registry import get_method
-from evomerge.report import layer_methods
 from evomerge.run import STUDY_NAME, Attr, RunFolder, counted, structured_attr
 from evomerge.space import SearchSpace
 from evomerge.spec import SearchSpec
@@ -259,7 +258,7 @@ def test_space_is_conditional_on_each_groups_method(llama_zoo):
 
 def test_report_names_the_method_of_each_layer(llama_zoo):
     recipe = parse_recipe(cases(llama_zoo, llama_zoo)["dare_ties|linear outer=last"])
-    assert layer_methods(recipe, 3) == ["dare_ties", "linear", "linear"]
+    assert recipe.layer_methods(3) == ["dare_ties", "linear", "linear"]
 
 
 # ----------------------------------------------------------------------------- mergekit-multi

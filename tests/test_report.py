@@ -15,7 +15,7 @@ from evomerge.cli import main
 from evomerge.layout import LayerLayout
 from evomerge.models import open_checkpoint
 from evomerge.recipes import Recipe
-from evomerge.report import TrialPoint, best_so_far, layer_parameters
+from evomerge.report import TrialPoint, best_so_far
 from evomerge.run import STUDY_NAME, RunFolder, counted
 
 
@@ -67,7 +67,7 @@ def test_best_so_far_ignores_screened_trials():
 def test_layer_parameters_follow_a_gradient():
     recipe = Recipe(merge_method="linear", models=[{"model": "demo:add", "parameters": {"weight": [0.0, 1.0]}},
                                                    {"model": "demo:sort", "parameters": {"weight": 0.5}}])
-    per_layer = layer_parameters(recipe, LayerLayout.of(open_checkpoint("demo:add")))["weight"]
+    per_layer = recipe.per_layer(LayerLayout.of(open_checkpoint("demo:add")))["weight"]
     assert per_layer["demo:add"] == pytest.approx([0, 1 / 3, 2 / 3, 1])  # layer i of 4 at i/3 on the gradient
     assert per_layer["demo:sort"] == pytest.approx([0.5] * 4)
 
@@ -104,7 +104,7 @@ def test_report_of_a_run_without_a_layout_record_says_so(run, tmp_path):
     (copy / "layout.json").unlink()
     assert main(["report", str(copy)]) == 0
     text = (copy / "report.md").read_text()
-    assert "No per-layer tables: layout.json is missing" in text and "per layer (mean" not in text
+    assert "layout.json is missing" in text and "No per-layer tables" in text and "per layer (mean" not in text
     assert "## Winner: trial" in text
 
 

@@ -314,13 +314,11 @@ def test_union_search_with_a_baseless_method_checked_up_front(zoo, tmp_path, cap
     check_spec(SearchSpec.model_validate({**doc, "models": [str(zoo["a"]), str(zoo["c"])]}))
 
 
-def test_recipe_hash_unchanged_by_the_tokenizer_source_field():
+def test_recipe_identity_unchanged_by_the_tokenizer_source_field():
     """Recipes without a tokenizer_source hash as before the field existed (a resumed older run still knows
     which recipes it scored): the value computed by the code before it."""
-    from evomerge.recipes import recipe_hash
-
     recipe = Recipe.model_validate({"merge_method": "ties", "base_model": "demo:base", "models": [
         {"model": "demo:add", "parameters": {"weight": 0.5, "density": 0.5}},
         {"model": "demo:reverse", "parameters": {"weight": 0.7, "density": 0.3}}]})
-    assert recipe_hash(recipe) == "cb4c0585b01b3386"
-    assert recipe_hash(recipe.model_copy(update={"tokenizer_source": "union"})) != "cb4c0585b01b3386"
+    assert recipe.identity() == "cb4c0585b01b3386"
+    assert recipe.model_copy(update={"tokenizer_source": "union"}).identity() != "cb4c0585b01b3386"
