@@ -16,7 +16,7 @@ import torch
 from evomerge.chain import STAGE_FOLDER, STAGE_WINNER
 from evomerge.errors import SpecError
 from evomerge.events import SearchEvents
-from evomerge.executors import Executor, InProcessExecutor, Worker, check_device
+from evomerge.executors import Executor, InProcessExecutor
 from evomerge.files import check_apart
 from evomerge.interrupt import CtrlC
 from evomerge.layout import LayerLayout
@@ -28,6 +28,7 @@ from evomerge.samplers import default_sampler, study_sampler
 from evomerge.search import Search
 from evomerge.space import make_space
 from evomerge.spec import SearchSpec, spec_hash
+from evomerge.worker import Worker, check_device
 
 
 def choose_executor(spec: SearchSpec, kind: Literal["auto", "local", "ray"] = "auto", workers: int | None = None,
@@ -67,9 +68,9 @@ def default_run_name(spec_path: str | None) -> str:
 def check_spec(spec: SearchSpec) -> None:
     """Everything about the spec that can fail before compute: model folders, their compatibility, tasks."""
     from evomerge.evaluate import check_tasks
-    from evomerge.executors import include_paths
     from evomerge.models import check_compatible, check_loadable
     from evomerge.refs import resolve_model_path
+    from evomerge.worker import include_paths
 
     checkpoints = {ref: open_checkpoint(ref) for ref in [spec.base_model, *spec.models]}
     check_compatible(list(checkpoints.values()), aligned_vocab=spec.tokenizer_source is not None)

@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any, Literal
 
 from evomerge.errors import SearchError, SpecError
-from evomerge.executors import Candidate, Outcome, Worker
+from evomerge.executors import Job, Outcome
 from evomerge.spec import SearchSpec
+from evomerge.worker import Worker
 
 RAY_CONNECT_TIMEOUT_S = 10.0  # how long to wait for a cluster's address to answer before giving up
 MAX_RESTARTS = 2  # a worker process that dies is restarted this often, then dropped from the pool
@@ -199,7 +200,7 @@ class RayExecutor:
 
         return ray.get(self._actors[self._free_actor()].doc_ids.remote(task, role))
 
-    def submit(self, key: int, candidate: Candidate) -> None:
+    def submit(self, key: int, candidate: Job) -> None:
         """Hand the job to the least loaded ready worker; waits for a restarting one when none has room."""
         index = self._free_actor()
         self._load[index] += 1

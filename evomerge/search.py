@@ -24,9 +24,10 @@ from optuna.trial import TrialState
 from evomerge.errors import SearchError, SpecError
 from evomerge.evaluate import EvalResult
 from evomerge.events import Progress
-from evomerge.executors import Candidate, Executor, Outcome, has_room, run_all
+from evomerge.executors import Executor, Job, Outcome, has_room, run_all
 from evomerge.files import atomic_write_text
 from evomerge.interrupt import CtrlC
+from evomerge.racing import make_race, record_race
 from evomerge.recipes import Recipe, RecipeForm
 from evomerge.run import (
     Attr,
@@ -38,7 +39,6 @@ from evomerge.run import (
 )
 from evomerge.samplers import open_study
 from evomerge.scores import task_shares, weighted_mean
-from evomerge.screening import Screen, race
 from evomerge.space import make_space
 from evomerge.spec import SearchSpec
 from evomerge.subsets import AnswerStrata, FirstDocuments, SearchSubset
@@ -102,19 +102,13 @@ class Search:
         self.study = open_study(spec, run, self.space, self.executor.slots())
         # None until the reference models have answered the pool (``subset: answers``, a new run)
         self.subset: SearchSubset | None = self._stored_subset()
-        self.screens = self._race()
+        self.rungs = make_race(self.spec.evaluation, self.subset, self.study.get_trials(deepcopy=False))
         self._seen: dict[str, tuple[int, list[float], str]] = {}  # recipe hash -> (trial, values, fidelity)
         self._flight: dict[int, _Flight] = {}
         self._waiting: dict[str, list[optuna.Trial]] = {}  # duplicates of in-flight recipes, by recipe hash
         self._failures = 0
 
     # ------------------------------------------------------------------ the loop
-
-    def _race(self) -> tuple[Screen, ...]:
-        ev = self.spec.evaluation
-        if ev.screen_examples is None or ev.objective != "weighted" or self.subset is None:
-            return ()
-        return race(self.subset, ev.rungs, ev.weights, self.study.get_trials(deepcopy=False))
 
     def pool(self, size: int | None) -> dict[str, list[int]]:
         """The first ``size`` search documents of each task (None: all), in the order a search takes them."""
@@ -140,11 +134,11 @@ class Search:
         self.study.set_user_attr(Attr.SUBSET, as_text(subset.to_json()))
         self.study.set_user_attr(Attr.SUBSET_EXAMPLES, sum(map(_examples, answers)))
         self.subset = subset
-        self.screens = self._race()
+        self.rungs = make_race(self.spec.evaluation, self.subset, self.study.get_trials(deepcopy=False))
 
     def reference_answers(self, pool: dict[str, list[int]]) -> list[EvalResult]:
         """Each reference model's answers on the ``pool`` search documents (what an answer subset is drawn by)."""
-        jobs = {label: Candidate(r, "search", pool) for label, r in self.reference_recipes().items()}
+        jobs = {label: Job(r, "search", pool) for label, r in self.reference_recipes().items()}
         return list(self._score_all(jobs, "the reference models' answers on the subset's pool").values())
 
     def seed_baselines(self) -> None:
@@ -215,8 +209,8 @@ class Search:
             duplicates = 0
             trial.set_user_attr(Attr.RECIPE, as_text(recipe.model_dump(mode="json", exclude_defaults=True)))
             self._flight[trial.number] = _Flight(trial, recipe, key, time.perf_counter())
-            self.executor.submit(trial.number, Candidate(recipe, "search", self.subset.doc_ids,
-                                                             self.screens))
+            self.executor.submit(trial.number, Job(recipe, "search", self.subset.doc_ids,
+                                                             self.rungs))
 
     def _tell_duplicate(self, trial: optuna.Trial, key: str) -> None:
         number, values, fidelity = self._seen[key]
@@ -249,14 +243,8 @@ class Search:
         trial.set_user_attr(Attr.FIDELITY, outcome.fidelity)
         trial.set_user_attr(Attr.SCORES, result.scores)
         trial.set_user_attr(Attr.EXAMPLES, examples)
-        if outcome.rung_vectors:
-            trial.set_user_attr(Attr.SCREEN, as_text(outcome.rung_vectors[0]))
-            if len(outcome.rung_vectors) > 1:
-                trial.set_user_attr(Attr.RUNGS, as_text(outcome.rung_vectors[1:]))
+        record_race(trial, self.rungs, outcome, result.score)
         self.study.tell(trial, values)
-        if outcome.fidelity == "full" and outcome.rung_vectors:
-            for screen, vector in zip(self.screens, outcome.rung_vectors, strict=True):
-                screen.record(result.score, vector)
         self._seen[flight.key] = (trial.number, values, outcome.fidelity)
         for dup in waiting:
             self._tell_duplicate(dup, flight.key)
@@ -324,7 +312,7 @@ class Search:
         refs["uniform average"] = arithmetic([1 / len(spec.models)] * len(spec.models))
         return refs
 
-    def _score_all(self, jobs: dict[K, Candidate], what: str = "the hold-out re-check") -> dict[K, EvalResult]:
+    def _score_all(self, jobs: dict[K, Job], what: str = "the hold-out re-check") -> dict[K, EvalResult]:
         """Run jobs spread over the workers; their results under the jobs' keys (in the jobs' order), or
         SearchError naming ``what`` failed."""
         keys = list(jobs)
@@ -340,13 +328,13 @@ class Search:
         if not candidates:
             raise SearchError("no trial finished at full fidelity; nothing to choose from")
         refs = self.reference_recipes()
-        jobs: dict[tuple[str | int, str], Candidate] = {(t.number, "validation"): Candidate(_recipe_of(t), "validation")
+        jobs: dict[tuple[str | int, str], Job] = {(t.number, "validation"): Job(_recipe_of(t), "validation")
                                                         for t in candidates}
-        jobs |= {(label, role): Candidate(r, role) for label, r in refs.items() for role in ("validation", "test")}
+        jobs |= {(label, role): Job(r, role) for label, r in refs.items() for role in ("validation", "test")}
         first = self._score_all(jobs)  # keyed (trial number or reference label, role)
         validation = {t.number: first[t.number, "validation"] for t in candidates}
         winner = max(candidates, key=lambda t: validation[t.number].score)
-        winner_test = self._score_all({"test": Candidate(_recipe_of(winner), "test")})["test"]
+        winner_test = self._score_all({"test": Job(_recipe_of(winner), "test")})["test"]
         winner_label = f"winner (trial {winner.number})"
         scored = {winner_label: (validation[winner.number], winner_test)}
         scored |= {label: (first[label, "validation"], first[label, "test"]) for label in refs}

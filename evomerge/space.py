@@ -1,4 +1,4 @@
-"""Turning an Optuna trial into a recipe. Weight space (``SearchSpace``): method choice (global or per
+"""Turning an Optuna trial into a recipe. Weight space (``WeightSpace``): method choice (global or per
 layer group), layer granularity, ranges, shared parameters. Data-flow space (``PathSpace``): which blocks of
 which models a token passes through, each scaled.
 
@@ -67,7 +67,7 @@ def method_ranges(count: int | None, num_layers: int) -> list[range] | None:
 Values = dict[str, list[list[float]]]  # parameter -> [model][slot] (per-model) or [[slot]] (shared)
 
 
-class SearchSpace:
+class WeightSpace:
     """Samples recipes from a SearchSpec; also builds the parameter dicts of known baselines.
 
     With ``space.method_granularity: groups:N`` each group of blocks picks its own method (parameter
@@ -237,4 +237,4 @@ class Space(Protocol):
 
 
 def make_space(spec: SearchSpec, layout: LayerLayout) -> Space:
-    return PathSpace(spec, layout) if spec.space.kind == "dataflow" else SearchSpace(spec, layout)
+    return PathSpace(spec, layout) if spec.space.kind == "dataflow" else WeightSpace(spec, layout)

@@ -28,10 +28,11 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from bench_search import per_seed, print_seed_table, searched  # noqa: E402  (this folder: a script's own directory is on sys.path)
 
 from evomerge.cli import _quiet_libraries  # noqa: E402
-from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
+from evomerge.executors import InProcessExecutor
 from evomerge.merge import merge_to_folder  # noqa: E402
 from evomerge.recipes import parse_recipe  # noqa: E402
 from evomerge.spec import SearchSpec  # noqa: E402
+from evomerge.worker import Worker
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 SPACE_NAMES = ("ps", "dfs", "chain")

@@ -49,7 +49,7 @@ from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import DEMO_SPEC  # noqa: E402
 from evomerge.evaluate import EvalResult  # noqa: E402
 from evomerge.events import Progress  # noqa: E402
-from evomerge.executors import Candidate, Outcome  # noqa: E402
+from evomerge.executors import Job, Outcome  # noqa: E402
 from evomerge.launch import prepare_run  # noqa: E402
 from evomerge.recipes import Recipe  # noqa: E402
 from evomerge.run import RunFolder, counted  # noqa: E402
@@ -97,7 +97,7 @@ class SleepExecutor:
     def __post_init__(self) -> None:
         self._rng = random.Random(self.seed)
         self._heap: list[tuple[float, int]] = []
-        self._jobs: dict[int, Candidate] = {}
+        self._jobs: dict[int, Job] = {}
 
     def slots(self) -> int:
         return self.slot_count
@@ -114,7 +114,7 @@ class SleepExecutor:
     def doc_ids(self, task: str, role: str) -> list[int]:
         return list(range(self.examples))
 
-    def submit(self, key: int, candidate: Candidate) -> None:
+    def submit(self, key: int, candidate: Job) -> None:
         if key in self._jobs or len(self._jobs) >= self.slot_count:
             raise RuntimeError(f"job {key} submitted twice or with every slot busy")
         now = time.monotonic()

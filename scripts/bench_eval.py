@@ -29,10 +29,11 @@ import torch  # noqa: E402
 
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import TASKS_DIR  # noqa: E402
-from evomerge.executors import Candidate, Worker  # noqa: E402
+from evomerge.executors import Job
 from evomerge.merge import merge_to_folder  # noqa: E402
 from evomerge.recipes import Recipe  # noqa: E402
 from evomerge.spec import SearchSpec  # noqa: E402
+from evomerge.worker import Worker
 
 
 class Zoo(NamedTuple):
@@ -74,7 +75,7 @@ def random_recipe(models: list[str], rng: random.Random) -> Recipe:
 
 def score(worker: Worker, rng: random.Random, ids: dict[str, list[int]]) -> float:
     """One candidate on the live path (a failed one would make the timing meaningless); its merge seconds."""
-    outcome = worker.run(Candidate(random_recipe(worker.spec.models, rng), "test", ids))
+    outcome = worker.run(Job(random_recipe(worker.spec.models, rng), "test", ids))
     if outcome.error:
         raise RuntimeError(outcome.error)
     return outcome.merge_s

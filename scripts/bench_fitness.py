@@ -32,12 +32,13 @@ from bench_search import searched, test_score  # noqa: E402  (this folder: a scr
 
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import DEMO_SPEC  # noqa: E402
-from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
+from evomerge.executors import InProcessExecutor
 from evomerge.launch import prepare_run  # noqa: E402
 from evomerge.recipes import parse_recipe  # noqa: E402
 from evomerge.run import Attr, RunFolder, structured_attr  # noqa: E402
 from evomerge.search import Search  # noqa: E402
 from evomerge.spec import SearchSpec  # noqa: E402
+from evomerge.worker import Worker
 
 # label: (search_examples, screen_examples, subset_pool) per task; a list of screens is a race over those rungs;
 # with a pool, the search documents are drawn from strata of the reference models' answers on that many
@@ -92,7 +93,7 @@ def subset_fidelity(base: SearchSpec, executor: InProcessExecutor, candidates: i
     from scipy.stats import spearmanr
 
     from evomerge.evaluate import EvalResult
-    from evomerge.executors import Candidate
+    from evomerge.executors import Job
     from evomerge.subsets import AnswerStrata, FirstDocuments
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -102,7 +103,7 @@ def subset_fidelity(base: SearchSpec, executor: InProcessExecutor, candidates: i
         pool = search.pool(500)
         refs = search.reference_answers(pool)
         study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
-        scored = [executor.worker.run(Candidate(search.space.sample(study.ask()), "search", pool)).result
+        scored = [executor.worker.run(Job(search.space.sample(study.ask()), "search", pool)).result
                   for _ in range(candidates)]
     print(f"\nsubset fidelity, {base.evaluation.tasks[0].name}..., {candidates} random candidates, pool 500 per task")
     print("| subset | examples per task | mean abs error vs pool score | Spearman rank correlation |")

@@ -17,8 +17,9 @@ import time
 from bench_eval import MODELS, ForwardTimer, random_recipe  # this folder is on sys.path; sets HF offline
 
 from evomerge.cli import _quiet_libraries
-from evomerge.executors import Candidate, Worker
+from evomerge.executors import Job
 from evomerge.spec import SearchSpec
+from evomerge.worker import Worker
 
 FORMS = {"loglikelihood (demo_add)": {"name": "demo_add"},
          "generate_until (demo_add_gen)": {"name": "demo_add_gen", "metric": "exact_match"}}
@@ -32,10 +33,10 @@ def per_candidate(task: dict, n_docs: int, candidates: int, seed: int, batch_siz
     timer = ForwardTimer(worker.model)
     ids = {task["name"]: worker.doc_ids(task["name"], "test")[:n_docs]}
     rng = random.Random(seed)
-    worker.run(Candidate(random_recipe(rng), "test", ids))  # warm-up
+    worker.run(Job(random_recipe(rng), "test", ids))  # warm-up
     timer.seconds, scores, start = 0.0, [], time.perf_counter()
     for _ in range(candidates):
-        outcome = worker.run(Candidate(random_recipe(rng), "test", ids))
+        outcome = worker.run(Job(random_recipe(rng), "test", ids))
         if outcome.error or outcome.result is None:
             raise RuntimeError(outcome.error)
         scores.append(outcome.result.score)

@@ -23,9 +23,10 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 from bench_search import per_seed, print_seed_table, searched  # noqa: E402  (this folder: a script's own directory is on sys.path)
 
 from evomerge.cli import _quiet_libraries  # noqa: E402
-from evomerge.executors import InProcessExecutor, Worker  # noqa: E402
+from evomerge.executors import InProcessExecutor
 from evomerge.recipes import parse_recipe  # noqa: E402
 from evomerge.spec import SearchSpec  # noqa: E402
+from evomerge.worker import Worker
 
 SPACES = Path(__file__).resolve().parent.parent / "search_spaces"
 SPECS = {"per-layer linear (demo, CMA-ES)": "demo.yaml", "one method (method_choice, TPE)": "method_choice.yaml",

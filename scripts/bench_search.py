@@ -24,18 +24,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import DEMO_SPEC  # noqa: E402
-from evomerge.executors import Candidate, InProcessExecutor, Worker  # noqa: E402
+from evomerge.executors import InProcessExecutor, Job
 from evomerge.launch import run_search  # noqa: E402
 from evomerge.recipes import Recipe, WeightRecipe, parse_recipe  # noqa: E402
 from evomerge.run import Attr, RunFolder, counted, structured_attr  # noqa: E402
 from evomerge.search import Search  # noqa: E402
 from evomerge.spec import SearchSpec  # noqa: E402
+from evomerge.worker import Worker
 
 SAMPLERS = ("cmaes", "tpe", "random")
 
 
 def test_score(worker: Worker, recipe: WeightRecipe) -> float:
-    outcome = worker.run(Candidate(recipe, "test"))
+    outcome = worker.run(Job(recipe, "test"))
     if outcome.result is None:
         raise RuntimeError(outcome.error)
     return outcome.result.score

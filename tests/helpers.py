@@ -22,11 +22,12 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from evomerge.cli import main
 from evomerge.demo import model_path
-from evomerge.executors import InProcessExecutor, Worker
+from evomerge.executors import InProcessExecutor
 from evomerge.launch import run_search
 from evomerge.models import open_checkpoint
 from evomerge.run import STUDY_NAME, RunFolder, counted
 from evomerge.spec import SearchSpec
+from evomerge.worker import Worker
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 

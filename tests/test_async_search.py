@@ -10,12 +10,14 @@ from optuna.trial import TrialState
 
 from evomerge.errors import SearchError
 from evomerge.evaluate import EvalResult
-from evomerge.executors import Candidate, InProcessExecutor, Outcome, Worker, run_all, screen_then_rest
+from evomerge.executors import InProcessExecutor, Job, Outcome, run_all
 from evomerge.launch import prepare_run
+from evomerge.racing import run_race
 from evomerge.recipes import Recipe
 from evomerge.run import Attr, RunFolder, counted, structured_attr
 from evomerge.search import Search
 from evomerge.spec import SearchSpec
+from evomerge.worker import Worker
 
 
 class ShuffledExecutor:
@@ -28,7 +30,7 @@ class ShuffledExecutor:
         self.name = "shuffled"
         self._slots = slots
         self._rng = random.Random(seed)
-        self._jobs: dict[int, Candidate] = {}
+        self._jobs: dict[int, Job] = {}
         self.fail = set(fail)
         self.die_after = die_after
         self.finished = 0
@@ -49,7 +51,7 @@ class ShuffledExecutor:
     def doc_ids(self, task: str, role: str) -> list[int]:
         return list(range(60))
 
-    def submit(self, key: int, candidate: Candidate) -> None:
+    def submit(self, key: int, candidate: Job) -> None:
         assert key not in self._jobs and len(self._jobs) < self._slots
         self._jobs[key] = candidate
         self.max_busy = max(self.max_busy, len(self._jobs))
@@ -69,7 +71,7 @@ class ShuffledExecutor:
         self.finished += 1
         if key in self.fail:
             return key, Outcome(None, "full", None, 0.0, 0.0, "shuffled", error="RuntimeError: planted")
-        return key, screen_then_rest(job, self._score, "shuffled")
+        return key, run_race(job, self._score, "shuffled")
 
     def close(self) -> None:
         self._jobs.clear()
@@ -115,10 +117,10 @@ def test_screening_reference_follows_results_in_any_order(tmp_path):
     assert all(len(structured_attr(t, Attr.SCREEN)) == 30 and t.user_attrs[Attr.EXAMPLES] == 30 for t in screened)
     assert all(t.user_attrs[Attr.EXAMPLES] == 80 for t in full)
     best = max(full, key=lambda t: t.value)  # the reference is the best full trial, whatever the arrival order
-    (screen,) = search.screens
+    (screen,) = search.rungs
     assert screen.best_value == best.value and screen.best == structured_attr(best, Attr.SCREEN)
     resumed = Search(spec, run, ShuffledExecutor(slots=3))
-    (screen,) = resumed.screens
+    (screen,) = resumed.rungs
     assert screen.best_value == best.value and screen.best == structured_attr(best, Attr.SCREEN)
 
 
@@ -177,11 +179,11 @@ def worker():
 def test_worker_returns_failures_instead_of_raising(worker, monkeypatch):
     good = Recipe(merge_method="linear", models=[{"model": "demo:add"}, {"model": "demo:reverse"}])
     ids = {"demo_add": [0, 1, 2], "demo_reverse": [0, 1]}
-    ok = worker.run(Candidate(good, "search", ids))
+    ok = worker.run(Job(good, "search", ids))
     assert ok.error is None and set(ok.result.examples["demo_add"]) == {0, 1, 2}
 
     foreign = Recipe(merge_method="linear", models=[{"model": "demo:add"}, {"model": "demo:sort"}])
-    failed = worker.run(Candidate(foreign, "search", ids))
+    failed = worker.run(Job(foreign, "search", ids))
     assert failed.result is None and "SpecError" in failed.error and "demo:sort" in failed.error
 
     real = worker.evaluator.evaluate
@@ -192,25 +194,25 @@ def test_worker_returns_failures_instead_of_raising(worker, monkeypatch):
         return result
 
     monkeypatch.setattr(worker.evaluator, "evaluate", nan_scores)
-    nan = worker.run(Candidate(good, "search", ids))
+    nan = worker.run(Job(good, "search", ids))
     assert nan.result is None and "demo_add scored nan" in nan.error
 
     def out_of_memory(role, doc_ids=None):
         raise __import__("torch").OutOfMemoryError("CUDA out of memory (planted)")
 
     monkeypatch.setattr(worker.evaluator, "evaluate", out_of_memory)
-    oom = worker.run(Candidate(good, "search", ids))
+    oom = worker.run(Job(good, "search", ids))
     assert oom.result is None and "OutOfMemoryError" in oom.error
     monkeypatch.setattr(worker.evaluator, "evaluate", real)
-    again = worker.run(Candidate(good, "search", ids))  # the worker carries on
+    again = worker.run(Job(good, "search", ids))  # the worker carries on
     assert again.result.scores == ok.result.scores
 
 
 def test_run_all_spreads_a_batch_and_keeps_keys(worker):
     executor = InProcessExecutor(worker)
     recipes = [Recipe(merge_method="linear", models=[{"model": m}]) for m in ("demo:add", "demo:reverse")]
-    jobs = {7: Candidate(recipes[0], "validation", {"demo_add": [0, 1], "demo_reverse": [0]}),
-            3: Candidate(recipes[1], "validation", {"demo_add": [0], "demo_reverse": [1, 2]})}
+    jobs = {7: Job(recipes[0], "validation", {"demo_add": [0, 1], "demo_reverse": [0]}),
+            3: Job(recipes[1], "validation", {"demo_add": [0], "demo_reverse": [1, 2]})}
     outcomes = run_all(executor, jobs)
     assert set(outcomes) == {7, 3}
     assert set(outcomes[3].result.examples["demo_reverse"]) == {1, 2}

@@ -8,11 +8,12 @@ import pytest
 import torch
 from helpers import SPEC
 
-from evomerge.executors import Candidate, Worker
+from evomerge.executors import Job
 from evomerge.merge import merge_to_folder
 from evomerge.ray_executor import plan_workers
 from evomerge.recipes import LayerwiseRecipe, Recipe
 from evomerge.spec import SearchSpec
+from evomerge.worker import Worker
 
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 IDS = {"demo_add": list(range(20)), "demo_reverse": list(range(20))}
@@ -33,7 +34,7 @@ def assert_live_equals_streamed(worker: Worker, recipe, tmp_path) -> None:
     CPU merge to float rounding."""
     from safetensors.torch import load_file
 
-    assert worker.run(Candidate(recipe, "search", IDS)).error is None
+    assert worker.run(Job(recipe, "search", IDS)).error is None
     streamed = load_file(merge_to_folder(recipe, tmp_path / "cpu") / "model.safetensors")
     live = dict(worker.model.named_parameters())
     for name, tensor in streamed.items():
@@ -102,7 +103,7 @@ def test_layerwise_merge_on_the_device_equals_the_streamed_merge(gpu_worker, tmp
 @cuda
 def test_device_out_of_memory_is_a_failed_candidate(gpu_worker, monkeypatch):
     good = Recipe(merge_method="linear", models=[{"model": "demo:add"}, {"model": "demo:reverse"}])
-    before = gpu_worker.run(Candidate(good, "search", IDS))
+    before = gpu_worker.run(Job(good, "search", IDS))
     torch.cuda.synchronize()
     allocated = torch.cuda.memory_allocated()
     real = gpu_worker.evaluator.evaluate
@@ -114,11 +115,11 @@ def test_device_out_of_memory_is_a_failed_candidate(gpu_worker, monkeypatch):
         return real(role, doc_ids)
 
     monkeypatch.setattr(gpu_worker.evaluator, "evaluate", greedy)
-    failed = gpu_worker.run(Candidate(good, "search", IDS))
+    failed = gpu_worker.run(Job(good, "search", IDS))
     assert failed.result is None and "OutOfMemoryError" in failed.error
     assert torch.cuda.memory_allocated() <= allocated + (1 << 20)  # the worker let the failed frame's memory go
     monkeypatch.setattr(gpu_worker.evaluator, "evaluate", real)
-    again = gpu_worker.run(Candidate(good, "search", IDS))
+    again = gpu_worker.run(Job(good, "search", IDS))
     torch.cuda.synchronize()
     assert again.result.scores == before.result.scores
     assert torch.cuda.memory_allocated() <= allocated + (1 << 20)  # what the failure held is given back
@@ -133,7 +134,7 @@ def test_ray_actor_runs_on_a_gpu():
     try:
         assert executor.plan.device == "cuda" and executor.plan.gpus == 1
         good = Recipe(merge_method="linear", models=[{"model": "demo:add"}, {"model": "demo:reverse"}])
-        executor.submit(0, Candidate(good, "search", IDS))
+        executor.submit(0, Job(good, "search", IDS))
         key, outcome = executor.wait_any()
         assert key == 0 and outcome.error is None and ":cuda" in outcome.worker
     finally:

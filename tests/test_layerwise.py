@@ -22,7 +22,7 @@ from evomerge.params import resolve_params
 from evomerge.recipes import LayerwiseRecipe, Recipe, parse_recipe, recipe_from_yaml
 from evomerge.registry import get_method
 from evomerge.run import STUDY_NAME, Attr, RunFolder, counted, structured_attr
-from evomerge.space import SearchSpace
+from evomerge.space import WeightSpace
 from evomerge.spec import SearchSpec
 
 BLOCK = re.compile(r"^(?:model\.layers|transformer\.h)\.(\d+)\.")  # llama and GPT-2 blocks, parsed here on purpose
@@ -185,7 +185,7 @@ def zoo_spec(llama_zoo, **space) -> SearchSpec:
         "evaluation": {"tasks": [{"name": "demo_add"}], "include_paths": ["demo"]}})
 
 
-def expected_params(space: SearchSpace, methods: list[str]) -> set[str]:
+def expected_params(space: WeightSpace, methods: list[str]) -> set[str]:
     """The Optuna parameters a trial must hold: each group's method and that method's coefficients only."""
     names = set()
     for g, name in enumerate(methods):
@@ -199,7 +199,7 @@ def expected_params(space: SearchSpace, methods: list[str]) -> set[str]:
 
 def test_sampled_recipe_puts_each_method_on_its_layers(llama_zoo, tmp_path):
     spec = zoo_spec(llama_zoo, granularity="layer", shared=["lambda"])
-    space = SearchSpace(spec, LayerLayout.of(open_checkpoint(str(llama_zoo["base"]))))
+    space = WeightSpace(spec, LayerLayout.of(open_checkpoint(str(llama_zoo["base"]))))
     chosen = ["ties", "dare_ties"]
     values: dict = {f"method[G{g}]": m for g, m in enumerate(chosen)}
     names = sorted(expected_params(space, chosen) - set(values))
@@ -238,7 +238,7 @@ def test_sampled_recipe_puts_each_method_on_its_layers(llama_zoo, tmp_path):
 
 def test_space_is_conditional_on_each_groups_method(llama_zoo):
     spec = zoo_spec(llama_zoo, granularity="groups:2")
-    space = SearchSpace(spec, LayerLayout.of(open_checkpoint(str(llama_zoo["base"]))))
+    space = WeightSpace(spec, LayerLayout.of(open_checkpoint(str(llama_zoo["base"]))))
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     seen = set()
     for _ in range(12):

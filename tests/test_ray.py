@@ -20,7 +20,7 @@ import yaml
 from helpers import SPEC, study_of, wait_for
 from optuna.trial import TrialState
 
-from evomerge.executors import Candidate
+from evomerge.executors import Job
 from evomerge.ray_executor import RayExecutor
 from evomerge.recipes import Recipe
 from evomerge.run import Attr, RunFolder, counted
@@ -167,14 +167,14 @@ def test_a_worker_is_restarted_twice_then_dropped(tmp_path):
     spec = SearchSpec.model_validate(SMALL)
     executor = RayExecutor(spec, workers=1)
     good = Recipe(merge_method="linear", models=[{"model": "demo:add"}, {"model": "demo:reverse"}])
-    job = Candidate(good, "search", {"demo_add": list(range(30)), "demo_reverse": list(range(30))})
+    job = Job(good, "search", {"demo_add": list(range(30)), "demo_reverse": list(range(30))})
     try:
         for death in range(1, 4):
             executor.submit(0, job)  # waits for the restarted worker when it is still coming back
             _, first = executor.wait_any()
             assert first.error is None and executor.workers() == (0, 1)
             pid = int(first.worker.rsplit("pid", 1)[1])
-            executor.submit(1, Candidate(good, "search"))  # the whole search split: seconds, not milliseconds
+            executor.submit(1, Job(good, "search"))  # the whole search split: seconds, not milliseconds
             executor.submit(2, job)  # queued behind job 1 on the same worker
             os.kill(pid, signal.SIGKILL)
             outcomes = dict(executor.wait_any() for _ in range(2))
@@ -195,8 +195,8 @@ def test_failing_candidates_come_back_as_failed_outcomes(tmp_path):
         good = Recipe(merge_method="linear", models=[{"model": "demo:add"}, {"model": "demo:reverse"}])
         foreign = Recipe(merge_method="linear", models=[{"model": "demo:sort"}])
         ids = {"demo_add": [0, 1], "demo_reverse": [0]}
-        executor.submit(1, Candidate(foreign, "search", ids))
-        executor.submit(2, Candidate(good, "search", ids))
+        executor.submit(1, Job(foreign, "search", ids))
+        executor.submit(2, Job(good, "search", ids))
         outcomes = dict(executor.wait_any() for _ in range(2))
         assert outcomes[1].result is None and "demo:sort" in outcomes[1].error
         assert outcomes[2].error is None and set(outcomes[2].result.examples["demo_add"]) == {0, 1}

@@ -7,7 +7,7 @@ from evomerge.layout import LayerLayout
 from evomerge.models import open_checkpoint
 from evomerge.params import resolve_params
 from evomerge.registry import get_method
-from evomerge.space import SearchSpace, make_slots
+from evomerge.space import WeightSpace, make_slots
 from evomerge.spec import Granularity, SearchSpec
 
 LAYOUT = LayerLayout(prefix="model.layers.", num_layers=4)
@@ -36,7 +36,7 @@ def test_groups_split_layers_evenly():
 @pytest.mark.parametrize("granularity", ["layer", "groups:2", "layer_module", "global"])
 def test_sampled_values_land_on_their_tensors(granularity):
     s = spec(granularity=granularity, parameters={"weight": {"low": 0, "high": 1}})
-    space = SearchSpace(s, LAYOUT)
+    space = WeightSpace(s, LAYOUT)
     names = [n for row in space._names(get_method("linear"), "weight") for n in row]
     values = {n: round(0.01 * (i + 1), 2) for i, n in enumerate(names)}
     recipe = space.sample(optuna.trial.FixedTrial(values))
@@ -58,7 +58,7 @@ def test_gradient_and_shared_parameters():
     s = spec(methods=["ties"], granularity="gradient:2", shared=["lambda"],
              parameters={"weight": {"low": 0, "high": 1}, "density": {"low": 0.1, "high": 1},
                          "lambda": {"low": 0.5, "high": 2}})
-    space = SearchSpace(s, LAYOUT)
+    space = WeightSpace(s, LAYOUT)
     values = {"weight[m0][g0]": 0.2, "weight[m0][g1]": 0.8, "weight[m1][g0]": 0.5, "weight[m1][g1]": 0.5,
               "density[m0][g0]": 0.3, "density[m0][g1]": 0.3, "density[m1][g0]": 0.9, "density[m1][g1]": 0.9,
               "lambda[shared][all]": 1.5}
@@ -70,7 +70,7 @@ def test_gradient_and_shared_parameters():
 
 
 def test_baselines_are_inside_the_space():
-    space = SearchSpace(spec(granularity="layer", methods=["linear", "ties"],
+    space = WeightSpace(spec(granularity="layer", methods=["linear", "ties"],
                              parameters={"weight": {"low": 0, "high": 1}, "density": {"low": 0.1, "high": 1}}), LAYOUT)
     labels = [label for label, _ in space.baselines()]
     assert labels == ["uniform average", "demo:add alone", "demo:reverse alone", "default ties"]

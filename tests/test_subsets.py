@@ -13,7 +13,7 @@ import yaml
 from helpers import CLI_ENV, SPEC, in_process, sigkill_at
 
 from evomerge.evaluate import EvalResult
-from evomerge.executors import Candidate
+from evomerge.executors import Job
 from evomerge.recipes import parse_recipe
 from evomerge.run import Attr, RunFolder, counted, examples_scored, structured_attr
 from evomerge.search import Search
@@ -161,7 +161,7 @@ def test_search_on_answer_strata_by_hand_and_across_sigkill(tmp_path):
     search = Search(spec, run, in_process(spec))
     worker = search.executor.worker
     pool = {t: worker.doc_ids(t, "search")[:40] for t in ("demo_add", "demo_reverse")}
-    refs = [worker.run(Candidate(r, "search", pool)).result for r in search.reference_recipes().values()]
+    refs = [worker.run(Job(r, "search", pool)).result for r in search.reference_recipes().values()]
     expected = AnswerStrata.from_answers(pool, refs, 16)
     assert json.loads(chosen) == json.loads(json.dumps(expected.to_json()))
     for t in trials:
@@ -169,7 +169,7 @@ def test_search_on_answer_strata_by_hand_and_across_sigkill(tmp_path):
         if t.user_attrs[Attr.FIDELITY] == "screen":
             assert t.value == pytest.approx(sum(structured_attr(t, Attr.SCREEN)))
             continue
-        answers = worker.run(Candidate(parse_recipe(structured_attr(t, Attr.RECIPE)), "search",
+        answers = worker.run(Job(parse_recipe(structured_attr(t, Attr.RECIPE)), "search",
                                        expected.doc_ids)).result
         by_hand = {task: stratified_estimate(expected, task, answers.examples[task]) for task in pool}
         assert t.user_attrs[Attr.SCORES] == pytest.approx(by_hand)

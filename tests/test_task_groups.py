@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from evomerge.cli import main
 from evomerge.demo import TASKS_DIR, model_path
 from evomerge.evaluate import EvalResult, Evaluator
-from evomerge.screening import Screen
+from evomerge.racing import Rung
 from evomerge.search import paired_margin
 from evomerge.spec import TaskSpec
 from evomerge.subsets import FirstDocuments
@@ -120,7 +120,7 @@ def test_group_examples_combine_to_its_score(group_dir, lm):
     first = ev.evaluate("search", {t: v[:7] for t, v in ids.items()})
     rest = ev.evaluate("search", {t: v[7:] for t, v in ids.items()})
     assert first.merged(rest).scores == pytest.approx(whole.scores, abs=1e-12)
-    screen = Screen({t: v[:7] for t, v in ids.items()}, FirstDocuments(ids), {t.name: t.weight for t in tasks})
+    screen = Rung({t: v[:7] for t, v in ids.items()}, FirstDocuments(ids), {t.name: t.weight for t in tasks})
     assert sum(screen.vector(first)) == pytest.approx(first.score, abs=1e-12)
 
 

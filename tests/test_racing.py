@@ -12,9 +12,9 @@ from optuna.trial import TrialState
 
 from evomerge.evaluate import EvalResult
 from evomerge.launch import prepare_run
+from evomerge.racing import P_THRESHOLD, Rung, rung_vectors, significantly_worse
 from evomerge.run import Attr, RunFolder, counted, structured_attr
 from evomerge.scores import weighted_mean
-from evomerge.screening import P_THRESHOLD, Screen, rung_vectors, significantly_worse
 from evomerge.search import Search
 from evomerge.spec import SearchSpec
 from evomerge.subsets import FirstDocuments
@@ -49,7 +49,7 @@ def test_equal_or_better_is_never_pruned():
 
 
 def test_screen_keeps_the_best_full_trial():
-    screen = Screen({"a": [0, 1], "b": [5]}, FirstDocuments({"a": [0, 1], "b": [5]}), {"a": 1.0, "b": 3.0})
+    screen = Rung({"a": [0, 1], "b": [5]}, FirstDocuments({"a": [0, 1], "b": [5]}), {"a": 1.0, "b": 3.0})
     assert not screen.prunes([0.0, 0.0, 0.0])  # nothing to compare with yet
     screen.record(0.5, [0.1, 0.2, 0.3])
     screen.record(0.4, [0.0, 0.0, 0.0])
@@ -58,7 +58,7 @@ def test_screen_keeps_the_best_full_trial():
 
 def test_screen_vector_sums_to_the_weighted_score():
     weights = {"a": 1.0, "b": 3.0}
-    screen = Screen({"a": [0, 1, 2], "b": [5]}, FirstDocuments({"a": [0, 1, 2, 7], "b": [5]}), weights)
+    screen = Rung({"a": [0, 1, 2], "b": [5]}, FirstDocuments({"a": [0, 1, 2, 7], "b": [5]}), weights)
     result = EvalResult({}, {"a": {0: 1.0, 1: 0.0, 2: 1.0, 7: 0.0}, "b": {5: 0.0}}, weights)
     assert screen.vector(result) == pytest.approx([0.25 / 3, 0.0, 0.25 / 3, 0.0])
     assert sum(screen.vector(result)) == pytest.approx(weighted_mean({"a": 2 / 3, "b": 0.0}, weights))
@@ -80,8 +80,8 @@ def test_search_screens_out_a_worse_parent_with_one_write_per_trial(tmp_path):
     assert weighted == pytest.approx(add_alone.value)  # the weighted screen vector sums to the screen score
 
     resumed = Search(spec, run, executor=search.executor)
-    assert resumed.screens[0].best_value == pytest.approx(average.value)
-    assert resumed.screens[0].best == structured_attr(average, Attr.SCREEN)
+    assert resumed.rungs[0].best_value == pytest.approx(average.value)
+    assert resumed.rungs[0].best == structured_attr(average, Attr.SCREEN)
 
 
 
@@ -98,8 +98,9 @@ def synthetic_answers(accuracy: float, rng: random.Random, difficulty: list[floa
 
 
 def race_outcome(screens, answers: dict[str, list[float]]):
-    """screen_then_rest (the worker's loop) on a scorer that looks the answers up."""
-    from evomerge.executors import Candidate, screen_then_rest
+    """run_race (the worker's loop) on a scorer that looks the answers up."""
+    from evomerge.executors import Job
+    from evomerge.racing import run_race
     from evomerge.recipes import Recipe
 
     def score(recipe, role, ids):
@@ -107,7 +108,7 @@ def race_outcome(screens, answers: dict[str, list[float]]):
         return EvalResult({t: sum(e.values()) / len(e) for t, e in examples.items()}, examples, WEIGHTS), 0.0, 0.0
 
     recipe = Recipe(merge_method="linear", models=[{"model": "demo:add"}])
-    return screen_then_rest(Candidate(recipe, "search", {t: list(range(SIZE)) for t in WEIGHTS}, screens), score, "s")
+    return run_race(Job(recipe, "search", {t: list(range(SIZE)) for t in WEIGHTS}, screens), score, "s")
 
 
 def by_hand(answers: dict[str, list[float]], incumbent: dict[str, list[float]]) -> tuple[str, int]:
@@ -123,7 +124,7 @@ def by_hand(answers: dict[str, list[float]], incumbent: dict[str, list[float]]) 
 
 
 def test_race_decisions_and_examples_scored_match_an_independent_computation():
-    from evomerge.screening import race
+    from evomerge.racing import race
 
     rng = random.Random(0)
     difficulty = [rng.uniform(-0.3, 0.3) for _ in range(SIZE)]
@@ -152,7 +153,7 @@ def test_race_keeps_an_equal_or_better_candidate_with_the_stated_probability(gap
     """With a paired test at level 0.1 at each of 2 rungs, a candidate as good as the incumbent is dropped with
     probability at most 2 x 0.1 (a union bound), a better one less often; a much worse one rarely survives.
     Measured over 300 synthetic races each (answers that share document difficulty, as real models' do)."""
-    from evomerge.screening import race
+    from evomerge.racing import race
 
     rng = random.Random(1)
     dropped = worse_kept = 0
@@ -183,7 +184,7 @@ def test_racing_search_stores_each_rung_and_resumes_its_state_after_sigkill(tmp_
     killed = Search(spec, run, in_process(spec))
     full = [t for t in killed.study.get_trials() if t.user_attrs.get(Attr.FIDELITY) == "full"]
     best = max(full, key=lambda t: t.value)
-    for screen, vector in zip(killed.screens, rung_vectors(best), strict=True):
+    for screen, vector in zip(killed.rungs, rung_vectors(best), strict=True):
         assert (screen.best_value, screen.best) == (best.value, vector)
     killed.executor.close()
     done = subprocess.run([*cmd[:4], "--resume", str(run.root)], capture_output=True, text=True, env=CLI_ENV)
