@@ -209,8 +209,7 @@ class Search:
             duplicates = 0
             trial.set_user_attr(Attr.RECIPE, as_text(recipe.model_dump(mode="json", exclude_defaults=True)))
             self._flight[trial.number] = _Flight(trial, recipe, key, time.perf_counter())
-            self.executor.submit(trial.number, Job(recipe, "search", self.subset.doc_ids,
-                                                             self.rungs))
+            self.executor.submit(trial.number, Job(recipe, "search", self.subset.doc_ids, self.rungs))
 
     def _tell_duplicate(self, trial: optuna.Trial, key: str) -> None:
         number, values, fidelity = self._seen[key]

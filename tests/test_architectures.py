@@ -6,8 +6,6 @@ merge matches mergekit-yaml, the output loads and stays tied, the live merge is 
 import json
 import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -16,6 +14,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import transformers  # noqa: E402
+from helpers import MergekitRun
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from evomerge.demo import model_path  # noqa: E402
@@ -108,47 +107,23 @@ def streamed(zoos, tmp_path_factory) -> dict[tuple[str, str], Path]:
     return out
 
 
-# mergekit-yaml's own command (its console-script entry point), run on each config in one interpreter: one
-# start-up instead of one per merge. A config whose architecture mergekit has no definition for is marked.
-MERGEKIT_DRIVER = """
-import json, os, sys, traceback
-from importlib.metadata import entry_points
-from mergekit.architecture.json_definitions import NAME_TO_ARCH
-(command,) = [e for e in entry_points(group="console_scripts") if e.name == "mergekit-yaml"]
-main = command.load()
-for config, out in json.loads(sys.argv[1]):
-    arch = json.load(open(os.path.join(os.path.dirname(config), "config.json")))["architectures"][0]
-    if arch not in NAME_TO_ARCH:
-        open(out + ".skip", "w").write(arch)
-        continue
-    try:
-        main([config, out], standalone_mode=False)
-    except BaseException:
-        open(out + ".err", "w").write(traceback.format_exc())
-"""
-
-
 @pytest.fixture(scope="module")
-def mergekit_outputs(streamed, tmp_path_factory) -> dict[tuple[str, str], Path]:
-    if shutil.which("mergekit-yaml") is None:
-        pytest.skip("mergekit is not installed")
+def mergekit_outputs(streamed, mergekit, tmp_path_factory) -> dict[tuple[str, str], tuple[Path, MergekitRun]]:
+    """mergekit-yaml on each method's config (the session's mergekit interpreter): its output folder and run."""
     root = tmp_path_factory.mktemp("mergekit")
-    jobs = {key: (str(folder / "mergekit_config.yml"), str(root / f"{key[0]}-{key[1]}"))
-            for key, folder in streamed.items() if key[1] in METHODS}
-    done = subprocess.run([sys.executable, "-c", MERGEKIT_DRIVER, json.dumps(list(jobs.values()))],
-                          capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr[-2000:]
-    return {key: Path(out) for key, (_, out) in jobs.items()}
+    outputs = {}
+    for key, folder in streamed.items():
+        if key[1] in METHODS:
+            out = root / f"{key[0]}-{key[1]}"
+            outputs[key] = out, mergekit.run("mergekit-yaml", folder / "mergekit_config.yml", out)
+    return outputs
 
 
 @pytest.mark.parametrize("method", METHODS)
 @pytest.mark.parametrize("arch", list(ARCHS))
 def test_streamed_merge_matches_mergekit(arch, method, streamed, mergekit_outputs):
-    theirs_path = mergekit_outputs[arch, method]
-    if theirs_path.with_name(theirs_path.name + ".skip").exists():
-        pytest.skip(f"mergekit has no definition of {arch}")
-    error = theirs_path.with_name(theirs_path.name + ".err")
-    assert not error.exists(), error.read_text()[-2000:]
+    theirs_path, run = mergekit_outputs[arch, method]
+    assert run.returncode == 0, run.stderr[-2000:]
     ours, theirs = weights(streamed[arch, method]), weights(theirs_path)
     assert set(ours) == set(theirs)  # a tied head is written by neither
     worst = max((ours[n] - theirs[n]).abs().max().item() for n in ours)

@@ -170,7 +170,7 @@ def test_search_on_answer_strata_by_hand_and_across_sigkill(tmp_path):
             assert t.value == pytest.approx(sum(structured_attr(t, Attr.SCREEN)))
             continue
         answers = worker.run(Job(parse_recipe(structured_attr(t, Attr.RECIPE)), "search",
-                                       expected.doc_ids)).result
+                                 expected.doc_ids)).result
         by_hand = {task: stratified_estimate(expected, task, answers.examples[task]) for task in pool}
         assert t.user_attrs[Attr.SCORES] == pytest.approx(by_hand)
         assert t.value == pytest.approx((by_hand["demo_add"] + 2 * by_hand["demo_reverse"]) / 3)
