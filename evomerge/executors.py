@@ -15,7 +15,6 @@ if TYPE_CHECKING:
     from evomerge.evaluate import EvalResult
     from evomerge.racing import Rung
     from evomerge.recipes import RecipeForm
-    from evomerge.worker import Worker
 
 Fidelity = Literal["full", "screen"]
 
@@ -107,10 +106,24 @@ def run_all(executor: Executor, jobs: dict[int, Job], retries: int = 2,
     return done
 
 
+class JobRunner(Protocol):
+    """What an executor in this process needs of a worker (``evomerge.worker.Worker``): its name, where it keeps
+    its inputs, a task's documents of a role, and ``run``, which does one job and returns its Outcome (a failure
+    as an Outcome with ``error``, never an exception)."""
+
+    name: str
+
+    def inputs(self) -> str: ...
+
+    def doc_ids(self, task: str, role: str) -> list[int]: ...
+
+    def run(self, job: Job) -> Outcome: ...
+
+
 class InProcessExecutor:
     """Runs one worker in this process, one job at a time (``wait_any`` does the work)."""
 
-    def __init__(self, worker: Worker) -> None:
+    def __init__(self, worker: JobRunner) -> None:
         self.worker = worker
         self.name = worker.name
         self.inputs = worker.inputs()

@@ -11,7 +11,8 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "evomerge"
 # modules that read specs, recipes and run folders: they must not pull in torch or the merge stack
 TORCH_FREE = ["errors", "scores", "yaml_io", "interrupt", "refs", "files", "layout", "registry", "recipes", "params",
-              "spec", "run", "status", "report", "events", "executors"]
+              "spec", "run", "status", "report", "events", "executors",
+              "virtual_clock"]
 MERGE_STACK = ["torch", "evomerge.checkpoint", "evomerge.kernels", "evomerge.merge", "evomerge.lora",
                "evomerge.vocab", "evomerge.dataflow"]
 
