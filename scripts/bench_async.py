@@ -27,7 +27,6 @@ import os
 import statistics
 import tempfile
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -35,7 +34,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 import optuna  # noqa: E402
-from bench_search import test_score  # noqa: E402  (this folder: a script's own directory is on sys.path)
+from bench_driver import cma_generations  # noqa: E402  (this folder: a script's own directory is on sys.path)
+from bench_search import test_score  # noqa: E402
 
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import DEMO_SPEC  # noqa: E402
@@ -71,8 +71,7 @@ def unused_fraction(study: optuna.Study) -> float:
     sampler = study.sampler
     if not isinstance(sampler, optuna.samplers.CmaEsSampler):
         return 0.0
-    key = sampler._attr_key_generation
-    per_generation = Counter(t.system_attrs[key] for t in evaluated if key in t.system_attrs)
+    per_generation = cma_generations(evaluated, sampler)
     last = max(per_generation, default=0)  # still open: nothing of it told to the optimizer
     used = sum(min(n, sampler._popsize) for g, n in per_generation.items() if g < last)
     return 1 - used / len(evaluated)

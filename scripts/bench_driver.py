@@ -256,13 +256,18 @@ def busy_within(spans: list[tuple[float, float]], start: float, stop: float) -> 
     return sum(max(0.0, min(b, stop) - max(a, start)) for a, b in spans)
 
 
+def cma_generations(trials: list[optuna.trial.FrozenTrial], sampler: optuna.samplers.CmaEsSampler) -> Counter[int]:
+    """How many of ``trials`` CMA-ES sampled in each of its generations (the generation it records per trial)."""
+    key = sampler._attr_key_generation
+    return Counter(t.system_attrs[key] for t in trials if key in t.system_attrs)
+
+
 def cma_waste(search: Search) -> float | None:
     """Trials of CMA-ES generations that closed, beyond the population the optimizer was told."""
     sampler = search.study.sampler
     if not isinstance(sampler, optuna.samplers.CmaEsSampler):
         return None
-    key = sampler._attr_key_generation
-    per_gen = Counter(t.system_attrs[key] for t in search.study.get_trials(deepcopy=False) if key in t.system_attrs)
+    per_gen = cma_generations(search.study.get_trials(deepcopy=False), sampler)
     closed = [n for g, n in per_gen.items() if g < max(per_gen, default=0)]
     return sum(n - sampler._popsize for n in closed) / sum(closed) if closed else math.nan
 
