@@ -7,23 +7,34 @@ import math
 import warnings
 
 import optuna
+from optuna.distributions import BaseDistribution, FloatDistribution
 
+from evomerge.async_cmaes import AsyncCmaEsSampler
 from evomerge.run import RunFolder
 from evomerge.space import Space
 from evomerge.spec import SearchSpec
 
 
-def make_sampler(spec: SearchSpec, workers: int = 1, dimensions: int = 1) -> optuna.samplers.BaseSampler:
-    """The spec's sampler. CMA-ES gets a population of at least ``workers``: with more candidates in flight
-    than one generation holds, the extra ones are wasted (Optuna's advice)."""
+def make_sampler(spec: SearchSpec, workers: int = 1,
+                 distributions: dict[str, BaseDistribution] | None = None) -> optuna.samplers.BaseSampler:
+    """The spec's sampler over ``distributions`` (one recipe's parameters). With several workers, results
+    arrive out of order: ``cmaes`` on a space of floats is ``AsyncCmaEsSampler`` (it learns from every finished
+    trial whatever generation it was asked in) and TPE treats the trials in flight as scored with the worst
+    score so far (Optuna's ``constant_liar``), so that W proposals made at once are not W copies of one.
+    ``cmaes-generations`` is Optuna's generation-bound CMA-ES, kept to compare with."""
+    distributions = distributions or {}
     kind = spec.sampler or default_sampler(spec)
-    if kind == "cmaes":
-        default = 4 + math.floor(3 * math.log(max(1, dimensions)))
+    floats = bool(distributions) and all(isinstance(d, FloatDistribution) and d.step is None
+                                         for d in distributions.values())
+    if kind == "cmaes" and floats:
+        return AsyncCmaEsSampler(distributions, seed=spec.seed)
+    if kind in ("cmaes", "cmaes-generations"):  # a data-flow space's 0/1 steps: Optuna's, with margin
+        default = 4 + math.floor(3 * math.log(max(1, len(distributions))))
         return optuna.samplers.CmaEsSampler(seed=spec.seed, warn_independent_sampling=False,
-                                            popsize=max(default, workers),
+                                            popsize=max(default, workers),  # fewer in flight than a generation
                                             with_margin=spec.space.kind == "dataflow")  # keeps 0/1 steps moving
     if kind == "tpe":
-        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, group=True)
+        return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, group=True, constant_liar=workers > 1)
     if kind == "nsga2":
         return optuna.samplers.NSGAIISampler(seed=spec.seed)
     return optuna.samplers.RandomSampler(seed=spec.seed)
@@ -44,7 +55,7 @@ def study_sampler(spec: SearchSpec, space: Space, workers: int = 1) -> optuna.sa
     space.sample(probe)
     with warnings.catch_warnings():  # TPE's group is "experimental"; used knowingly
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return make_sampler(spec, workers, len(probe.params))
+        return make_sampler(spec, workers, probe.distributions)
 
 
 def open_study(spec: SearchSpec, run: RunFolder, space: Space, workers: int = 1) -> optuna.Study:

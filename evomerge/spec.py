@@ -261,7 +261,7 @@ class ThenSpec(BaseModel):
 
     model_config = STRICT
     space: SpaceSpec
-    sampler: Literal["cmaes", "tpe", "random"] | None = None
+    sampler: Literal["cmaes", "cmaes-generations", "tpe", "random"] | None = None
 
     @model_validator(mode="after")
     def _check(self) -> ThenSpec:
@@ -278,7 +278,7 @@ class SearchSpec(BaseModel):
     models: list[str] = Field(min_length=1)
     space: SpaceSpec = SpaceSpec()
     evaluation: EvaluationSpec
-    sampler: Literal["cmaes", "tpe", "nsga2", "random"] | None = None  # None: chosen from the space
+    sampler: Literal["cmaes", "cmaes-generations", "tpe", "nsga2", "random"] | None = None  # None: from the space
     seed: Seed = 0
     dtype: DType = "float32"
     device: str = "auto"
@@ -305,11 +305,11 @@ class SearchSpec(BaseModel):
                 get_method(name).check_model_count(len(self.models))
             except SpecError as err:
                 raise ValueError(f"space.methods: {err}") from None
-        if self.sampler == "cmaes" and len(self.space.methods) > 1:
-            raise ValueError("sampler cmaes cannot choose among methods (categorical); use tpe or random")
+        if self.sampler in ("cmaes", "cmaes-generations") and len(self.space.methods) > 1:
+            raise ValueError(f"sampler {self.sampler} cannot choose among methods (categorical); use tpe or random")
         if self.space.outer is not None and self.space.outer not in [self.base_model, *self.models]:
             raise ValueError(f"space.outer {self.space.outer!r} is neither base_model nor one of models")
-        if self.evaluation.objective == "pareto" and self.sampler in ("cmaes",):
+        if self.evaluation.objective == "pareto" and self.sampler in ("cmaes", "cmaes-generations"):
             raise ValueError("a pareto objective needs sampler nsga2, tpe or random")
         return self
 

@@ -6,11 +6,13 @@ example scored, log-normal noise 0.2: a 1B model on a GPU), so results reach the
 of W workers would give, racing included. Measured per sampler, worker count and seed, at ``--budget``:
 
 * test: the finalized (validated) winner's test score;
-* unused_fraction: the share of evaluated trials the sampler never learned from. CMA-ES (Optuna's) updates
-  its distribution on the first ``popsize`` finished trials of the generation it is on; trials of a generation
-  it has left, the extra ones of a generation that had more than ``popsize`` in flight, the trials of the
-  generation still open at the end, and the enqueued baselines, inform nothing. TPE and random read every
-  finished trial at each ask: none unused;
+* unused_fraction: the share of evaluated trials the sampler never learned from. ``cmaes-generations``
+  (Optuna's CMA-ES) updates its distribution on the first ``popsize`` finished trials of the generation it is
+  on; trials of a generation it has left, the extra ones of a generation that had more than ``popsize`` in
+  flight, the trials of the generation still open at the end, and the enqueued baselines, inform nothing.
+  ``cmaes`` (``AsyncCmaEsSampler``) is told finished trials ``popsize`` at a time in the order they finished:
+  only the baselines and the last fewer than ``popsize`` go untold. TPE and random read every finished trial
+  at each ask: none unused;
 * the curve: after each eighth of the budget (in the order results arrived), the test score of the best
   full-fidelity trial so far by search score;
 * default: whether it is the sampler a search picks by default (``evomerge.samplers.default_sampler``).
@@ -37,6 +39,7 @@ import optuna  # noqa: E402
 from bench_driver import cma_generations  # noqa: E402  (this folder: a script's own directory is on sys.path)
 from bench_search import test_score  # noqa: E402
 
+from evomerge.async_cmaes import AsyncCmaEsSampler  # noqa: E402
 from evomerge.cli import _quiet_libraries  # noqa: E402
 from evomerge.demo import DEMO_SPEC  # noqa: E402
 from evomerge.launch import run_search  # noqa: E402
@@ -67,8 +70,11 @@ class Case:
 
 def unused_fraction(study: optuna.Study) -> float:
     """The share of evaluated trials (finished, not duplicates) the sampler never learned from."""
-    evaluated = [t for t in study.get_trials(deepcopy=False) if counted(t) and Attr.DUPLICATE_OF not in t.user_attrs]
+    evaluated = [t for t in study.get_trials(deepcopy=False) if counted(t)]
     sampler = study.sampler
+    if isinstance(sampler, AsyncCmaEsSampler):
+        told = set(sampler.learned_from(study))
+        return 1 - sum(t.number in told for t in evaluated) / len(evaluated)
     if not isinstance(sampler, optuna.samplers.CmaEsSampler):
         return 0.0
     per_generation = cma_generations(evaluated, sampler)
@@ -146,7 +152,8 @@ def main() -> None:
     parser.add_argument("--workers", default="1,8,64,256", help="comma-separated simulated worker counts")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--budget", type=int, default=400)
-    parser.add_argument("--samplers", default="cmaes,tpe", help="comma-separated: cmaes, tpe, random")
+    parser.add_argument("--samplers", default="cmaes,tpe",
+                        help="comma-separated: cmaes, cmaes-generations, tpe, random")
     parser.add_argument("--json", type=Path, help="write every case here (a list of objects)")
     parser.add_argument("--png", type=Path, default=Path(__file__).with_name("bench_async.png"))
     args = parser.parse_args()
