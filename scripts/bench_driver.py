@@ -21,6 +21,7 @@ The real loop runs: ``Search.run_budget`` on a real Optuna study (SQLite in a te
   which the driver is the bottleneck.
 
     python scripts/bench_driver.py [--workers 8,64,256] [--samplers cmaes,tpe] [--scale 0.01] [--seed 0]
+        [--json FILE]
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from __future__ import annotations
 import argparse
 import functools
 import heapq
+import json
 import math
 import os
 import random
@@ -350,7 +352,8 @@ def conclusion(sampler: str, cases: list[Case]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workers", default="8,64,256", help="comma-separated worker counts")
-    parser.add_argument("--samplers", default="cmaes,tpe", help="comma-separated: cmaes, tpe, nsga2, random")
+    parser.add_argument("--samplers", default="cmaes,tpe",
+                        help="comma-separated: cmaes, cmaes-generations, tpe, random")
     parser.add_argument("--low", type=float, default=20.0, help="shortest candidate, seconds before scaling")
     parser.add_argument("--high", type=float, default=60.0, help="longest candidate, seconds before scaling")
     parser.add_argument("--scale", type=float, default=0.01,
@@ -361,6 +364,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/dev/shm") if Path("/dev/shm").is_dir() else None,
                         help="where the temporary run folders go (default /dev/shm, in memory: the driver's CPU "
                              "cost; a disk folder such as /tmp adds SQLite's fsyncs)")
+    parser.add_argument("--json", type=Path, help="write a summary per case here (a list of objects)")
     args = parser.parse_args()
     _quiet_libraries()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -410,6 +414,15 @@ def main() -> None:
     print()
     for sampler, cases in results.items():
         print(conclusion(sampler, cases))
+    if args.json:
+        args.json.write_text(json.dumps([summary(c) for cases in results.values() for c in cases], indent=1))
+
+
+def summary(case: Case) -> dict[str, Any]:
+    """One case for ``--json``: driver_ms_per_trial is the steady-state cost (one tell and one ask)."""
+    return {"sampler": case.sampler, "workers": case.workers, "trials": case.trials,
+            "driver_ms_per_trial": case.steady_ms_mean, "driver_ms_per_trial_whole_run": case.ms_per_trial,
+            "p90_ms": case.p90_ms, "utilization_steady": case.util_steady, "cma_waste": case.cma_waste}
 
 
 if __name__ == "__main__":

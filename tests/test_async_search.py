@@ -8,6 +8,7 @@ import pytest
 from helpers import SPEC
 from optuna.trial import TrialState
 
+from evomerge.async_cmaes import AsyncCmaEsSampler
 from evomerge.errors import SearchError
 from evomerge.evaluate import EvalResult
 from evomerge.executors import InProcessExecutor, Job, Outcome, run_all
@@ -162,12 +163,19 @@ def test_search_stops_when_no_worker_is_left(tmp_path):
         Search(spec, run, ShuffledExecutor(slots=2, die_after=3)).run_budget(10)
 
 
-def test_cmaes_population_covers_the_workers(tmp_path):
+def test_cmaes_population_follows_the_space_not_the_workers(tmp_path):
+    """``cmaes`` learns from late trials, so its generation need not hold every candidate in flight;
+    Optuna's generation-bound CMA-ES (``cmaes-generations``) still gets a population of at least the workers."""
     spec = no_screen_spec()
     run = RunFolder(tmp_path / "run")
     prepare_run(spec, run, 1, force=False)
-    assert Search(spec, run, ShuffledExecutor(slots=16)).study.sampler._popsize == 16
-    assert Search(spec, run, ShuffledExecutor(slots=1)).study.sampler._popsize == 4 + math.floor(3 * math.log(4))
+    default = 4 + math.floor(3 * math.log(4))
+    for slots in (1, 16):
+        sampler = Search(spec, run, ShuffledExecutor(slots=slots)).study.sampler
+        assert isinstance(sampler, AsyncCmaEsSampler) and sampler.popsize == default
+    generations = spec.model_copy(update={"sampler": "cmaes-generations"})
+    assert Search(generations, run, ShuffledExecutor(slots=16)).study.sampler._popsize == 16
+    assert Search(generations, run, ShuffledExecutor(slots=1)).study.sampler._popsize == default
 
 
 @pytest.fixture(scope="module")
