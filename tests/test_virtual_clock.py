@@ -6,11 +6,12 @@ import json
 import pytest
 from helpers import SPEC
 
+from evomerge.async_cmaes import AsyncCmaEsSampler
 from evomerge.evaluate import EvalResult
 from evomerge.executors import Job, Outcome
 from evomerge.launch import run_search
 from evomerge.recipes import Recipe
-from evomerge.run import RunFolder, counted
+from evomerge.run import Attr, RunFolder, counted
 from evomerge.spec import SearchSpec
 from evomerge.virtual_clock import PerExample, VirtualClockExecutor
 from evomerge.worker import Worker
@@ -79,3 +80,10 @@ def test_a_search_over_eight_simulated_workers_is_told_out_of_order(tmp_path):
     assert told != sorted(told)  # results arrive in simulated finish order, not in the order they were asked
     assert {row["worker"] for row in rows} == {f"virtual-{i}" for i in range(8)}
     assert clock.now > 0 and clock.busy() == 0
+    # every evaluated trial but the references and the last batch still filling informed the sampler
+    sampler, study = done.search.study.sampler, done.search.study
+    assert isinstance(sampler, AsyncCmaEsSampler)
+    learned = sampler.learned_from(study)
+    sampled = [t.number for t in study.get_trials() if counted(t) and Attr.BASELINE not in t.user_attrs]
+    assert len(learned) >= sampler.popsize and set(learned) <= set(sampled)
+    assert len(sampled) - len(learned) < sampler.popsize
