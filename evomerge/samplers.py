@@ -49,8 +49,9 @@ def default_sampler(spec: SearchSpec) -> str:
 
 
 def study_sampler(spec: SearchSpec, space: Space, workers: int = 1) -> optuna.samplers.BaseSampler:
-    """The sampler of the spec's study, sized to ``space`` (how many numbers one recipe takes sizes CMA-ES's
-    population). Builds everything in memory."""
+    """The sampler of the spec's study over ``space`` (one probed recipe's parameters: what the asynchronous
+    CMA-ES samples from the first trial, and how many numbers size a CMA-ES population). Builds everything in
+    memory."""
     probe = optuna.create_study().ask()
     space.sample(probe)
     with warnings.catch_warnings():  # TPE's group is "experimental"; used knowingly
