@@ -34,18 +34,24 @@ class AsyncCmaEsSampler(optuna.samplers.BaseSampler):
     def __init__(self, search_space: dict[str, BaseDistribution], popsize: int | None = None,
                  seed: int | None = None) -> None:
         for name, dist in search_space.items():
-            if not isinstance(dist, FloatDistribution) or dist.step is not None:
+            if not self.can_sample({name: dist}):
                 raise ValueError(f"AsyncCmaEsSampler samples floats without a step; {name} is {dist}")
         if not search_space:
             raise ValueError("AsyncCmaEsSampler needs at least one parameter")
         self._space = dict(search_space)
         self._log = {name: bool(dist.log) for name, dist in search_space.items()}  # type: ignore[attr-defined]
         self._names = sorted(search_space)
-        self._popsize = popsize or 4 + math.floor(3 * math.log(len(search_space)))
+        self._popsize = popsize or default_popsize(len(search_space))
         self._seed = seed if seed is not None else np.random.SeedSequence().entropy % 2**31
         self._fallback = optuna.samplers.RandomSampler(seed=seed)
         self._optimizer = self._fresh_optimizer()
         self._told: list[int] = []
+
+    @staticmethod
+    def can_sample(search_space: dict[str, BaseDistribution]) -> bool:
+        """Whether ``search_space`` is one this sampler takes: at least one parameter, all floats without a step."""
+        return bool(search_space) and all(isinstance(d, FloatDistribution) and d.step is None
+                                          for d in search_space.values())
 
     @property
     def popsize(self) -> int:
@@ -80,9 +86,9 @@ class AsyncCmaEsSampler(optuna.samplers.BaseSampler):
         finished = self._learnable(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
         if [t.number for t in finished[:len(self._told)]] != self._told:
             self._optimizer, self._told = self._fresh_optimizer(), []
+        sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0  # CMA minimizes
         while len(finished) - len(self._told) >= self._popsize:
             batch = finished[len(self._told):len(self._told) + self._popsize]
-            sign = -1.0 if study.direction == optuna.study.StudyDirection.MAXIMIZE else 1.0
             self._optimizer.tell([(self._to_internal(t), sign * t.values[0]) for t in batch])
             self._told.extend(t.number for t in batch)
 
@@ -105,6 +111,12 @@ class AsyncCmaEsSampler(optuna.samplers.BaseSampler):
     def _from_internal(self, name: str, value: float) -> float:
         low, high = self._space[name].low, self._space[name].high  # type: ignore[attr-defined]
         return min(high, max(low, math.exp(value) if self._log[name] else float(value)))
+
+
+def default_popsize(dimensions: int) -> int:
+    """CMA-ES's default population for a space of ``dimensions`` numbers (Hansen's 4 + 3 ln n, as Optuna's)."""
+    return 4 + math.floor(3 * math.log(max(1, dimensions)))
+
 
 def _trial_seed(seed: int, number: int) -> int:
     return int(np.random.SeedSequence([seed, number]).generate_state(1)[0] % 2**31)

@@ -3,35 +3,31 @@ workers, and the study opened (or created) in the run's storage."""
 
 from __future__ import annotations
 
-import math
 import warnings
 
 import optuna
-from optuna.distributions import BaseDistribution, FloatDistribution
+from optuna.distributions import BaseDistribution
 
-from evomerge.async_cmaes import AsyncCmaEsSampler
+from evomerge.async_cmaes import AsyncCmaEsSampler, default_popsize
 from evomerge.run import RunFolder
 from evomerge.space import Space
 from evomerge.spec import SearchSpec
 
 
-def make_sampler(spec: SearchSpec, workers: int = 1,
-                 distributions: dict[str, BaseDistribution] | None = None) -> optuna.samplers.BaseSampler:
+def make_sampler(spec: SearchSpec, workers: int,
+                 distributions: dict[str, BaseDistribution]) -> optuna.samplers.BaseSampler:
     """The spec's sampler over ``distributions`` (one recipe's parameters). With several workers, results
     arrive out of order: ``cmaes`` on a space of floats is ``AsyncCmaEsSampler`` (it learns from every finished
     trial whatever generation it was asked in) and TPE treats the trials in flight as scored with the worst
     score so far (Optuna's ``constant_liar``), so that W proposals made at once are not W copies of one.
     ``cmaes-generations`` is Optuna's generation-bound CMA-ES, kept to compare with."""
-    distributions = distributions or {}
     kind = spec.sampler or default_sampler(spec)
-    floats = bool(distributions) and all(isinstance(d, FloatDistribution) and d.step is None
-                                         for d in distributions.values())
-    if kind == "cmaes" and floats:
+    if kind == "cmaes" and AsyncCmaEsSampler.can_sample(distributions):
         return AsyncCmaEsSampler(distributions, seed=spec.seed)
     if kind in ("cmaes", "cmaes-generations"):  # a data-flow space's 0/1 steps: Optuna's, with margin
-        default = 4 + math.floor(3 * math.log(max(1, len(distributions))))
+        # a generation holds every candidate in flight, or the extra ones would be wasted
         return optuna.samplers.CmaEsSampler(seed=spec.seed, warn_independent_sampling=False,
-                                            popsize=max(default, workers),  # fewer in flight than a generation
+                                            popsize=max(default_popsize(len(distributions)), workers),
                                             with_margin=spec.space.kind == "dataflow")  # keeps 0/1 steps moving
     if kind == "tpe":
         return optuna.samplers.TPESampler(seed=spec.seed, multivariate=True, group=True, constant_liar=workers > 1)
